@@ -1,0 +1,56 @@
+r"""Default: the paper's increasing-batch schedule on MNIST-1D, on a laptop CPU.
+
+A 1-D CNN with ghost batch norm; the §5.1 milestone pattern (60/120/160 of 200 epochs,
+here halved to 30/60/80 of 100) with factor 5, the batch growing 32 → 160 → 800 → 4000 at
+a constant learning rate.
+
+  python -m ibs.main --config=configs/default.py --workdir=/tmp/ibs_default
+  python -m ibs.noise_scale --config=configs/default.py --baseline
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+
+  config.dataset = 'mnist1d'
+  config.mnist1d = ml_collections.ConfigDict(dict(num_train=20_000, num_test=5_000))
+  config.fake = ml_collections.ConfigDict(
+      dict(num_train=1024, num_test=256, num_classes=10, shape=(40,))
+  )  # used when dataset='fake'
+  config.data_dir = ''  # TFDS data directory; '' = TFDS_DATA_DIR or ~/tensorflow_datasets
+
+  config.model = 'cnn1d'
+  config.model_kwargs = ml_collections.ConfigDict(dict(width=32, depth=3))
+  config.ghost_batch_size = 32  # BN statistics over groups of this many examples
+  config.half_precision = False  # bfloat16 compute on accelerators
+
+  config.optimizer = 'momentum'  # sgd | momentum | nesterov | adam
+  config.weight_decay = 5e-4  # L2, added to the gradient
+  config.decoupled_weight_decay = False
+  config.weight_decay_mask = 'all'  # all | kernels (no decay on BN and biases)
+
+  config.schedule = ml_collections.ConfigDict()
+  config.schedule.kind = 'increasing_batch'  # decaying_lr | increasing_batch | hybrid
+  config.schedule.num_epochs = 100.0
+  config.schedule.learning_rate = 0.1
+  config.schedule.batch_size = 32
+  config.schedule.momentum = 0.9
+  config.schedule.milestones = (30.0, 60.0, 80.0)  # epochs
+  config.schedule.decay_factor = 5.0  # ε ÷ 5 (or B × 5) at each milestone
+  config.schedule.max_batch_size = 0  # hybrid's cap B_max
+  config.schedule.warmup_epochs = 0.0
+
+  config.max_micro_batch_size = 800  # per-device cap; larger batches accumulate (CPU is
+  # fastest near 800 examples per micro-batch for this model)
+  config.eval_batch_size = 1000
+  config.log_every_epochs = 1.0
+  config.eval_every_epochs = 5.0
+  config.checkpoint_every_epochs = 25.0
+  config.stop_after_steps = 0  # > 0: stop (with a checkpoint) after this many updates
+
+  config.seed = 0  # parameter initialisation
+  config.data_seed = 0  # data order and augmentation
+  config.compilation_cache_dir = ''  # persistent XLA cache; '' disables it
+  return config

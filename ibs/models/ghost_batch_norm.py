@@ -1,0 +1,107 @@
+"""Ghost batch normalisation (Hoffer et al. 2017), as used throughout the paper.
+
+Batch statistics are computed over fixed-size *ghost batches* of `ghost_batch_size`
+consecutive examples, whatever the global batch, the gradient-accumulation count or the
+number of devices. Two consequences the rest of ibs relies on (PAPER.md, "Batch norm"):
+
+* The loss of a batch of k·G examples is the mean of the k ghost-batch losses, so its
+  gradient is the mean of the ghost-batch gradients: accumulating gradients over
+  micro-batches that are multiples of G is *exact*, not an approximation.
+* The running averages are updated once per ghost batch, in order, so their time
+  constant measured in epochs is the same at batch 128 and at batch 16000
+  (DESIGN.md decision 7). A batch of k ghost batches applies k successive updates
+      r ← μ·r + (1 − μ)·s_j,  j = 1..k
+  in closed form: r_k = μ^k·r_0 + (1 − μ)·Σ_j μ^(k−j)·s_j.
+
+With `ghost_batch_size` equal to the batch size this is exactly `flax.linen.BatchNorm`.
+"""
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+
+def ghost_statistics(x: jax.Array, ghost_batch_size: int) -> tuple[jax.Array, jax.Array]:
+  """Per-ghost-batch mean and (biased) variance over all axes but the last.
+
+  Returns arrays of shape (num_ghost_batches, features), computed in float32.
+  """
+  batch = x.shape[0]
+  if batch % ghost_batch_size:
+    raise ValueError(
+      f'Batch of {batch} examples is not a multiple of ghost_batch_size='
+      f'{ghost_batch_size}. Make every phase batch size and micro-batch a multiple '
+      'of config.ghost_batch_size.'
+    )
+  groups = x.astype(jnp.float32).reshape((batch // ghost_batch_size, -1, x.shape[-1]))
+  mean = jnp.mean(groups, axis=1)
+  # Two-pass variance: E[(x - mean)^2] is accurate where E[x^2] - mean^2 cancels.
+  variance = jnp.mean(jnp.square(groups - mean[:, None, :]), axis=1)
+  return mean, variance
+
+
+def sequential_moving_average(
+  average: jax.Array, observations: jax.Array, momentum: float
+) -> jax.Array:
+  """k successive updates r ← μ·r + (1 − μ)·s_j, in closed form, in order j = 1..k."""
+  k = observations.shape[0]
+  weights = (1.0 - momentum) * momentum ** jnp.arange(k - 1, -1, -1, dtype=jnp.float32)
+  return momentum**k * average + jnp.tensordot(weights, observations, axes=1)
+
+
+class GhostBatchNorm(nn.Module):
+  """Batch norm over ghost batches of `ghost_batch_size` consecutive examples.
+
+  Attributes:
+    ghost_batch_size: examples per ghost batch (128 for CIFAR-10 in the paper, 32 or 64
+      for ImageNet). Every batch this layer sees in training must be a multiple of it.
+    momentum: running-average decay applied once per ghost batch.
+    epsilon: added to the variance.
+    dtype: computation dtype of the output (parameters and statistics stay float32).
+    scale_init: initialiser of the scale; `zeros` for the last BN of a residual block
+      (Goyal et al. 2017).
+  """
+
+  ghost_batch_size: int
+  momentum: float = 0.9
+  epsilon: float = 1e-5
+  dtype: Any = None
+  use_bias: bool = True
+  use_scale: bool = True
+  scale_init: Any = nn.initializers.ones
+  bias_init: Any = nn.initializers.zeros
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+    features = x.shape[-1]
+    running_mean = self.variable(
+      'batch_stats', 'mean', lambda: jnp.zeros((features,), jnp.float32)
+    )
+    running_var = self.variable(
+      'batch_stats', 'var', lambda: jnp.ones((features,), jnp.float32)
+    )
+    if train:
+      mean, variance = ghost_statistics(x, self.ghost_batch_size)
+      if not self.is_initializing():
+        running_mean.value = sequential_moving_average(
+          running_mean.value, mean, self.momentum
+        )
+        running_var.value = sequential_moving_average(
+          running_var.value, variance, self.momentum
+        )
+      groups = x.astype(jnp.float32).reshape((mean.shape[0], -1, features))
+      normalized = (groups - mean[:, None, :]) * jax.lax.rsqrt(
+        variance[:, None, :] + self.epsilon
+      )
+      y = normalized.reshape(x.shape)
+    else:
+      y = (x.astype(jnp.float32) - running_mean.value) * jax.lax.rsqrt(
+        running_var.value + self.epsilon
+      )
+    if self.use_scale:
+      y = y * self.param('scale', self.scale_init, (features,), jnp.float32)
+    if self.use_bias:
+      y = y + self.param('bias', self.bias_init, (features,), jnp.float32)
+    return y.astype(self.dtype or x.dtype)

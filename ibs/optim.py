@@ -1,0 +1,91 @@
+"""optax chains for plain SGD, heavy-ball momentum, Nesterov momentum and Adam.
+
+The learning rate and momentum are *injected hyperparameters* (init2winit's habit,
+DESIGN.md decision 2): `optax.inject_hyperparams` evaluates the step → value schedules of
+ibs.schedules from the optimizer's own update count and keeps the values in the optimizer
+state, so a phase that changes ε or m but not the batch shape reuses the compiled step,
+and the values in use can be read back (`opt_state.hyperparams`).
+
+Momentum is TensorFlow's heavy-ball form, as in the paper (PAPER.md, "Momentum form"):
+    A ← m·A + ĝ ;   ω ← ω − ε·A
+which is `optax.trace(decay=m)` followed by a scale of −ε; a change of ε acts at once,
+with no momentum correction. Weight decay is L2 added to the gradient (ĝ ← ĝ + λω, the
+paper's models), or with `decoupled_weight_decay` added to the update after the
+momentum/Adam statistics (SGDW / AdamW, Loshchilov & Hutter 2019).
+"""
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import optax
+
+from ibs import schedules
+
+OPTIMIZERS = ('sgd', 'momentum', 'nesterov', 'adam')
+
+
+def _weight_decay(weight_decay: float, mask: Any) -> optax.GradientTransformation:
+  return optax.add_decayed_weights(weight_decay, mask=mask) if weight_decay else optax.identity()
+
+
+def sgd(learning_rate, weight_decay=0.0, decoupled=False, mask=None):
+  """ω ← ω − ε·(ĝ + λω)."""
+  decay = _weight_decay(weight_decay, mask)
+  return optax.chain(decay, optax.scale_by_learning_rate(learning_rate))
+
+
+def heavy_ball(learning_rate, momentum, weight_decay=0.0, decoupled=False, mask=None,
+               nesterov=False):
+  """A ← m·A + ĝ; ω ← ω − ε·A, or with `nesterov` ω ← ω − ε·(ĝ + m·A)."""
+  decay = _weight_decay(weight_decay, mask)
+  return optax.chain(
+      optax.identity() if decoupled else decay,
+      optax.trace(decay=momentum, nesterov=nesterov),
+      decay if decoupled else optax.identity(),
+      optax.scale_by_learning_rate(learning_rate),
+  )
+
+
+def adam(learning_rate, momentum, weight_decay=0.0, decoupled=False, mask=None,
+         b2=0.999, eps=1e-8):
+  """Adam with β1 = the schedule's momentum (Kingma & Ba 2015); AdamW if decoupled."""
+  decay = _weight_decay(weight_decay, mask)
+  return optax.chain(
+      optax.identity() if decoupled else decay,
+      optax.scale_by_adam(b1=momentum, b2=b2, eps=eps),
+      decay if decoupled else optax.identity(),
+      optax.scale_by_learning_rate(learning_rate),
+  )
+
+
+def create_optimizer(
+    name: str,
+    schedule: schedules.Schedule,
+    *,
+    weight_decay: float = 0.0,
+    decoupled_weight_decay: bool = False,
+    weight_decay_mask: Any = None,
+) -> optax.GradientTransformation:
+  """The optimizer `name` following `schedule`'s ε and m, with injected hyperparameters.
+
+  For 'sgd' the schedule's momentum must be 0; for 'adam' it is Adam's β1.
+  """
+  if name not in OPTIMIZERS:
+    raise ValueError(f'Unknown config.optimizer={name!r}. Choose one of {list(OPTIMIZERS)}.')
+  learning_rate = schedules.learning_rate_schedule(schedule)
+  momentum_fn = schedules.momentum_schedule(schedule)
+  fixed = dict(
+      weight_decay=weight_decay, decoupled=decoupled_weight_decay, mask=weight_decay_mask
+  )
+  static = ('weight_decay', 'decoupled', 'mask')
+  if name == 'sgd':
+    return optax.inject_hyperparams(sgd, static_args=static)(learning_rate, **fixed)
+  factory: Callable[..., optax.GradientTransformation] = {
+      'momentum': heavy_ball,
+      'nesterov': functools.partial(heavy_ball, nesterov=True),
+      'adam': adam,
+  }[name]
+  return optax.inject_hyperparams(factory, static_args=static)(
+      learning_rate=learning_rate, momentum=momentum_fn, **fixed
+  )

@@ -1,0 +1,63 @@
+"""A config that cannot work fails before data or compilation, naming field and fix."""
+
+import pytest
+
+from ibs import config_checks, step, train
+from configs import default
+
+
+def _config(**overrides):
+  config = default.get_config()
+  for path, value in overrides.items():
+    node = config
+    *parents, leaf = path.split('.')
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return config
+
+
+@pytest.mark.parametrize(
+    ('overrides', 'devices', 'message'),
+    [
+        ({'schedule.milestones': (30.0, 20.0, 80.0)}, 1, 'strictly increase'),
+        ({'schedule.milestones': (30.0, 30.0, 80.0)}, 1, 'strictly increase'),
+        ({'schedule.learning_rate': 0.0}, 1, 'learning_rate=0.0 must be a positive'),
+        ({'schedule.learning_rate': -0.1}, 1, 'learning_rate=-0.1 must be a positive'),
+        ({'schedule.momentum': 1.0}, 1, r'momentum=1.0 must be in \[0, 1\)'),
+        ({'schedule.momentum': -0.5}, 1, r'must be in \[0, 1\)'),
+        ({'schedule.batch_size': 48}, 1, 'not divisible by devices × ghost_batch_size'),
+        ({}, 3, 'not divisible by devices × ghost_batch_size = 3 × 32'),
+        ({'optimizer': 'lamb'}, 1, "Unknown config.optimizer='lamb'"),
+        ({'model': 'vgg'}, 1, "Unknown config.model='vgg'"),
+        ({'dataset': 'svhn'}, 1, "Unknown config.dataset='svhn'"),
+        ({'schedule.kind': 'cosine'}, 1, "Unknown config.schedule.kind='cosine'"),
+        ({'schedule.decay_factor': 0.2}, 1, 'decay_factor=0.2 must be > 1'),
+        ({'schedule.milestones': (30.0, 60.0, 120.0)}, 1, 'starts at or after the end'),
+        ({'schedule.kind': 'hybrid', 'schedule.max_batch_size': 0}, 1, 'max_batch_size'),
+        ({'schedule.batch_size': 8000}, 1, 'exceeds the 20000 training examples'),
+        ({'optimizer': 'sgd'}, 1, "Set config.schedule.momentum=0"),
+        ({'ghost_batch_size': 1024}, 1, 'exceeds config.max_micro_batch_size'),
+        ({'eval_batch_size': 1001, 'ghost_batch_size': 16}, 2, 'eval_batch_size=1001'),
+        ({'weight_decay': -1.0}, 1, 'weight_decay=-1.0'),
+    ],
+)
+def test_bad_config_names_the_field(overrides, devices, message):
+  with pytest.raises(config_checks.ConfigError, match=message):
+    config_checks.check_config(_config(**overrides), num_devices=devices)
+
+
+def test_default_config_is_valid():
+  schedule = config_checks.check_config(default.get_config(), num_devices=1)
+  assert [p.batch_size for p in schedule.phases] == [32, 160, 800, 4000]
+
+
+def test_bad_config_fails_before_reading_data_or_compiling(monkeypatch, tmp_path):
+  def forbidden(*args, **kwargs):
+    raise AssertionError('reached data loading or compilation')
+
+  monkeypatch.setattr(train.input_pipeline, 'load_source', forbidden)
+  monkeypatch.setattr(step, 'compile_train_steps', forbidden)
+  with pytest.raises(config_checks.ConfigError, match='learning_rate'):
+    train.train_and_evaluate(_config(**{'schedule.learning_rate': -1.0}), str(tmp_path))
+  assert not list(tmp_path.iterdir())  # Nothing written to the workdir either.
