@@ -9,6 +9,7 @@ multiple of their period in epochs, whatever the batch size of the phase.
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
@@ -127,7 +128,9 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
       for p in schedule.phases
   ]
   if config.compilation_cache_dir:
-    jax.config.update('jax_compilation_cache_dir', config.compilation_cache_dir)
+    jax.config.update(
+        'jax_compilation_cache_dir', os.path.expanduser(config.compilation_cache_dir)
+    )
     jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
 
   # Data first: a dataset that is not prepared must fail before any compilation.
