@@ -17,7 +17,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.dataset = 'mnist1d'
   config.mnist1d = ml_collections.ConfigDict(dict(num_train=20_000, num_test=5_000))
   config.fake = ml_collections.ConfigDict(
-      dict(num_train=1024, num_test=256, num_classes=10, shape=(40,))
+    dict(num_train=1024, num_test=256, num_classes=10, shape=(40,))
   )  # used when dataset='fake'
   config.data_dir = ''  # TFDS data directory; '' = TFDS_DATA_DIR or ~/tensorflow_datasets
 

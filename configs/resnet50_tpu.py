@@ -50,7 +50,9 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   config.schedule.max_batch_size = 16384
   config.schedule.warmup_epochs = 5.0
 
-  config.max_micro_batch_size = 256  # per TPU core; 8192 on 32 cores needs no accumulation
+  config.max_micro_batch_size = (
+    256  # per TPU core; 8192 on 32 cores needs no accumulation
+  )
   config.eval_batch_size = 2048
   config.log_every_epochs = 0.1
   config.eval_every_epochs = 2.0
@@ -62,12 +64,12 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   elif arg == 'fake':
     config.dataset = 'fake'
     config.fake = ml_collections.ConfigDict(
-        dict(num_train=512, num_test=128, num_classes=10, shape=(64, 64, 3))
+      dict(num_train=512, num_test=128, num_classes=10, shape=(64, 64, 3))
     )
     config.half_precision = False
     config.model = 'resnet'
     config.model_kwargs = ml_collections.ConfigDict(
-        dict(stage_sizes=(1, 1, 1, 1), width=8, zero_init_last_bn_scale=True)
+      dict(stage_sizes=(1, 1, 1, 1), width=8, zero_init_last_bn_scale=True)
     )
     config.ghost_batch_size = 8
     config.schedule.num_epochs = 2.0
@@ -82,5 +84,7 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
     config.eval_every_epochs = 1.0
     config.compilation_cache_dir = ''
   elif arg:
-    raise ValueError(f'Unknown variant {arg!r} of resnet50_tpu.py; use decaying_lr or fake.')
+    raise ValueError(
+      f'Unknown variant {arg!r} of resnet50_tpu.py; use decaying_lr or fake.'
+    )
   return config

@@ -21,9 +21,20 @@ import orbax.checkpoint as ocp
 # Config fields that decide the parameters' trajectory. Logging, evaluation and
 # checkpoint cadence, the stop-after switch and the cache directory do not.
 TRAJECTORY_FIELDS = (
-    'dataset', 'mnist1d', 'fake', 'model', 'model_kwargs', 'ghost_batch_size',
-    'half_precision', 'optimizer', 'weight_decay', 'decoupled_weight_decay',
-    'weight_decay_mask', 'schedule', 'seed', 'data_seed',
+  'dataset',
+  'mnist1d',
+  'fake',
+  'model',
+  'model_kwargs',
+  'ghost_batch_size',
+  'half_precision',
+  'optimizer',
+  'weight_decay',
+  'decoupled_weight_decay',
+  'weight_decay_mask',
+  'schedule',
+  'seed',
+  'data_seed',
 )
 
 
@@ -53,24 +64,24 @@ def _to_jsonable(value: Any) -> Any:
 
 def create_manager(workdir: str, max_to_keep: int = 3) -> ocp.CheckpointManager:
   return ocp.CheckpointManager(
-      os.path.join(os.path.abspath(workdir), 'checkpoints'),
-      options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
+    os.path.join(os.path.abspath(workdir), 'checkpoints'),
+    options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
   )
 
 
 def save(manager: ocp.CheckpointManager, state: Any, position: Position) -> None:
   """Saves asynchronously; call `manager.wait_until_finished()` before exiting."""
   manager.save(
-      position.step,
-      args=ocp.args.Composite(
-          state=ocp.args.StandardSave(state),
-          position=ocp.args.JsonSave(dataclasses.asdict(position)),
-      ),
+    position.step,
+    args=ocp.args.Composite(
+      state=ocp.args.StandardSave(state),
+      position=ocp.args.JsonSave(dataclasses.asdict(position)),
+    ),
   )
 
 
 def restore_latest(
-    manager: ocp.CheckpointManager, abstract_state: Any, fingerprint: str
+  manager: ocp.CheckpointManager, abstract_state: Any, fingerprint: str
 ) -> tuple[Any, Position] | None:
   """The latest (state, position), or None for a fresh workdir.
 
@@ -81,22 +92,22 @@ def restore_latest(
   if step is None:
     return None
   position = Position(
-      **manager.restore(step, args=ocp.args.Composite(position=ocp.args.JsonRestore()))[
-          'position'
-      ]
+    **manager.restore(step, args=ocp.args.Composite(position=ocp.args.JsonRestore()))[
+      'position'
+    ]
   )
   if position.config_fingerprint != fingerprint:
     raise ValueError(
-        f'The checkpoint at step {step} in {manager.directory} was written by a different '
-        f'config (fingerprint {position.config_fingerprint}, this config {fingerprint}); '
-        'a changed dataset, model, optimizer, schedule or seed cannot resume it. Use a new '
-        '--workdir, or restore the original config. The checkpoint was left untouched.'
+      f'The checkpoint at step {step} in {manager.directory} was written by a different '
+      f'config (fingerprint {position.config_fingerprint}, this config {fingerprint}); '
+      'a changed dataset, model, optimizer, schedule or seed cannot resume it. Use a new '
+      '--workdir, or restore the original config. The checkpoint was left untouched.'
     )
   restored = manager.restore(
-      step,
-      args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract_state),
-          position=ocp.args.JsonRestore(),
-      ),
+    step,
+    args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(abstract_state),
+      position=ocp.args.JsonRestore(),
+    ),
   )
   return restored['state'], position

@@ -15,20 +15,22 @@ class ConfigError(ValueError):
   """A config that cannot be trained."""
 
 
-def check_config(config: Any, num_devices: int, process_count: int = 1) -> schedules.Schedule:
+def check_config(
+  config: Any, num_devices: int, process_count: int = 1
+) -> schedules.Schedule:
   """Validates `config` for this many devices and processes; returns its Schedule."""
   if config.dataset not in catalog.DATASETS:
     raise ConfigError(
-        f'Unknown config.dataset={config.dataset!r}. Choose one of {list(catalog.DATASETS)}.'
+      f'Unknown config.dataset={config.dataset!r}. Choose one of {list(catalog.DATASETS)}.'
     )
   if config.model not in models.model_names():
     raise ConfigError(
-        f'Unknown config.model={config.model!r}. Choose one of {models.model_names()}.'
+      f'Unknown config.model={config.model!r}. Choose one of {models.model_names()}.'
     )
   if config.optimizer not in optim.OPTIMIZERS:
     raise ConfigError(
-        f'Unknown config.optimizer={config.optimizer!r}. Choose one of '
-        f'{list(optim.OPTIMIZERS)}.'
+      f'Unknown config.optimizer={config.optimizer!r}. Choose one of '
+      f'{list(optim.OPTIMIZERS)}.'
     )
   if config.weight_decay < 0:
     raise ConfigError(f'config.weight_decay={config.weight_decay} must be >= 0.')
@@ -36,7 +38,9 @@ def check_config(config: Any, num_devices: int, process_count: int = 1) -> sched
     if not config[field] > 0:
       raise ConfigError(f'config.{field}={config[field]} must be positive (in epochs).')
   if config.ghost_batch_size <= 0:
-    raise ConfigError(f'config.ghost_batch_size={config.ghost_batch_size} must be positive.')
+    raise ConfigError(
+      f'config.ghost_batch_size={config.ghost_batch_size} must be positive.'
+    )
 
   spec = catalog.dataset_spec(config)
   try:
@@ -46,21 +50,26 @@ def check_config(config: Any, num_devices: int, process_count: int = 1) -> sched
 
   if config.optimizer == 'sgd' and any(p.momentum for p in schedule.phases):
     raise ConfigError(
-        "config.optimizer='sgd' is plain SGD without momentum, but config.schedule."
-        "momentum is not 0. Set config.schedule.momentum=0 or use optimizer 'momentum'."
+      "config.optimizer='sgd' is plain SGD without momentum, but config.schedule."
+      "momentum is not 0. Set config.schedule.momentum=0 or use optimizer 'momentum'."
     )
   if num_devices % process_count:
-    raise ConfigError(f'{num_devices} devices do not split over {process_count} processes.')
+    raise ConfigError(
+      f'{num_devices} devices do not split over {process_count} processes.'
+    )
   for phase in schedule.phases:
     try:
       step.plan_micro_batches(
-          phase.batch_size, num_devices, config.ghost_batch_size, config.max_micro_batch_size
+        phase.batch_size,
+        num_devices,
+        config.ghost_batch_size,
+        config.max_micro_batch_size,
       )
     except ValueError as e:
       raise ConfigError(f'Phase starting at epoch {phase.start_epoch:g}: {e}') from None
   if config.eval_batch_size % num_devices:
     raise ConfigError(
-        f'config.eval_batch_size={config.eval_batch_size} is not divisible by the '
-        f'{num_devices} devices; use a multiple of {num_devices}.'
+      f'config.eval_batch_size={config.eval_batch_size} is not divisible by the '
+      f'{num_devices} devices; use a multiple of {num_devices}.'
     )
   return schedule

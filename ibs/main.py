@@ -11,16 +11,21 @@ import os
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints and TensorBoard logs.')
+_WORKDIR = flags.DEFINE_string(
+  'workdir', None, 'Directory for checkpoints and TensorBoard logs.'
+)
 _CONFIG = config_flags.DEFINE_config_file(
-    'config', None, 'Training configuration file.', lock_config=True
+  'config', None, 'Training configuration file.', lock_config=True
 )
 _COORDINATOR = flags.DEFINE_string(
-    'coordinator_address', None,
-    'host:port of process 0, for multi-process runs outside TPU pods (CPU/GPU clusters). '
-    'TPU pods need no flag: jax.distributed finds its peers itself.',
+  'coordinator_address',
+  None,
+  'host:port of process 0, for multi-process runs outside TPU pods (CPU/GPU clusters). '
+  'TPU pods need no flag: jax.distributed finds its peers itself.',
 )
-_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'With --coordinator_address.')
+_NUM_PROCESSES = flags.DEFINE_integer(
+  'num_processes', None, 'With --coordinator_address.'
+)
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'With --coordinator_address.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
@@ -39,9 +44,9 @@ def main(argv):
 
   if _COORDINATOR.value:
     jax.distributed.initialize(
-        coordinator_address=_COORDINATOR.value,
-        num_processes=_NUM_PROCESSES.value,
-        process_id=_PROCESS_ID.value,
+      coordinator_address=_COORDINATOR.value,
+      num_processes=_NUM_PROCESSES.value,
+      process_id=_PROCESS_ID.value,
     )
   elif _is_multihost_tpu():
     jax.distributed.initialize()
@@ -54,8 +59,12 @@ def main(argv):
 
   from ibs import train  # noqa: PLC0415
 
-  logging.info('JAX process %d / %d, local devices: %s', jax.process_index(),
-               jax.process_count(), jax.local_devices())
+  logging.info(
+    'JAX process %d / %d, local devices: %s',
+    jax.process_index(),
+    jax.process_count(),
+    jax.local_devices(),
+  )
   train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 

@@ -9,6 +9,7 @@ multiple of their period in epochs, whatever the batch size of the phase.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from typing import Any
@@ -18,33 +19,42 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from clu import metric_writers, periodic_actions
+from etils import epath
 
-from ibs import checkpoint, config_checks, input_pipeline, models, noise_scale, optim, schedules
+from ibs import (
+  checkpoint,
+  config_checks,
+  input_pipeline,
+  models,
+  noise_scale,
+  optim,
+  schedules,
+)
 from ibs import step as step_lib
 from ibs.datasets import catalog
 
 
 def create_model(config: Any, num_classes: int):
   return models.create_model(
-      config.model,
-      num_classes=num_classes,
-      ghost_batch_size=config.ghost_batch_size,
-      half_precision=config.half_precision,
-      **config.model_kwargs,
+    config.model,
+    num_classes=num_classes,
+    ghost_batch_size=config.ghost_batch_size,
+    half_precision=config.half_precision,
+    **config.model_kwargs,
   )
 
 
 def create_train_state(
-    config: Any, model, schedule: schedules.Schedule, input_shape: tuple[int, ...], mesh
+  config: Any, model, schedule: schedules.Schedule, input_shape: tuple[int, ...], mesh
 ) -> step_lib.TrainState:
   """Initialises parameters (seeded by config.seed), BN statistics and the optimizer."""
   mask = models.weight_decay_mask if config.weight_decay_mask == 'kernels' else None
   tx = optim.create_optimizer(
-      config.optimizer,
-      schedule,
-      weight_decay=config.weight_decay,
-      decoupled_weight_decay=config.decoupled_weight_decay,
-      weight_decay_mask=mask,
+    config.optimizer,
+    schedule,
+    weight_decay=config.weight_decay,
+    decoupled_weight_decay=config.decoupled_weight_decay,
+    weight_decay_mask=mask,
   )
 
   @jax.jit
@@ -52,13 +62,17 @@ def create_train_state(
     dummy = jnp.zeros((config.ghost_batch_size, *input_shape), jnp.float32)
     variables = model.init(rng, dummy, train=False)
     return step_lib.TrainState.create(
-        apply_fn=model.apply,
-        params=variables['params'],
-        batch_stats=variables.get('batch_stats', {}),
-        tx=tx,
+      apply_fn=model.apply,
+      params=variables['params'],
+      batch_stats=variables.get('batch_stats', {}),
+      tx=tx,
     )
 
   return jax.device_put(init(jax.random.key(config.seed)), step_lib.replicated(mesh))
+
+
+# One dispatch instead of one per metric field: this runs after every step.
+merge_metrics = jax.jit(lambda total, new: total.merge(new))
 
 
 def _crossed(before: int, after: int, period: int) -> bool:
@@ -70,11 +84,11 @@ def evaluate(eval_step, state, source, preprocess, config, mesh) -> dict[str, fl
   """Loss and accuracy over the whole test split, each example counted once."""
   total = None
   for local in input_pipeline.eval_batches(
-      source,
-      preprocess,
-      batch_size=config.eval_batch_size,
-      process_index=jax.process_index(),
-      process_count=jax.process_count(),
+    source,
+    preprocess,
+    batch_size=config.eval_batch_size,
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
   ):
     batch_metrics = eval_step(state, step_lib.global_eval_batch(local, mesh))
     total = batch_metrics if total is None else total.merge(batch_metrics)
@@ -85,26 +99,26 @@ def _phase_scalars(schedule, phase_index: int, lr: float) -> dict[str, float]:
   phase = schedule.phases[phase_index]
   n = schedule.num_train_examples
   return {
-      'learning_rate': lr,
-      'momentum': phase.momentum,
-      'batch_size': phase.batch_size,
-      'noise_scale': noise_scale.noise_scale(lr, n, phase.batch_size, phase.momentum),
-      'phase': phase_index,
+    'learning_rate': lr,
+    'momentum': phase.momentum,
+    'batch_size': phase.batch_size,
+    'noise_scale': noise_scale.noise_scale(lr, n, phase.batch_size, phase.momentum),
+    'phase': phase_index,
   }
 
 
 def format_summary(summary: dict[str, Any], schedule) -> str:
   lines = [
-      '',
-      '=' * 78,
-      f'final test accuracy {summary["test_accuracy"]:.4f}  (test loss '
-      f'{summary["test_loss"]:.4f})',
-      f'parameter updates {summary["parameter_updates"]:,}   examples seen '
-      f'{summary["examples_seen"]:,} ({summary["epoch"]:.2f} epochs)',
-      f'wall-clock {summary["wall_clock_s"]:.1f} s (compilation {summary["compile_s"]:.1f} s)',
-      '',
-      noise_scale.format_table(schedule, title='phases'),
-      '=' * 78,
+    '',
+    '=' * 78,
+    f'final test accuracy {summary["test_accuracy"]:.4f}  (test loss '
+    f'{summary["test_loss"]:.4f})',
+    f'parameter updates {summary["parameter_updates"]:,}   examples seen '
+    f'{summary["examples_seen"]:,} ({summary["epoch"]:.2f} epochs)',
+    f'wall-clock {summary["wall_clock_s"]:.1f} s (compilation {summary["compile_s"]:.1f} s)',
+    '',
+    noise_scale.format_table(schedule, title='phases'),
+    '=' * 78,
   ]
   return '\n'.join(lines)
 
@@ -122,14 +136,17 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
   spec = catalog.dataset_spec(config)
   spans = schedules.phase_spans(schedule)
   plans = [
-      step_lib.plan_micro_batches(
-          p.batch_size, jax.device_count(), config.ghost_batch_size, config.max_micro_batch_size
-      )
-      for p in schedule.phases
+    step_lib.plan_micro_batches(
+      p.batch_size,
+      jax.device_count(),
+      config.ghost_batch_size,
+      config.max_micro_batch_size,
+    )
+    for p in schedule.phases
   ]
   if config.compilation_cache_dir:
     jax.config.update(
-        'jax_compilation_cache_dir', os.path.expanduser(config.compilation_cache_dir)
+      'jax_compilation_cache_dir', os.path.expanduser(config.compilation_cache_dir)
     )
     jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
 
@@ -146,34 +163,47 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
   if restored:
     state, position = restored
     state = jax.device_put(state, step_lib.replicated(mesh))
-    logging.info('Resumed at step %d (%d examples seen).', position.step, position.examples_seen)
+    logging.info(
+      'Resumed at step %d (%d examples seen).', position.step, position.examples_seen
+    )
   start_step = int(state.step)
   total_steps = schedules.num_steps(schedule)
 
   writer = metric_writers.create_default_writer(
-      workdir, just_logging=jax.process_index() > 0
+    workdir, just_logging=jax.process_index() > 0
   )
   if start_step == 0:
     writer.write_hparams(
-        {k: v for k, v in config.to_dict().items() if isinstance(v, int | float | str | bool)}
+      {
+        k: v
+        for k, v in config.to_dict().items()
+        if isinstance(v, int | float | str | bool)
+      }
     )
   logging.info('\n%s', noise_scale.format_table(schedule, title='schedule'))
 
   logging.info('Compiling the train step for every phase shape ahead of time...')
   compile_start = time.perf_counter()
-  example = preprocess(train_source.get(np.zeros(1, np.int64)), np.zeros(1, np.int64), True)
-  remaining = [plan for plan, span in zip(plans, spans) if span.first_step + span.num_steps
-               > start_step and span.num_steps]
+  example = preprocess(
+    train_source.get(np.zeros(1, np.int64)), np.zeros(1, np.int64), True
+  )
+  remaining = [
+    plan
+    for plan, span in zip(plans, spans, strict=True)
+    if span.first_step + span.num_steps > start_step and span.num_steps
+  ]
   compiled = step_lib.compile_train_steps(mesh, state, remaining, example)
   for shape, executable in compiled.items():
     analysis = executable.memory_analysis()
     logging.info(
-        'Step for batch shape (accumulation, devices × micro-batch) = %s compiled; %s',
-        shape,
-        analysis if analysis is None else (
-            f'temp {analysis.temp_size_in_bytes / 2**20:.1f} MiB, arguments '
-            f'{analysis.argument_size_in_bytes / 2**20:.1f} MiB'
-        ),
+      'Step for batch shape (accumulation, devices × micro-batch) = %s compiled; %s',
+      shape,
+      analysis
+      if analysis is None
+      else (
+        f'temp {analysis.temp_size_in_bytes / 2**20:.1f} MiB, arguments '
+        f'{analysis.argument_size_in_bytes / 2**20:.1f} MiB'
+      ),
     )
   eval_step = step_lib.jit_eval_step(mesh)
   compile_s = time.perf_counter() - compile_start
@@ -185,7 +215,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
   checkpoint_every = max(1, round(config.checkpoint_every_epochs * n))
   stop_at = min(total_steps, config.stop_after_steps or total_steps)
   report_progress = periodic_actions.ReportProgress(
-      num_train_steps=total_steps, writer=writer, every_secs=30.0
+    num_train_steps=total_steps, writer=writer, every_secs=30.0
   )
   hooks = [report_progress] if jax.process_index() == 0 else []
 
@@ -194,41 +224,52 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
   step = start_step
   with metric_writers.ensure_flushes(writer):
     for phase_index, (phase, span, plan) in enumerate(
-        zip(schedule.phases, spans, plans, strict=True)
+      zip(schedule.phases, spans, plans, strict=True)
     ):
       end = min(span.first_step + span.num_steps, stop_at)
       if step >= end:
         continue
       logging.info(
-          'Phase %d: batch %d = %d devices × %d accumulation × %d micro-batch, lr %g, '
-          'momentum %g, steps %d–%d.', phase_index, phase.batch_size, plan.num_devices,
-          plan.accumulation, plan.micro_batch_size, phase.learning_rate, phase.momentum,
-          step, end,
+        'Phase %d: batch %d = %d devices × %d accumulation × %d micro-batch, lr %g, '
+        'momentum %g, steps %d–%d.',
+        phase_index,
+        phase.batch_size,
+        plan.num_devices,
+        plan.accumulation,
+        plan.micro_batch_size,
+        phase.learning_rate,
+        phase.momentum,
+        step,
+        end,
       )
       train_step = compiled[plan.shape]
       examples = span.start_examples + (step - span.first_step) * phase.batch_size
       for local in input_pipeline.train_batches(
-          train_source,
-          preprocess,
-          seed=config.data_seed,
-          start_examples=examples,
-          batch_size=phase.batch_size,
-          num_steps=end - step,
-          process_index=jax.process_index(),
-          process_count=jax.process_count(),
+        train_source,
+        preprocess,
+        seed=config.data_seed,
+        start_examples=examples,
+        batch_size=phase.batch_size,
+        num_steps=end - step,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
       ):
-        state, batch_metrics = train_step(state, step_lib.global_train_batch(local, plan, mesh))
-        train_metrics = batch_metrics if train_metrics is None else train_metrics.merge(
-            batch_metrics
+        state, batch_metrics = train_step(
+          state, step_lib.global_train_batch(local, plan, mesh)
+        )
+        train_metrics = (
+          batch_metrics
+          if train_metrics is None
+          else merge_metrics(train_metrics, batch_metrics)
         )
         before, examples, step = examples, examples + phase.batch_size, step + 1
         for hook in hooks:
           hook(step)
         done = step == total_steps
         position = {
-            'epoch': examples / n,
-            'examples_seen': examples,
-            'parameter_updates': step,
+          'epoch': examples / n,
+          'examples_seen': examples,
+          'parameter_updates': step,
         }
         if done or _crossed(before, examples, log_every):
           scalars = {f'train_{k}': float(v) for k, v in train_metrics.compute().items()}
@@ -237,13 +278,17 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
           train_metrics = None
         if done or _crossed(before, examples, eval_every):
           with report_progress.timed('eval'):
-            eval_results = evaluate(eval_step, state, test_source, preprocess, config, mesh)
+            eval_results = evaluate(
+              eval_step, state, test_source, preprocess, config, mesh
+            )
           writer.write_scalars(step, {**eval_results, **position})
         if done or step == stop_at or _crossed(before, examples, checkpoint_every):
           checkpoint.save(
-              manager,
-              state,
-              checkpoint.Position(step, examples, phase_index, config.data_seed, fingerprint),
+            manager,
+            state,
+            checkpoint.Position(
+              step, examples, phase_index, config.data_seed, fingerprint
+            ),
           )
   manager.wait_until_finished()
   manager.close()
@@ -253,15 +298,15 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
   final = schedules.position(schedule, step) if step < total_steps else None
   examples_seen = final.examples_seen if final else spans[-1].end_examples
   summary = {
-      **eval_results,
-      'parameter_updates': step,
-      'examples_seen': examples_seen,
-      'epoch': examples_seen / n,
-      'wall_clock_s': time.perf_counter() - wall_start,
-      'compile_s': compile_s,
-      'finished': step == total_steps,
+    **eval_results,
+    'parameter_updates': step,
+    'examples_seen': examples_seen,
+    'epoch': examples_seen / n,
+    'wall_clock_s': time.perf_counter() - wall_start,
+    'compile_s': compile_s,
+    'finished': step == total_steps,
   }
-  if summary['finished'] and jax.process_index() == 0 and eval_results:
+  if summary['finished'] and jax.process_index() == 0:
     print(format_summary(summary, schedule), flush=True)
+    (epath.Path(workdir) / 'summary.json').write_text(json.dumps(summary, indent=2))
   return summary
-

@@ -2,8 +2,8 @@
 
 import pytest
 
-from ibs import config_checks, step, train
 from configs import default
+from ibs import config_checks, step, train
 
 
 def _config(**overrides):
@@ -18,29 +18,29 @@ def _config(**overrides):
 
 
 @pytest.mark.parametrize(
-    ('overrides', 'devices', 'message'),
-    [
-        ({'schedule.milestones': (30.0, 20.0, 80.0)}, 1, 'strictly increase'),
-        ({'schedule.milestones': (30.0, 30.0, 80.0)}, 1, 'strictly increase'),
-        ({'schedule.learning_rate': 0.0}, 1, 'learning_rate=0.0 must be a positive'),
-        ({'schedule.learning_rate': -0.1}, 1, 'learning_rate=-0.1 must be a positive'),
-        ({'schedule.momentum': 1.0}, 1, r'momentum=1.0 must be in \[0, 1\)'),
-        ({'schedule.momentum': -0.5}, 1, r'must be in \[0, 1\)'),
-        ({'schedule.batch_size': 48}, 1, 'not divisible by devices × ghost_batch_size'),
-        ({}, 3, 'not divisible by devices × ghost_batch_size = 3 × 32'),
-        ({'optimizer': 'lamb'}, 1, "Unknown config.optimizer='lamb'"),
-        ({'model': 'vgg'}, 1, "Unknown config.model='vgg'"),
-        ({'dataset': 'svhn'}, 1, "Unknown config.dataset='svhn'"),
-        ({'schedule.kind': 'cosine'}, 1, "Unknown config.schedule.kind='cosine'"),
-        ({'schedule.decay_factor': 0.2}, 1, 'decay_factor=0.2 must be > 1'),
-        ({'schedule.milestones': (30.0, 60.0, 120.0)}, 1, 'starts at or after the end'),
-        ({'schedule.kind': 'hybrid', 'schedule.max_batch_size': 0}, 1, 'max_batch_size'),
-        ({'schedule.batch_size': 8000}, 1, 'exceeds the 20000 training examples'),
-        ({'optimizer': 'sgd'}, 1, "Set config.schedule.momentum=0"),
-        ({'ghost_batch_size': 1024}, 1, 'exceeds config.max_micro_batch_size'),
-        ({'eval_batch_size': 1001, 'ghost_batch_size': 16}, 2, 'eval_batch_size=1001'),
-        ({'weight_decay': -1.0}, 1, 'weight_decay=-1.0'),
-    ],
+  ('overrides', 'devices', 'message'),
+  [
+    ({'schedule.milestones': (30.0, 20.0, 80.0)}, 1, 'strictly increase'),
+    ({'schedule.milestones': (30.0, 30.0, 80.0)}, 1, 'strictly increase'),
+    ({'schedule.learning_rate': 0.0}, 1, 'learning_rate=0.0 must be a positive'),
+    ({'schedule.learning_rate': -0.1}, 1, 'learning_rate=-0.1 must be a positive'),
+    ({'schedule.momentum': 1.0}, 1, r'momentum=1.0 must be in \[0, 1\)'),
+    ({'schedule.momentum': -0.5}, 1, r'must be in \[0, 1\)'),
+    ({'schedule.batch_size': 48}, 1, 'not divisible by devices × ghost_batch_size'),
+    ({}, 3, 'not divisible by devices × ghost_batch_size = 3 × 32'),
+    ({'optimizer': 'lamb'}, 1, "Unknown config.optimizer='lamb'"),
+    ({'model': 'vgg'}, 1, "Unknown config.model='vgg'"),
+    ({'dataset': 'svhn'}, 1, "Unknown config.dataset='svhn'"),
+    ({'schedule.kind': 'cosine'}, 1, "Unknown config.schedule.kind='cosine'"),
+    ({'schedule.decay_factor': 0.2}, 1, 'decay_factor=0.2 must be > 1'),
+    ({'schedule.milestones': (30.0, 60.0, 120.0)}, 1, 'starts at or after the end'),
+    ({'schedule.kind': 'hybrid', 'schedule.max_batch_size': 0}, 1, 'max_batch_size'),
+    ({'schedule.batch_size': 8000}, 1, 'exceeds the 20000 training examples'),
+    ({'optimizer': 'sgd'}, 1, 'Set config.schedule.momentum=0'),
+    ({'ghost_batch_size': 1024}, 1, 'exceeds config.max_micro_batch_size'),
+    ({'eval_batch_size': 1001, 'ghost_batch_size': 16}, 2, 'eval_batch_size=1001'),
+    ({'weight_decay': -1.0}, 1, 'weight_decay=-1.0'),
+  ],
 )
 def test_bad_config_names_the_field(overrides, devices, message):
   with pytest.raises(config_checks.ConfigError, match=message):

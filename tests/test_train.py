@@ -16,7 +16,9 @@ def _final_params(workdir):
 
   manager = ocp.CheckpointManager(os.path.join(workdir, 'checkpoints'))
   step = manager.latest_step()
-  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+  restored = manager.restore(
+    step, args=ocp.args.Composite(state=ocp.args.StandardRestore())
+  )
   manager.close()
   return step, jax.tree.map(np.asarray, restored['state']['params'])
 
@@ -60,7 +62,9 @@ def test_resume_ends_with_the_same_parameters(tiny_config, tmp_path):
   jax.tree.map(np.testing.assert_array_equal, params_a, params_b)
 
 
-def test_a_different_config_does_not_resume_someone_elses_checkpoint(tiny_config, tmp_path):
+def test_a_different_config_does_not_resume_someone_elses_checkpoint(
+  tiny_config, tmp_path
+):
   first = tiny_config.copy_and_resolve_references()
   first.stop_after_steps = 5
   train.train_and_evaluate(first, str(tmp_path))
