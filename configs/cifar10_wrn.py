@@ -60,9 +60,10 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   else:  # §5.2: every schedule capped at B_max = 5120.
     s.kind, s.max_batch_size = 'hybrid', 5120
     if schedule == 'increased_lr':
-      s.learning_rate, s.batch_size = 0.5, 640
+      s.scale_batch_with_learning_rate = 5.0  # B ∝ ε: ε 0.5, B ×5
     elif schedule == 'increased_momentum':
-      s.learning_rate, s.batch_size, s.momentum = 0.5, 3200, 0.98
+      s.scale_batch_with_learning_rate = 5.0
+      s.scale_batch_with_momentum = 0.98  # B ∝ 1/(1 − m): B ×5 again
 
   config.optimizer = args['optimizer']
   if config.optimizer == 'sgd':  # Same g = εN/(B(1 − m)) without momentum.

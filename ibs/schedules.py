@@ -1,38 +1,43 @@
-"""Phase schedules keyed to examples seen, the paper's conversion rules, optax schedules.
+"""Phase schedules, the paper's conversion and scaling rules, and optax schedules.
 
-The clock is *examples seen* (DESIGN.md decision 1). A schedule is a tuple of phases, each
-starting at an epoch with its own batch size B, learning rate ε and momentum m. Steps
-are derived from examples, never the other way round.
+A schedule is a tuple of phases, each starting at an epoch with its own batch size B,
+learning rate ε and momentum m, over a dataset of N training examples. The clock is
+examples seen (DESIGN.md decision 1): steps are derived from examples by ibs.clock, whose
+docstring states the rounding rule.
 
-Rounding rule (stated once, used everywhere): phase p begins where the last batch of
-phase p − 1 ended and runs ceil((S_{p+1} − start_p) / B_p) steps, where
-S_{p+1} = round(start_epoch_{p+1} · N) is the example count at which the next phase is
-due (for the last phase, the end of training). Batches run across epoch boundaries and
-no example is dropped; a phase may overrun its nominal end by less than one of its
-batches, and the next phase starts there. The paper counts *fractional* updates
-(examples / B per phase); `nominal_updates` gives those, `num_steps` the integer steps
-the trainer actually takes (at most one more per phase).
+Conversions (PAPER.md, "The idea" and "The cap"): wherever a step-decay recipe divides ε by
+α, the increasing-batch schedule multiplies B by α instead; the hybrid does so up to B_max
+and then decays ε, so that ε/B, and with it the noise scale g ≈ εN/(B(1 − m)), falls by
+exactly α at every milestone. Scaling rules (§4, §5.2) change the initial ε or m and scale
+B with them so that g stays the same: B ∝ ε and B ∝ 1/(1 − m).
 
-Conversions (PAPER.md "The idea" and "The cap"): wherever a step-decay schedule divides ε
-by α, the increasing-batch schedule multiplies B by α instead; the hybrid does so up to
-B_max and then decays ε, so that ε/B — and the noise scale g — falls by exactly α at every
-milestone.
+In a user's own optax loop:
+
+    tx = optax.inject_hyperparams(optax.sgd)(
+        learning_rate=schedules.learning_rate_schedule(schedule),
+        momentum=schedules.momentum_schedule(schedule))
+    batch_size = schedules.batch_size_schedule(schedule)  # step → B for the data loader
+
+JAX is imported only when one of these step → value functions is built, so the schedule
+arithmetic (and the `python -m ibs.noise_scale` calculator) starts in a fraction of a second.
 """
 
 from __future__ import annotations
 
-import bisect
 import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import jax.numpy as jnp
 import numpy as np
 
-from ibs import noise_scale as noise_scale_lib
+from ibs import clock
 
 SCHEDULE_KINDS = ('decaying_lr', 'increasing_batch', 'hybrid', 'explicit')
+
+
+class ScheduleError(ValueError):
+  """A schedule that cannot be trained; the message names the field and the fix."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,7 +55,8 @@ class Schedule:
   """Phases over `num_epochs` epochs of a dataset of `num_train_examples` examples.
 
   `warmup_epochs` > 0 ramps the learning rate linearly from 0 over that many epochs
-  (Goyal et al. 2017), keyed to examples seen like everything else.
+  (Goyal et al. 2017), keyed to examples seen like everything else. Construction
+  validates (see `validate`).
   """
 
   phases: tuple[Phase, ...]
@@ -74,91 +80,81 @@ class StepDecay:
   num_epochs: float
 
 
-@dataclasses.dataclass(frozen=True)
-class PhaseSpan:
-  """Where a phase really falls under the rounding rule (see the module docstring)."""
-
-  first_step: int
-  num_steps: int
-  start_examples: int  # examples seen when the phase's first step begins
-  end_examples: int  # examples seen when its last step ends
-
-
-@dataclasses.dataclass(frozen=True)
-class Position:
-  """Where training stands before `step` (0-based) runs."""
-
-  step: int  # parameter updates done so far
-  phase: int
-  examples_seen: int
-  epoch: float
-
-
-class ScheduleError(ValueError):
-  """A schedule that cannot be trained; the message names the field and the fix."""
-
-
-# ----------------------------------------------------------------------------- validation
+def _is_positive_integer(value: Any) -> bool:
+  return isinstance(value, int | np.integer) and not isinstance(value, bool) and value > 0
 
 
 def validate(schedule: Schedule) -> None:
-  """Raises ScheduleError naming the offending field and how to fix it."""
+  """Raises ScheduleError naming the offending field and how to fix it.
+
+  Phase starts strictly increase from 0 and lie before the end of training; batch sizes
+  are positive integers no larger than N; 0 < ε; 0 ≤ m < 1; every phase gets at least
+  one step under the rounding rule of ibs.clock.
+  """
   n = schedule.num_train_examples
-  if not isinstance(n, int | np.integer) or n <= 0:
+  if not _is_positive_integer(n):
     raise ScheduleError(f'num_train_examples={n!r} must be a positive integer.')
   if not schedule.phases:
     raise ScheduleError('The schedule has no phases; give at least one.')
-  if not schedule.num_epochs > 0:
+  if not (math.isfinite(schedule.num_epochs) and schedule.num_epochs > 0):
     raise ScheduleError(
-        f'schedule.num_epochs={schedule.num_epochs!r} must be positive.'
+      f'schedule.num_epochs={schedule.num_epochs!r} must be a positive number.'
     )
-  if schedule.warmup_epochs < 0:
+  if not 0 <= schedule.warmup_epochs <= schedule.num_epochs:
     raise ScheduleError(
-        f'schedule.warmup_epochs={schedule.warmup_epochs!r} must be >= 0 (0 disables warm-up).'
+      f'schedule.warmup_epochs={schedule.warmup_epochs!r} must be between 0 (no '
+      f'warm-up) and num_epochs={schedule.num_epochs!r}.'
     )
   if schedule.phases[0].start_epoch != 0:
     raise ScheduleError(
-        f'The first phase starts at epoch {schedule.phases[0].start_epoch}; it must '
-        'start at epoch 0.'
+      f'The first phase starts at epoch {schedule.phases[0].start_epoch}; it must '
+      'start at epoch 0.'
     )
   for i, phase in enumerate(schedule.phases):
     where = f'phase {i} (starting at epoch {phase.start_epoch})'
     if i and not phase.start_epoch > schedule.phases[i - 1].start_epoch:
       raise ScheduleError(
-          f'Phase starts must strictly increase, but {where} does not start after '
-          f'phase {i - 1} (epoch {schedule.phases[i - 1].start_epoch}). Sort the '
-          'milestones and remove duplicates.'
+        f'Phase starts must strictly increase, but {where} does not start after '
+        f'phase {i - 1} (epoch {schedule.phases[i - 1].start_epoch}). Sort the '
+        'milestones and remove duplicates.'
       )
     if not phase.start_epoch < schedule.num_epochs:
       raise ScheduleError(
-          f'{where} starts at or after the end of training (num_epochs='
-          f'{schedule.num_epochs}). Raise num_epochs or drop the milestone.'
+        f'{where} starts at or after the end of training (num_epochs='
+        f'{schedule.num_epochs}). Raise num_epochs or drop the milestone.'
       )
-    if (
-        isinstance(phase.batch_size, bool)
-        or not isinstance(phase.batch_size, int | np.integer)
-        or phase.batch_size <= 0
-    ):
+    if not _is_positive_integer(phase.batch_size):
       raise ScheduleError(
-          f'{where}: batch_size={phase.batch_size!r} must be a positive integer.'
+        f'{where}: batch_size={phase.batch_size!r} must be a positive integer.'
       )
     if phase.batch_size > n:
       raise ScheduleError(
-          f'{where}: batch_size={phase.batch_size} exceeds the {n} training examples; '
-          'the paper caps B well below N (B_max ≈ N/10). Lower schedule.max_batch_size '
-          'or the decay factors.'
+        f'{where}: batch_size={phase.batch_size} exceeds the {n} training examples; '
+        'the paper caps B well below N (B_max ≈ N/10). Lower schedule.max_batch_size '
+        'or the decay factors.'
       )
     if not (math.isfinite(phase.learning_rate) and phase.learning_rate > 0):
       raise ScheduleError(
-          f'{where}: learning_rate={phase.learning_rate!r} must be a positive number.'
+        f'{where}: learning_rate={phase.learning_rate!r} must be a positive number.'
       )
     if not 0 <= phase.momentum < 1:
       raise ScheduleError(
-          f'{where}: momentum={phase.momentum!r} must be in [0, 1); use 0 for plain SGD.'
+        f'{where}: momentum={phase.momentum!r} must be in [0, 1); use 0 for plain SGD.'
       )
-
-
-# -------------------------------------------------------------------------- conversions
+  for i, span in enumerate(clock.phase_spans(schedule)):
+    if span.num_steps:
+      continue
+    where = f'Phase {i} (starting at epoch {schedule.phases[i].start_epoch})'
+    if i == 0:
+      raise ScheduleError(
+        f'{where} is due to end at round(epoch · N) = 0 examples (N={n}), so it would '
+        'get no steps. Move the first milestone later.'
+      )
+    raise ScheduleError(
+      f'{where} is shorter than the overrun of phase {i - 1}, whose last batch of '
+      f'{schedule.phases[i - 1].batch_size} examples already reaches past it, so it '
+      'would get no steps. Move its milestones apart or lower the batch size.'
+    )
 
 
 def decaying_lr(recipe: StepDecay) -> tuple[Phase, ...]:
@@ -166,7 +162,9 @@ def decaying_lr(recipe: StepDecay) -> tuple[Phase, ...]:
   phases = [Phase(0.0, recipe.batch_size, recipe.learning_rate, recipe.momentum)]
   for epoch, factor in zip(recipe.milestones, recipe.factors, strict=True):
     last = phases[-1]
-    phases.append(Phase(epoch, last.batch_size, last.learning_rate / factor, last.momentum))
+    phases.append(
+      Phase(float(epoch), last.batch_size, last.learning_rate / factor, last.momentum)
+    )
   return tuple(phases)
 
 
@@ -176,74 +174,130 @@ def increasing_batch(recipe: StepDecay) -> tuple[Phase, ...]:
 
 
 def hybrid(recipe: StepDecay, max_batch_size: int | None) -> tuple[Phase, ...]:
-  """Increase B up to `max_batch_size`, then decay ε (PAPER.md, "The cap").
+  """Increase B up to `max_batch_size`, then decay ε (PAPER.md, "The cap"; §5.1, §5.3).
 
   At a milestone dividing ε by α:
       if B·α ≤ B_max:  B ← B·α                          (ε unchanged)
       else:            r = B_max/B;  B ← B_max;  ε ← ε·r/α
   so ε/B falls by exactly α either way. `max_batch_size=None` never caps.
   """
+  if max_batch_size is not None and not (
+    _is_positive_integer(max_batch_size) and max_batch_size >= recipe.batch_size
+  ):
+    raise _cap_error(max_batch_size, recipe.batch_size)
   phases = [Phase(0.0, recipe.batch_size, recipe.learning_rate, recipe.momentum)]
   for epoch, factor in zip(recipe.milestones, recipe.factors, strict=True):
     last = phases[-1]
     grown = last.batch_size * factor
     if max_batch_size is None or grown <= max_batch_size:
-      batch, lr = _as_batch_size(grown, 'increasing the batch'), last.learning_rate
+      batch = _integer_batch_size(
+        grown, f'Increasing the batch ×{factor:g} at epoch {epoch:g}'
+      )
+      lr = last.learning_rate
     else:
       ratio = max_batch_size / last.batch_size
       batch, lr = max_batch_size, last.learning_rate * ratio / factor
-    phases.append(Phase(epoch, batch, lr, last.momentum))
+    phases.append(Phase(float(epoch), batch, lr, last.momentum))
   return tuple(phases)
 
 
-def _as_batch_size(value: float, what: str) -> int:
+def _cap_error(max_batch_size: Any, batch_size: int) -> ScheduleError:
+  return ScheduleError(
+    f'max_batch_size={max_batch_size!r}: the hybrid schedule needs an integer cap B_max '
+    f'of at least the initial batch size {batch_size} (the paper uses B_max ≈ N/10). '
+    'Set config.schedule.max_batch_size.'
+  )
+
+
+def _integer_batch_size(value: float, what: str) -> int:
   rounded = round(value)
   if abs(value - rounded) > 1e-9 * max(1.0, value):
     raise ScheduleError(
-        f'{what} gives a batch size of {value}, which is not an integer. Choose a '
-        'batch size and factors whose products are integers.'
+      f'{what} gives a batch size of {value:g}, which is not an integer. Choose a '
+      'batch size and factors whose products are integers.'
     )
   return int(rounded)
 
 
-def scale_batch_with_learning_rate(phases: Sequence[Phase], factor: float) -> tuple[Phase, ...]:
-  """B ∝ ε: multiply every phase's ε and B by `factor`, keeping g (§5.2, §4)."""
-  return tuple(
-      dataclasses.replace(
-          p,
-          batch_size=_as_batch_size(p.batch_size * factor, 'Scaling B with ε'),
-          learning_rate=p.learning_rate * factor,
-      )
-      for p in phases
+def convert(
+  recipe: StepDecay, kind: str, max_batch_size: int | None = None
+) -> tuple[Phase, ...]:
+  """The phases of `recipe` as `kind`: 'decaying_lr', 'increasing_batch' or 'hybrid'."""
+  if kind == 'decaying_lr':
+    return decaying_lr(recipe)
+  if kind == 'increasing_batch':
+    return increasing_batch(recipe)
+  if kind == 'hybrid':
+    if max_batch_size is None:
+      raise _cap_error(max_batch_size, recipe.batch_size)
+    return hybrid(recipe, max_batch_size)
+  raise ScheduleError(
+    f'Unknown schedule kind {kind!r}; choose decaying_lr, increasing_batch or hybrid.'
   )
 
 
-def scale_batch_with_momentum(phases: Sequence[Phase], momentum: float) -> tuple[Phase, ...]:
-  """B ∝ 1/(1 − m): set momentum to `momentum` and rescale B to keep g (§4, §5.2)."""
-  return tuple(
-      dataclasses.replace(
-          p,
-          batch_size=_as_batch_size(
-              p.batch_size * (1 - p.momentum) / (1 - momentum), 'Scaling B with momentum'
-          ),
-          momentum=momentum,
-      )
-      for p in phases
+def from_step_decay(
+  recipe: StepDecay,
+  kind: str,
+  num_train_examples: int,
+  *,
+  max_batch_size: int | None = None,
+  warmup_epochs: float = 0.0,
+) -> Schedule:
+  """The validated Schedule of `recipe` converted to `kind` (see `convert`)."""
+  return Schedule(
+    phases=convert(recipe, kind, max_batch_size),
+    num_epochs=float(recipe.num_epochs),
+    num_train_examples=num_train_examples,
+    warmup_epochs=float(warmup_epochs),
+  )
+
+
+def scale_batch_with_learning_rate(recipe: StepDecay, factor: float) -> StepDecay:
+  """B ∝ ε: multiply the initial ε and B by `factor`, keeping g (§4, §5.2).
+
+  §5.2's "increased initial LR": ε 0.1 → 0.5 and B 128 → 640 (factor 5).
+  """
+  if not (math.isfinite(factor) and factor > 0):
+    raise ScheduleError(f'The B ∝ ε scaling factor {factor!r} must be a positive number.')
+  return dataclasses.replace(
+    recipe,
+    batch_size=_integer_batch_size(
+      recipe.batch_size * factor, f'Scaling B with ε by {factor:g}'
+    ),
+    learning_rate=recipe.learning_rate * factor,
+  )
+
+
+def scale_batch_with_momentum(recipe: StepDecay, momentum: float) -> StepDecay:
+  """B ∝ 1/(1 − m): set the momentum to `momentum` and rescale B to keep g (§4, §5.2).
+
+  §5.2's "increased momentum": m 0.9 → 0.98 and B 640 → 3200.
+  """
+  if not 0 <= momentum < 1:
+    raise ScheduleError(f'The momentum to scale B with, {momentum!r}, must be in [0, 1).')
+  if not 0 <= recipe.momentum < 1:
+    raise ScheduleError(f'momentum={recipe.momentum!r} must be in [0, 1).')
+  batch = recipe.batch_size * (1 - recipe.momentum) / (1 - momentum)
+  return dataclasses.replace(
+    recipe,
+    batch_size=_integer_batch_size(batch, f'Scaling B for momentum {momentum:g}'),
+    momentum=momentum,
   )
 
 
 def step_decay_from_piecewise_constant(
-    init_value: float,
-    boundaries_and_scales: dict[float, float],
-    *,
-    batch_size: int,
-    momentum: float,
-    num_epochs: float,
+  init_value: float,
+  boundaries_and_scales: dict[float, float],
+  *,
+  batch_size: int,
+  momentum: float,
+  num_epochs: float,
 ) -> StepDecay:
-  """Reads an optax.piecewise_constant_schedule whose boundaries are in *epochs*.
+  """Reads the arguments of an optax.piecewise_constant_schedule in *epochs*.
 
   `boundaries_and_scales` maps epoch → multiplicative scale (0.2 means ε/5), as optax
-  takes it; the scale must shrink ε.
+  takes it (with steps there); every scale must shrink ε.
   """
   milestones = tuple(sorted(boundaries_and_scales))
   factors = []
@@ -251,11 +305,54 @@ def step_decay_from_piecewise_constant(
     scale = boundaries_and_scales[epoch]
     if not 0 < scale < 1:
       raise ScheduleError(
-          f'The scale {scale} at epoch {epoch} does not decay the learning rate; '
-          'converting to a batch-size schedule needs scales in (0, 1).'
+        f'The scale {scale} at epoch {epoch} does not decay the learning rate; '
+        'converting to a batch-size schedule needs scales in (0, 1).'
       )
     factors.append(1.0 / scale)
-  return StepDecay(init_value, batch_size, momentum, milestones, tuple(factors), num_epochs)
+  return StepDecay(
+    init_value,
+    batch_size,
+    momentum,
+    tuple(float(e) for e in milestones),
+    tuple(factors),
+    num_epochs,
+  )
+
+
+def _config_integer(value: Any, field: str) -> int:
+  if isinstance(value, float) and value.is_integer():
+    value = int(value)  # 128.0 from a command-line override is fine; 128.5 is not.
+  if not _is_positive_integer(value):
+    raise ScheduleError(f'config.schedule.{field}={value!r} must be a positive integer.')
+  return int(value)
+
+
+def recipe_from_config(config: Any) -> StepDecay:
+  """The step-decay recipe of `config.schedule`, before any scaling rule."""
+  s = config.schedule
+  milestones = tuple(float(e) for e in s.milestones)
+  factors = s.decay_factor
+  if isinstance(factors, int | float):
+    factors = (factors,) * len(milestones)
+  factors = tuple(float(f) for f in factors)
+  if len(factors) != len(milestones):
+    raise ScheduleError(
+      f'config.schedule.decay_factor has {len(factors)} entries for '
+      f'{len(milestones)} milestones; give one number or one per milestone.'
+    )
+  for f in factors:
+    if not f > 1:
+      raise ScheduleError(
+        f'config.schedule.decay_factor={f} must be > 1 (the factor ε is divided by).'
+      )
+  return StepDecay(
+    learning_rate=float(s.learning_rate),
+    batch_size=_config_integer(s.batch_size, 'batch_size'),
+    momentum=float(s.momentum),
+    milestones=milestones,
+    factors=factors,
+    num_epochs=float(s.num_epochs),
+  )
 
 
 def from_config(config: Any, num_train_examples: int) -> Schedule:
@@ -263,9 +360,13 @@ def from_config(config: Any, num_train_examples: int) -> Schedule:
 
   Fields of `config.schedule`:
     kind: 'decaying_lr' | 'increasing_batch' | 'hybrid' | 'explicit'.
-    num_epochs, warmup_epochs.
+    num_epochs, warmup_epochs (optional, default 0).
     learning_rate, batch_size, momentum, milestones, decay_factor (a number or one per
       milestone), max_batch_size (hybrid): the step-decay recipe to convert.
+    scale_batch_with_learning_rate (optional, default 1): B ∝ ε, multiply the recipe's
+      initial ε and B by this before converting.
+    scale_batch_with_momentum (optional, default None): B ∝ 1/(1 − m), set the recipe's
+      momentum to this and rescale its B before converting.
     phases: for 'explicit', a sequence of (start_epoch, batch_size, learning_rate,
       momentum).
   """
@@ -273,146 +374,80 @@ def from_config(config: Any, num_train_examples: int) -> Schedule:
   kind = s.kind
   if kind not in SCHEDULE_KINDS:
     raise ScheduleError(
-        f'Unknown config.schedule.kind={kind!r}. Choose one of {list(SCHEDULE_KINDS)}.'
+      f'Unknown config.schedule.kind={kind!r}. Choose one of {list(SCHEDULE_KINDS)}.'
     )
+  lr_factor = s.get('scale_batch_with_learning_rate')
+  lr_factor = 1.0 if lr_factor is None else float(lr_factor)
+  target_momentum = s.get('scale_batch_with_momentum')
+  warmup_epochs = float(s.get('warmup_epochs') or 0.0)
   if kind == 'explicit':
-    phases = tuple(Phase(float(e), int(b), float(lr), float(m)) for e, b, lr, m in s.phases)
-  else:
-    milestones = tuple(float(e) for e in s.milestones)
-    factors = s.decay_factor
-    if isinstance(factors, int | float):
-      factors = (float(factors),) * len(milestones)
-    factors = tuple(float(f) for f in factors)
-    if len(factors) != len(milestones):
+    if lr_factor != 1 or target_momentum is not None:
       raise ScheduleError(
-          f'config.schedule.decay_factor has {len(factors)} entries for '
-          f'{len(milestones)} milestones; give one number or one per milestone.'
+        'config.schedule.scale_batch_with_learning_rate / scale_batch_with_momentum '
+        "scale a step-decay recipe; with kind='explicit' write the scaled phases."
       )
-    for f in factors:
-      if not f > 1:
-        raise ScheduleError(
-            f'config.schedule.decay_factor={f} must be > 1 (the factor ε is divided by).'
-        )
-    recipe = StepDecay(
-        float(s.learning_rate), int(s.batch_size), float(s.momentum), milestones,
-        factors, float(s.num_epochs),
+    phases = tuple(
+      Phase(float(e), _config_integer(b, f'phases[{i}] batch size'), float(lr), float(m))
+      for i, (e, b, lr, m) in enumerate(s.phases)
     )
-    if kind == 'decaying_lr':
-      phases = decaying_lr(recipe)
-    elif kind == 'increasing_batch':
-      phases = increasing_batch(recipe)
-    else:
-      cap = s.get('max_batch_size')
-      if not cap or cap < recipe.batch_size:
-        raise ScheduleError(
-            f'config.schedule.max_batch_size={cap!r}: the hybrid schedule needs a cap '
-            f'at least the initial batch size {recipe.batch_size} (the paper uses ≈ N/10).'
-        )
-      phases = hybrid(recipe, int(cap))
-  return Schedule(
-      phases=phases,
-      num_epochs=float(s.num_epochs),
-      num_train_examples=int(num_train_examples),
-      warmup_epochs=float(s.get('warmup_epochs', 0.0)),
+    return Schedule(phases, float(s.num_epochs), num_train_examples, warmup_epochs)
+  recipe = recipe_from_config(config)
+  if lr_factor != 1:
+    recipe = scale_batch_with_learning_rate(recipe, lr_factor)
+  if target_momentum is not None:
+    recipe = scale_batch_with_momentum(recipe, float(target_momentum))
+  cap = s.get('max_batch_size') if kind == 'hybrid' else None
+  if isinstance(cap, float) and cap.is_integer():
+    cap = int(cap)
+  return from_step_decay(
+    recipe, kind, num_train_examples, max_batch_size=cap, warmup_epochs=warmup_epochs
   )
 
 
-# ------------------------------------------------------------------- steps and examples
+def _phase_of_step(first_steps: np.ndarray, step: Any) -> Any:
+  """Index of the phase `step` belongs to, traceable; steps past the end stay in the last."""
+  import jax.numpy as jnp
+
+  index = jnp.searchsorted(first_steps, jnp.asarray(step), side='right') - 1
+  return jnp.clip(index, 0, len(first_steps) - 1)
 
 
-def phase_spans(schedule: Schedule) -> tuple[PhaseSpan, ...]:
-  """Integer steps of every phase under the rounding rule of the module docstring."""
-  n = schedule.num_train_examples
-  due = [round(p.start_epoch * n) for p in schedule.phases[1:]]
-  due.append(round(schedule.num_epochs * n))
-  spans, examples, step = [], 0, 0
-  for phase, end in zip(schedule.phases, due, strict=True):
-    steps = max(0, -(-(end - examples) // phase.batch_size))
-    spans.append(PhaseSpan(step, steps, examples, examples + steps * phase.batch_size))
-    examples += steps * phase.batch_size
-    step += steps
-  return tuple(spans)
-
-
-def num_steps(schedule: Schedule) -> int:
-  """Total parameter updates the trainer takes."""
-  last = phase_spans(schedule)[-1]
-  return last.first_step + last.num_steps
-
-
-def nominal_updates(schedule: Schedule) -> list[float]:
-  """Fractional updates per phase, (epochs in phase)·N/B: how the paper counts them."""
-  n = schedule.num_train_examples
-  ends = [p.start_epoch for p in schedule.phases[1:]] + [schedule.num_epochs]
-  return [(end - p.start_epoch) * n / p.batch_size for p, end in zip(schedule.phases, ends)]
-
-
-def phase_index(schedule: Schedule, step: int) -> int:
-  """The phase that step `step` (0-based) belongs to."""
-  spans = phase_spans(schedule)
-  starts = [s.first_step for s in spans if s.num_steps]
-  indices = [i for i, s in enumerate(spans) if s.num_steps]
-  return indices[max(0, bisect.bisect_right(starts, step) - 1)]
-
-
-def position(schedule: Schedule, step: int) -> Position:
-  """(phase, examples seen, fractional epoch) before step `step` runs."""
-  if step < 0:
-    raise ValueError(f'step={step} must be >= 0.')
-  spans = phase_spans(schedule)
-  p = phase_index(schedule, step)
-  examples = spans[p].start_examples + (step - spans[p].first_step) * schedule.phases[
-      p
-  ].batch_size
-  return Position(step, p, examples, examples / schedule.num_train_examples)
-
-
-def step_at_examples(schedule: Schedule, examples_seen: int) -> int:
-  """The first step that begins at or after `examples_seen` examples (inverse of position)."""
-  for span, phase in zip(phase_spans(schedule), schedule.phases):
-    if span.num_steps and examples_seen <= span.end_examples:
-      offset = max(0, examples_seen - span.start_examples)
-      return span.first_step + -(-offset // phase.batch_size)
-  return num_steps(schedule)
-
-
-# --------------------------------------------------------------- optax-ready schedules
-
-
-def _step_tables(schedule: Schedule):
-  spans = [s for s in phase_spans(schedule) if s.num_steps]
-  kept = [p for p, s in zip(schedule.phases, phase_spans(schedule)) if s.num_steps]
-  return (
-      np.array([s.first_step for s in spans], np.int32),
-      np.array([s.start_examples for s in spans], np.float32),
-      kept,
-  )
-
-
-def _traced_phase(first_steps: np.ndarray, step) -> Any:
-  step = jnp.asarray(step)
-  return jnp.clip(jnp.searchsorted(first_steps, step, side='right') - 1, 0, None)
+def _first_steps(schedule: Schedule) -> np.ndarray:
+  return np.array([s.first_step for s in clock.phase_spans(schedule)], np.int32)
 
 
 def learning_rate_schedule(schedule: Schedule) -> Callable[[Any], Any]:
   """step → ε, traceable under jit; use with `optax.inject_hyperparams`.
 
-  Correct while B changes: the step is mapped to examples seen through the phase table,
-  and linear warm-up (if any) is ε·min(1, (examples seen + B)/warm-up examples).
+  The step is mapped to examples seen through the phase table, so warm-up stays keyed to
+  examples while B changes: step k, which ends at E examples, uses ε·min(1, E / W) for a
+  warm-up of W examples (the first step already moves the weights, and ε is reached by
+  the step that completes the warm-up).
   """
-  first_steps, start_examples, phases = _step_tables(schedule)
-  lrs = np.array([p.learning_rate for p in phases], np.float32)
-  batches = np.array([p.batch_size for p in phases], np.float32)
+  import jax.numpy as jnp
+
+  first_steps = _first_steps(schedule)
+  lrs = np.array([p.learning_rate for p in schedule.phases], np.float32)
+  batches = np.array([p.batch_size for p in schedule.phases], np.float32)
+  # Examples seen before step k of phase i are offsets[i] + k·B_i.
+  offsets = np.array(
+    [
+      s.start_examples - s.first_step * p.batch_size
+      for s, p in zip(clock.phase_spans(schedule), schedule.phases, strict=True)
+    ],
+    np.float32,
+  )
   warmup = schedule.warmup_epochs * schedule.num_train_examples
 
   def schedule_fn(step):
-    i = _traced_phase(first_steps, step)
+    i = _phase_of_step(first_steps, step)
     lr = jnp.asarray(lrs)[i]
     if warmup > 0:
-      examples = jnp.asarray(start_examples)[i] + (
-          jnp.asarray(step, jnp.float32) - jnp.asarray(first_steps, jnp.float32)[i]
-      ) * jnp.asarray(batches)[i]
-      lr = lr * jnp.minimum(1.0, (examples + jnp.asarray(batches)[i]) / warmup)
+      batch = jnp.asarray(batches)[i]
+      examples_after = (
+        jnp.asarray(offsets)[i] + (jnp.asarray(step, jnp.float32) + 1) * batch
+      )
+      lr = lr * jnp.clip(examples_after / warmup, 0.0, 1.0)
     return lr
 
   return schedule_fn
@@ -420,28 +455,16 @@ def learning_rate_schedule(schedule: Schedule) -> Callable[[Any], Any]:
 
 def momentum_schedule(schedule: Schedule) -> Callable[[Any], Any]:
   """step → m, traceable under jit; use with `optax.inject_hyperparams`."""
-  first_steps, _, phases = _step_tables(schedule)
-  values = np.array([p.momentum for p in phases], np.float32)
-  return lambda step: jnp.asarray(values)[_traced_phase(first_steps, step)]
+  return _per_phase(schedule, [p.momentum for p in schedule.phases], np.float32)
 
 
 def batch_size_schedule(schedule: Schedule) -> Callable[[Any], Any]:
   """step → B (int32), traceable; a user's loop reads its next batch size from it."""
-  first_steps, _, phases = _step_tables(schedule)
-  values = np.array([p.batch_size for p in phases], np.int32)
-  return lambda step: jnp.asarray(values)[_traced_phase(first_steps, step)]
+  return _per_phase(schedule, [p.batch_size for p in schedule.phases], np.int32)
 
 
-def noise_scale_schedule(schedule: Schedule, exact: bool = True) -> Callable[[Any], Any]:
-  """step → g, the SGD noise scale at that step (warm-up included)."""
-  lr_fn, m_fn, b_fn = (
-      learning_rate_schedule(schedule),
-      momentum_schedule(schedule),
-      batch_size_schedule(schedule),
-  )
-  formula = noise_scale_lib.noise_scale if exact else noise_scale_lib.approximate_noise_scale
+def _per_phase(schedule: Schedule, values: Sequence[Any], dtype) -> Callable[[Any], Any]:
+  import jax.numpy as jnp
 
-  def schedule_fn(step):
-    return formula(lr_fn(step), schedule.num_train_examples, b_fn(step), m_fn(step))
-
-  return schedule_fn
+  first_steps, table = _first_steps(schedule), np.array(values, dtype)
+  return lambda step: jnp.asarray(table)[_phase_of_step(first_steps, step)]

@@ -23,6 +23,7 @@ from etils import epath
 
 from ibs import (
   checkpoint,
+  clock,
   config_checks,
   input_pipeline,
   models,
@@ -134,7 +135,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
   mesh = step_lib.make_mesh()
   schedule = config_checks.check_config(config, jax.device_count(), jax.process_count())
   spec = catalog.dataset_spec(config)
-  spans = schedules.phase_spans(schedule)
+  spans = clock.phase_spans(schedule)
   plans = [
     step_lib.plan_micro_batches(
       p.batch_size,
@@ -167,7 +168,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
       'Resumed at step %d (%d examples seen).', position.step, position.examples_seen
     )
   start_step = int(state.step)
-  total_steps = schedules.num_steps(schedule)
+  total_steps = clock.num_steps(schedule)
 
   writer = metric_writers.create_default_writer(
     workdir, just_logging=jax.process_index() > 0
@@ -295,7 +296,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
   if step == total_steps and not eval_results:  # Rerun of a finished workdir.
     eval_results = evaluate(eval_step, state, test_source, preprocess, config, mesh)
 
-  final = schedules.position(schedule, step) if step < total_steps else None
+  final = clock.position(schedule, step) if step < total_steps else None
   examples_seen = final.examples_seen if final else spans[-1].end_examples
   summary = {
     **eval_results,

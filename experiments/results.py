@@ -1,0 +1,111 @@
+r"""Tables of a finished grid from its workdirs' summary.json files (Markdown).
+
+For every (config argument) it gives final test accuracy mean ± std over seeds, parameter
+updates and wall-clock; then the paper's claim, per optimizer: does increasing batch (and
+hybrid) reach decaying LR's test accuracy within noise — a difference within 2 standard
+errors or at most 0.5 points — with at least 2.5× fewer parameter updates?
+
+  python experiments/results.py --experiment=mnist1d_5_1 --root=workdirs
+"""
+
+import json
+import math
+import os
+import statistics
+import sys
+
+from absl import app, flags
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import reproduce  # noqa: E402
+
+_EXPERIMENT = flags.DEFINE_enum('experiment', None, sorted(reproduce.EXPERIMENTS), 'Grid.')
+_ROOT = flags.DEFINE_string('root', 'workdirs', 'Parent of the runs\' workdirs.')
+_SEEDS = flags.DEFINE_list('seeds', ['0', '1', '2'], 'Seeds.')
+
+
+def load_runs(experiment: str, root: str, seeds: list[int]) -> dict[str, list[dict]]:
+  """{argument: [summary per finished seed]}."""
+  runs = {}
+  for path, arg in reproduce.EXPERIMENTS[experiment]:
+    summaries = []
+    for seed in seeds:
+      file = os.path.join(reproduce.run_workdir(root, path, arg, seed), 'summary.json')
+      if os.path.exists(file):
+        with open(file) as f:
+          summaries.append(json.load(f))
+    runs[arg] = summaries
+  return runs
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+  return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def claim_holds(ours: list[float], baseline: list[float]) -> tuple[float, float, bool]:
+  """(difference in points, its standard error, within noise?) of mean test accuracy."""
+  difference = 100 * (statistics.mean(ours) - statistics.mean(baseline))
+  if len(ours) < 2 or len(baseline) < 2:
+    return difference, math.nan, abs(difference) <= 0.5
+  se = 100 * math.sqrt(
+      statistics.variance(ours) / len(ours) + statistics.variance(baseline) / len(baseline)
+  )
+  return difference, se, abs(difference) <= max(2 * se, 0.5)
+
+
+def table(runs: dict[str, list[dict]]) -> str:
+  lines = [
+      '| run | seeds | test accuracy (%) | parameter updates | wall-clock (s) |',
+      '|---|---|---|---|---|',
+  ]
+  for arg, summaries in runs.items():
+    if not summaries:
+      lines.append(f'| {arg} | 0 | – | – | – |')
+      continue
+    acc, sd = mean_std([100 * s['test_accuracy'] for s in summaries])
+    wall = statistics.mean(s['wall_clock_s'] for s in summaries)
+    lines.append(
+        f'| {arg} | {len(summaries)} | {acc:.2f} ± {sd:.2f} | '
+        f'{summaries[0]["parameter_updates"]:,} | {wall:.0f} |'
+    )
+  return '\n'.join(lines)
+
+
+def claim_table(runs: dict[str, list[dict]]) -> str:
+  """Each schedule against decaying LR with the same optimizer."""
+  lines = [
+      '| run | vs decaying LR (points) | 2 × SE | within noise | update ratio |',
+      '|---|---|---|---|---|',
+  ]
+  for arg, summaries in runs.items():
+    parts = dict(p.split('=') for p in arg.split(','))
+    if parts.get('schedule') in ('decaying_lr', 'original') or not summaries:
+      continue
+    base_arg = ','.join(
+        f'{k}={"decaying_lr" if k == "schedule" else v}' for k, v in parts.items()
+    )
+    baseline = runs.get(base_arg)
+    if not baseline:
+      continue
+    diff, se, ok = claim_holds(
+        [s['test_accuracy'] for s in summaries], [s['test_accuracy'] for s in baseline]
+    )
+    ratio = baseline[0]['parameter_updates'] / summaries[0]['parameter_updates']
+    lines.append(
+        f'| {arg} | {diff:+.2f} | {2 * se:.2f} | {"yes" if ok else "no"} | {ratio:.2f}× |'
+    )
+  return '\n'.join(lines)
+
+
+def main(argv):
+  del argv
+  runs = load_runs(_EXPERIMENT.value, _ROOT.value, [int(s) for s in _SEEDS.value])
+  print(f'### {_EXPERIMENT.value}\n')
+  print(table(runs))
+  print()
+  print(claim_table(runs))
+
+
+if __name__ == '__main__':
+  flags.mark_flags_as_required(['experiment'])
+  app.run(main)
