@@ -8,7 +8,8 @@ compilation cache under ROOT.
   python experiments/reproduce.py --experiment=mnist1d_5_1 --root=workdirs
   python experiments/reproduce.py --experiment=cifar10_5_1 --print_commands \
       --root=gs://BUCKET/ibs          # the per-run commands for a TPU VM instead
-  python experiments/results.py --root=workdirs      # tables, then plots.py for figures
+  python experiments/results.py --experiment=mnist1d_5_1 --root=workdirs  # tables
+  python experiments/plots.py --experiment=mnist1d_5_1 --root=workdirs    # figures
 """
 
 import importlib.util
@@ -61,12 +62,6 @@ EXPERIMENTS = {
     'resnet50_5_4': [('configs/resnet50_tpu.py', ''), ('configs/resnet50_tpu.py', 'decaying_lr')],
 }
 
-_EXPERIMENT = flags.DEFINE_enum('experiment', None, sorted(EXPERIMENTS), 'Which grid.')
-_ROOT = flags.DEFINE_string('root', 'workdirs', 'Parent of every run\'s workdir.')
-_SEEDS = flags.DEFINE_list('seeds', ['0', '1', '2'], 'Seeds (initialisation and data order).')
-_PRINT = flags.DEFINE_bool('print_commands', False, 'Print per-run commands; run nothing.')
-
-
 def load_config(path: str, arg: str):
   """`get_config(arg)` of a config file, as `--config=path:arg` would load it."""
   spec = importlib.util.spec_from_file_location('ibs_run_config', os.path.join(REPO, path))
@@ -117,6 +112,12 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  # Defined here, not at import: results.py and plots.py import this module for its grids
+  # and define flags of the same names.
+  _EXPERIMENT = flags.DEFINE_enum('experiment', None, sorted(EXPERIMENTS), 'Which grid.')
+  _ROOT = flags.DEFINE_string('root', 'workdirs', "Parent of every run's workdir.")
+  _SEEDS = flags.DEFINE_list('seeds', ['0', '1', '2'], 'Seeds (initialisation, data order).')
+  _PRINT = flags.DEFINE_bool('print_commands', False, 'Print per-run commands; run nothing.')
   flags.mark_flags_as_required(['experiment'])
   logging.set_verbosity(logging.WARNING)
   app.run(main)
