@@ -188,12 +188,11 @@ def plot_schedule(
   schedule: schedules.Schedule, path: str, baseline=None, title: str = ''
 ) -> None:
   """ε, B and g against epochs (the paper's Figure 1), written to `path`."""
-  import matplotlib
+  # A bare Figure, not pyplot: no GUI backend, and no change to a notebook's backend.
+  from matplotlib.figure import Figure
 
-  matplotlib.use('Agg')
-  from matplotlib import pyplot as plt
-
-  fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+  fig = Figure(figsize=(13, 3.8))
+  axes = fig.subplots(1, 3)
   series = [('this schedule', schedule, '-')]
   if baseline is not None:
     series.append(('decaying LR', baseline, '--'))
@@ -215,7 +214,6 @@ def plot_schedule(
     fig.suptitle(title)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
-  plt.close(fig)
 
 
 def report(config: Any, baseline: bool = False, plot: str | None = None) -> str:
