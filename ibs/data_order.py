@@ -17,10 +17,18 @@ import functools
 
 import numpy as np
 
+_UINT64 = 1 << 64
+
 
 @functools.lru_cache(maxsize=4)
 def epoch_permutation(seed: int, epoch: int, num_examples: int) -> np.ndarray:
-  """perm_e: the order of epoch `epoch`, from a generator seeded by (seed, epoch)."""
+  """perm_e: the order of epoch `epoch`, from a generator seeded by (seed, epoch).
+
+  Cached (read-only) because consecutive batches mostly fall in the same epoch; an
+  ImageNet-sized permutation costs ~20 ms to draw.
+  """
+  if seed < 0 or epoch < 0:
+    raise ValueError(f'Seed {seed} and epoch {epoch} must be non-negative.')
   permutation = np.random.default_rng([seed, epoch]).permutation(num_examples)
   permutation.setflags(write=False)
   return permutation
@@ -28,29 +36,45 @@ def epoch_permutation(seed: int, epoch: int, num_examples: int) -> np.ndarray:
 
 def example_indices(seed: int, positions: np.ndarray, num_examples: int) -> np.ndarray:
   """Example index held by each stream position: perm_{s // N}[s mod N]."""
+  if num_examples <= 0:
+    raise ValueError(f'A split needs examples; this one has {num_examples}.')
   positions = np.asarray(positions, np.int64)
+  if positions.size and positions.min() < 0:
+    raise ValueError(f'Stream positions start at 0; got {positions.min()}.')
   epochs = positions // num_examples
   indices = np.empty_like(positions)
+  # A batch spans one or two epochs (more only when B > N): one gather per epoch.
   for epoch in np.unique(epochs):
     where = epochs == epoch
     indices[where] = epoch_permutation(seed, int(epoch), num_examples)[
-        positions[where] % num_examples
+      positions[where] % num_examples
     ]
   return indices
 
 
 def process_positions(
-    start: int, batch_size: int, process_index: int, process_count: int
+  start: int, batch_size: int, process_index: int, process_count: int
 ) -> np.ndarray:
   """The positions of the global batch [start, start + B) that process p reads."""
-  if batch_size % process_count:
-    raise ValueError(
-        f'Batch size {batch_size} is not divisible by the {process_count} processes; '
-        'make every phase batch size a multiple of the process count.'
-    )
+  check_batch_split(batch_size, process_index, process_count)
   per_process = batch_size // process_count
   first = start + process_index * per_process
   return np.arange(first, first + per_process, dtype=np.int64)
+
+
+def check_batch_split(batch_size: int, process_index: int, process_count: int) -> None:
+  """Raises a ValueError unless B splits into P equal contiguous slices and 0 ≤ p < P."""
+  if process_count < 1 or not 0 <= process_index < process_count:
+    raise ValueError(
+      f'Process index {process_index} is not in [0, {process_count}): pass '
+      'jax.process_index() and jax.process_count().'
+    )
+  if batch_size < 1 or batch_size % process_count:
+    raise ValueError(
+      f'Batch size {batch_size} is not divisible by the {process_count} processes; '
+      'make every phase batch size (and config.eval_batch_size) a positive multiple '
+      'of the process count.'
+    )
 
 
 def _splitmix64(x: np.ndarray) -> np.ndarray:
@@ -69,7 +93,9 @@ def position_uniform(seed: int, positions: np.ndarray, draws: int) -> np.ndarray
   of shape (len(positions), draws).
   """
   with np.errstate(over='ignore'):
-    positions = np.asarray(positions, np.uint64)[:, None]
+    key = _splitmix64(np.full(1, seed % _UINT64, np.uint64))
+    positions = np.asarray(positions, np.int64).astype(np.uint64)[:, None]
     counters = positions * np.uint64(draws) + np.arange(draws, dtype=np.uint64)[None, :]
-    bits = _splitmix64(counters ^ _splitmix64(np.full(1, seed, np.uint64)))
+    bits = _splitmix64(counters ^ key)
+  # The top 53 bits fill a double's mantissa exactly: values in [0, 1), never 1.
   return (bits >> np.uint64(11)).astype(np.float64) / float(1 << 53)

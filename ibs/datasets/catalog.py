@@ -19,10 +19,16 @@ class DatasetSpec:
 
 # Fixed-size catalog datasets (TFDS names).
 CATALOG = {
-    'cifar10': DatasetSpec(50_000, 10_000, 10, (32, 32, 3)),
-    'imagenet2012': DatasetSpec(1_281_167, 50_000, 1000, (224, 224, 3)),
+  'cifar10': DatasetSpec(50_000, 10_000, 10, (32, 32, 3)),
+  'imagenet2012': DatasetSpec(1_281_167, 50_000, 1000, (224, 224, 3)),
 }
 DATASETS = ('mnist1d', 'cifar10', 'imagenet2012', 'fake')
+SPLITS = ('train', 'test')
+# ibs's split → the TFDS split it reads. ImageNet's labelled held-out set is 'validation'.
+TFDS_SPLITS = {
+  'cifar10': {'train': 'train', 'test': 'test'},
+  'imagenet2012': {'train': 'train', 'test': 'validation'},
+}
 
 
 def dataset_spec(config: Any) -> DatasetSpec:
@@ -30,18 +36,20 @@ def dataset_spec(config: Any) -> DatasetSpec:
   name = config.dataset
   if name == 'mnist1d':
     return DatasetSpec(
-        int(config.mnist1d.num_train), int(config.mnist1d.num_test), 10, (40,)
+      int(config.mnist1d.num_train), int(config.mnist1d.num_test), 10, (40,)
     )
   if name == 'fake':
     return DatasetSpec(
-        int(config.fake.num_train),
-        int(config.fake.num_test),
-        int(config.fake.num_classes),
-        tuple(int(d) for d in config.fake.shape),
+      int(config.fake.num_train),
+      int(config.fake.num_test),
+      int(config.fake.num_classes),
+      tuple(int(d) for d in config.fake.shape),
     )
   if name in CATALOG:
     spec = CATALOG[name]
     if name == 'imagenet2012' and config.get('image_size'):
-      spec = dataclasses.replace(spec, input_shape=(config.image_size, config.image_size, 3))
+      spec = dataclasses.replace(
+        spec, input_shape=(config.image_size, config.image_size, 3)
+      )
     return spec
   raise ValueError(f'Unknown config.dataset={name!r}. Choose one of {list(DATASETS)}.')

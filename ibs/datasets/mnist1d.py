@@ -15,6 +15,9 @@ import random
 
 import numpy as np
 import tensorflow_datasets as tfds
+from absl import logging
+
+from ibs.datasets import sources
 
 SEQUENCE_LENGTH = 40
 
@@ -30,8 +33,8 @@ def builder_config(num_train: int, num_test: int, seed: int = 42) -> Mnist1dConf
   """A config named after its sizes, so each size lives in its own data directory."""
   if (num_train + num_test) % 10:
     raise ValueError(
-        f'MNIST-1D generates equal numbers per class: config.mnist1d.num_train + '
-        f'num_test = {num_train + num_test} must be a multiple of 10.'
+      f'MNIST-1D generates equal numbers per class: config.mnist1d.num_train + '
+      f'num_test = {num_train + num_test} must be a multiple of 10.'
     )
   name = f'n{num_train}_t{num_test}' + ('' if seed == 42 else f'_s{seed}')
   return Mnist1dConfig(name=name, num_train=num_train, num_test=num_test, seed=seed)
@@ -47,13 +50,45 @@ def generate(num_train: int, num_test: int, seed: int = 42) -> dict[str, np.ndar
   # rounding from moving the split by one example.
   args.train_split = (num_train + 0.5) / args.num_samples
   args.seed = seed
-  numpy_state, python_state = np.random.get_state(), random.getstate()
+  # The legacy global state is exactly what make_dataset reseeds.
+  numpy_state, python_state = np.random.get_state(), random.getstate()  # noqa: NPY002
   try:
     data = make_dataset(args)
   finally:
-    np.random.set_state(numpy_state)
+    np.random.set_state(numpy_state)  # noqa: NPY002
     random.setstate(python_state)
   return data
+
+
+def load_split(
+  num_train: int, num_test: int, split: str, data_dir: str | None
+) -> sources.ArraySource:
+  """The split in memory, generated into `data_dir` on first use (a few seconds)."""
+  tfds.disable_progress_bar()
+  builder = Mnist1d(config=builder_config(num_train, num_test), data_dir=data_dir)
+  if not builder.is_prepared():
+    logging.info(
+      'Generating MNIST-1D (%s) into %s, once.',
+      builder.builder_config.name,
+      builder.data_dir,
+    )
+    try:
+      builder.download_and_prepare(
+        file_format='array_record',
+        download_config=tfds.download.DownloadConfig(try_download_gcs=False),
+      )
+    except OSError:
+      # Several processes (a multi-host run on one file system) may generate at once;
+      # the first to finish wins and the others read its files.
+      builder = Mnist1d(config=builder.builder_config, data_dir=data_dir)
+      if not builder.is_prepared():
+        raise
+  records = builder.as_data_source(split=split)
+  records = records.__getitems__(range(len(records)))
+  return sources.ArraySource(
+    inputs=np.stack([r['signal'] for r in records]).astype(np.float32),
+    labels=np.array([r['label'] for r in records], np.int32),
+  )
 
 
 class Mnist1d(tfds.core.GeneratorBasedBuilder):
@@ -65,16 +100,16 @@ class Mnist1d(tfds.core.GeneratorBasedBuilder):
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
-        builder=self,
-        description=__doc__,
-        features=tfds.features.FeaturesDict(
-            {
-                'signal': tfds.features.Tensor(shape=(SEQUENCE_LENGTH,), dtype=np.float32),
-                'label': tfds.features.ClassLabel(num_classes=10),
-            }
-        ),
-        supervised_keys=('signal', 'label'),
-        homepage='https://github.com/greydanus/mnist1d',
+      builder=self,
+      description=__doc__,
+      features=tfds.features.FeaturesDict(
+        {
+          'signal': tfds.features.Tensor(shape=(SEQUENCE_LENGTH,), dtype=np.float32),
+          'label': tfds.features.ClassLabel(num_classes=10),
+        }
+      ),
+      supervised_keys=('signal', 'label'),
+      homepage='https://github.com/greydanus/mnist1d',
     )
 
   def _split_generators(self, dl_manager):
@@ -82,8 +117,8 @@ class Mnist1d(tfds.core.GeneratorBasedBuilder):
     c = self.builder_config
     data = generate(c.num_train, c.num_test, c.seed)
     return {
-        'train': self._generate_examples(data['x'], data['y']),
-        'test': self._generate_examples(data['x_test'], data['y_test']),
+      'train': self._generate_examples(data['x'], data['y']),
+      'test': self._generate_examples(data['x_test'], data['y_test']),
     }
 
   def _generate_examples(self, signals, labels):

@@ -1,0 +1,129 @@
+"""CIFAR-10 and ImageNet from a TFDS directory the user prepared; never a download.
+
+A catalog dataset that is not prepared makes TFDS try a download (and hang for minutes
+in retries where there is no network), so nothing here calls `download_and_prepare`,
+and the data directory is checked for the dataset's files *before* TFDS is asked for a
+builder: a missing dataset fails in well under a second, with the command that
+prepares it.
+
+ImageNet is read by random access (`tfds.data_source`, array_record files) with the
+JPEGs left encoded; CIFAR-10 is small enough to decode once into memory.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+from etils import epath
+
+from ibs.datasets import catalog
+from ibs.datasets.sources import ArraySource, EncodedImageSource
+
+_HOW_TO_PREPARE = {
+  'cifar10': (
+    'On a machine with internet access run\n'
+    '  tfds build cifar10 --data_dir={where} --file_format=array_record\n'
+    'and copy the directory here (or point --config.data_dir / TFDS_DATA_DIR at it).'
+  ),
+  'imagenet2012': (
+    'ImageNet needs a manual download: put ILSVRC2012_img_train.tar and '
+    'ILSVRC2012_img_val.tar from image-net.org into <manual_dir> and run\n'
+    '  tfds build imagenet2012 --data_dir={where} --manual_dir=<manual_dir> '
+    '--file_format=array_record\n'
+    'or train on synthetic data with --config=configs/resnet50_tpu.py:fake.'
+  ),
+}
+
+
+class DatasetNotPreparedError(RuntimeError):
+  """A catalog dataset that would need a download; the message says how to prepare it."""
+
+
+def data_dir_or_default(data_dir: str | None) -> str:
+  """config.data_dir, else TFDS_DATA_DIR, else TFDS's default ~/tensorflow_datasets."""
+  return (
+    data_dir
+    or os.environ.get('TFDS_DATA_DIR')
+    or os.path.expanduser('~/tensorflow_datasets')
+  )
+
+
+def prepared_builder(name: str, data_dir: str | None):
+  """The TFDS builder of `name` in `data_dir`, or DatasetNotPreparedError.
+
+  The directory is looked at first: `tfds.builder` of a dataset without local metadata
+  may look for it on GCS (older TFDS releases do), which is a network call.
+  """
+  root = epath.Path(data_dir_or_default(data_dir))
+  found = sorted(p.parent.name for p in (root / name).glob('*/dataset_info.json'))
+  how = _HOW_TO_PREPARE[name].format(where=root)
+  if not found:
+    raise DatasetNotPreparedError(
+      f'Dataset {name!r} is not prepared in {root} (no {name}/<version>/'
+      f'dataset_info.json). ibs never downloads data during training.\n{how}'
+    )
+  import tensorflow_datasets as tfds
+
+  tfds.disable_progress_bar()
+  builder = tfds.builder(name, data_dir=os.fspath(root))
+  if str(builder.version) not in found:
+    raise DatasetNotPreparedError(
+      f'{name} is prepared in {root} at version(s) {found}, but TFDS '
+      f'{tfds.__version__} reads version {builder.version}. Prepare it again:\n{how}'
+    )
+  return builder
+
+
+def _tfds_split(builder, name: str, split: str) -> str:
+  tfds_split = catalog.TFDS_SPLITS[name][split]
+  prepared = list(builder.info.splits)
+  if prepared and tfds_split not in prepared:
+    raise DatasetNotPreparedError(
+      f'{name} in {builder.data_dir} has the splits {prepared} but not {tfds_split!r}, '
+      f'which ibs uses as its {split!r} split. Prepare it with the missing split:\n'
+      + _HOW_TO_PREPARE[name].format(where=builder.data_dir_root)
+    )
+  return tfds_split
+
+
+def _has_array_record(builder) -> bool:
+  return 'array_record' in {f.value for f in builder.info.available_file_formats()}
+
+
+def cifar10(split: str, data_dir: str | None) -> ArraySource:
+  """CIFAR-10's split decoded into memory: uint8 images (N, 32, 32, 3), int32 labels."""
+  builder = prepared_builder('cifar10', data_dir)
+  tfds_split = _tfds_split(builder, 'cifar10', split)
+  if _has_array_record(builder):  # Random access; no TensorFlow needed.
+    records = builder.as_data_source(split=tfds_split)
+    records = records.__getitems__(range(len(records)))
+    images = np.stack([r['image'] for r in records])
+    labels = np.array([r['label'] for r in records], np.int32)
+  else:  # tfrecord: one tf.data pass (imports TensorFlow).
+    import tensorflow_datasets as tfds
+
+    chunks = list(tfds.as_numpy(builder.as_dataset(split=tfds_split).batch(4096)))
+    images = np.concatenate([c['image'] for c in chunks])
+    labels = np.concatenate([c['label'] for c in chunks]).astype(np.int32)
+  return ArraySource(inputs=np.asarray(images, np.uint8), labels=labels)
+
+
+def imagenet2012(split: str, data_dir: str | None) -> EncodedImageSource:
+  """ImageNet's split ('test' = the 50,000 validation images) as JPEG bytes by index."""
+  builder = prepared_builder('imagenet2012', data_dir)
+  tfds_split = _tfds_split(builder, 'imagenet2012', split)
+  if not _has_array_record(builder):
+    raise DatasetNotPreparedError(
+      f'imagenet2012 in {builder.data_dir} is prepared as '
+      f'{builder.info.file_format.value if builder.info.file_format else "?"}; ibs reads '
+      'ImageNet by random access (the data order is a function of the example index), '
+      'which needs array_record files. Prepare it again with --file_format=array_record:'
+      '\n' + _HOW_TO_PREPARE['imagenet2012'].format(where=builder.data_dir_root)
+    )
+  import tensorflow_datasets as tfds
+
+  records = builder.as_data_source(
+    split=tfds_split, decoders={'image': tfds.decode.SkipDecoding()}
+  )
+  return EncodedImageSource(records)
