@@ -11,7 +11,12 @@ Momentum is TensorFlow's heavy-ball form, as in the paper (PAPER.md, "Momentum f
 which is `optax.trace(decay=m)` followed by a scale of −ε; a change of ε acts at once,
 with no momentum correction. Weight decay is L2 added to the gradient (ĝ ← ĝ + λω, the
 paper's models), or with `decoupled_weight_decay` added to the update after the
-momentum/Adam statistics (SGDW / AdamW, Loshchilov & Hutter 2019).
+momentum/Adam statistics (SGDW / AdamW, Loshchilov & Hutter 2019). Decoupled decay is
+multiplied by ε like the rest of the update (ω ← ω − ε·(A + λω)), as in optax's `adamw`
+and PyTorch's AdamW; for plain SGD the two forms are the same update.
+
+tests/test_optim.py checks every chain, both decay forms and a phase switch against these
+formulas written out in numpy.
 """
 
 import functools
@@ -26,66 +31,81 @@ OPTIMIZERS = ('sgd', 'momentum', 'nesterov', 'adam')
 
 
 def _weight_decay(weight_decay: float, mask: Any) -> optax.GradientTransformation:
-  return optax.add_decayed_weights(weight_decay, mask=mask) if weight_decay else optax.identity()
+  return (
+    optax.add_decayed_weights(weight_decay, mask=mask)
+    if weight_decay
+    else optax.identity()
+  )
 
 
 def sgd(learning_rate, weight_decay=0.0, decoupled=False, mask=None):
-  """ω ← ω − ε·(ĝ + λω)."""
+  """ω ← ω − ε·(ĝ + λω); `decoupled` is accepted for uniformity and changes nothing."""
+  del decoupled  # Without momentum, L2 and decoupled decay are the same update.
   decay = _weight_decay(weight_decay, mask)
   return optax.chain(decay, optax.scale_by_learning_rate(learning_rate))
 
 
-def heavy_ball(learning_rate, momentum, weight_decay=0.0, decoupled=False, mask=None,
-               nesterov=False):
+def heavy_ball(
+  learning_rate, momentum, weight_decay=0.0, decoupled=False, mask=None, nesterov=False
+):
   """A ← m·A + ĝ; ω ← ω − ε·A, or with `nesterov` ω ← ω − ε·(ĝ + m·A)."""
   decay = _weight_decay(weight_decay, mask)
   return optax.chain(
-      optax.identity() if decoupled else decay,
-      optax.trace(decay=momentum, nesterov=nesterov),
-      decay if decoupled else optax.identity(),
-      optax.scale_by_learning_rate(learning_rate),
+    optax.identity() if decoupled else decay,
+    optax.trace(decay=momentum, nesterov=nesterov),
+    decay if decoupled else optax.identity(),
+    optax.scale_by_learning_rate(learning_rate),
   )
 
 
-def adam(learning_rate, momentum, weight_decay=0.0, decoupled=False, mask=None,
-         b2=0.999, eps=1e-8):
+def adam(
+  learning_rate,
+  momentum,
+  weight_decay=0.0,
+  decoupled=False,
+  mask=None,
+  b2=0.999,
+  eps=1e-8,
+):
   """Adam with β1 = the schedule's momentum (Kingma & Ba 2015); AdamW if decoupled."""
   decay = _weight_decay(weight_decay, mask)
   return optax.chain(
-      optax.identity() if decoupled else decay,
-      optax.scale_by_adam(b1=momentum, b2=b2, eps=eps),
-      decay if decoupled else optax.identity(),
-      optax.scale_by_learning_rate(learning_rate),
+    optax.identity() if decoupled else decay,
+    optax.scale_by_adam(b1=momentum, b2=b2, eps=eps),
+    decay if decoupled else optax.identity(),
+    optax.scale_by_learning_rate(learning_rate),
   )
 
 
 def create_optimizer(
-    name: str,
-    schedule: schedules.Schedule,
-    *,
-    weight_decay: float = 0.0,
-    decoupled_weight_decay: bool = False,
-    weight_decay_mask: Any = None,
+  name: str,
+  schedule: schedules.Schedule,
+  *,
+  weight_decay: float = 0.0,
+  decoupled_weight_decay: bool = False,
+  weight_decay_mask: Any = None,
 ) -> optax.GradientTransformation:
   """The optimizer `name` following `schedule`'s ε and m, with injected hyperparameters.
 
   For 'sgd' the schedule's momentum must be 0; for 'adam' it is Adam's β1.
   """
   if name not in OPTIMIZERS:
-    raise ValueError(f'Unknown config.optimizer={name!r}. Choose one of {list(OPTIMIZERS)}.')
+    raise ValueError(
+      f'Unknown config.optimizer={name!r}. Choose one of {list(OPTIMIZERS)}.'
+    )
   learning_rate = schedules.learning_rate_schedule(schedule)
   momentum_fn = schedules.momentum_schedule(schedule)
   fixed = dict(
-      weight_decay=weight_decay, decoupled=decoupled_weight_decay, mask=weight_decay_mask
+    weight_decay=weight_decay, decoupled=decoupled_weight_decay, mask=weight_decay_mask
   )
   static = ('weight_decay', 'decoupled', 'mask')
   if name == 'sgd':
     return optax.inject_hyperparams(sgd, static_args=static)(learning_rate, **fixed)
   factory: Callable[..., optax.GradientTransformation] = {
-      'momentum': heavy_ball,
-      'nesterov': functools.partial(heavy_ball, nesterov=True),
-      'adam': adam,
+    'momentum': heavy_ball,
+    'nesterov': functools.partial(heavy_ball, nesterov=True),
+    'adam': adam,
   }[name]
   return optax.inject_hyperparams(factory, static_args=static)(
-      learning_rate=learning_rate, momentum=momentum_fn, **fixed
+    learning_rate=learning_rate, momentum=momentum_fn, **fixed
   )

@@ -4,16 +4,25 @@ Global batch B = devices × A × b (DESIGN.md decision 3): b, the per-device mic
 is a multiple of the ghost batch size and at most `max_micro_batch_size`; the
 accumulation count A grows with the phase. With ghost batch norm the loss of the batch is
 the mean of its ghost-batch losses, so the mean of the A micro-batch gradients *is* the
-gradient of the whole batch, and memory does not grow with A (`lax.scan`).
+gradient of the whole batch, and memory does not grow with A (`lax.scan`; a batch that
+fits, A = 1, runs without the loop).
 
 Sharding is jit + NamedSharding (DESIGN.md decision 6): parameters replicated, batches
 split over the `data` axis. A training batch has shape (A, devices·b, ...); device d
 holds a contiguous run of A·b stream positions, so process p's share of each global
-batch is one contiguous slice of positions (see `global_train_batch`).
+batch is one contiguous slice of positions (see `global_train_batch`). Micro-batch a is
+the a-th chunk of every device, so the BN running statistics see the ghost batches in
+stream order unless both A > 1 and devices > 1; then in the order (a, device, ghost
+batch). Parameters do not depend on that order. XLA all-reduces the gradient once per
+micro-batch, inside the loop (docs/BENCHMARKS.md, "Train step").
+
+Compilation (DESIGN.md decision 4): `compile_train_steps` compiles one executable per
+distinct batch shape ahead of time; ε and m are values in the optimizer state, so phases
+that share a shape share the executable, and an executable never recompiles.
 """
 
-
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -64,7 +73,7 @@ class MicroBatchPlan:
 
 
 def plan_micro_batches(
-    batch_size: int, num_devices: int, ghost_batch_size: int, max_micro_batch_size: int
+  batch_size: int, num_devices: int, ghost_batch_size: int, max_micro_batch_size: int
 ) -> MicroBatchPlan:
   """The fewest accumulation steps A whose per-device micro-batch b fits the cap.
 
@@ -73,16 +82,16 @@ def plan_micro_batches(
   """
   if ghost_batch_size > max_micro_batch_size:
     raise ValueError(
-        f'config.ghost_batch_size={ghost_batch_size} exceeds config.max_micro_batch_size='
-        f'{max_micro_batch_size}; raise the cap or lower the ghost batch size.'
+      f'config.ghost_batch_size={ghost_batch_size} exceeds config.max_micro_batch_size='
+      f'{max_micro_batch_size}; raise the cap or lower the ghost batch size.'
     )
   unit = num_devices * ghost_batch_size
   if batch_size % unit:
     raise ValueError(
-        f'Batch size {batch_size} is not divisible by devices × ghost_batch_size = '
-        f'{num_devices} × {ghost_batch_size} = {unit}. Make every phase batch size a '
-        f'multiple of {unit} (config.schedule.batch_size and the factors that grow it), '
-        'or change config.ghost_batch_size.'
+      f'Batch size {batch_size} is not divisible by devices × ghost_batch_size = '
+      f'{num_devices} × {ghost_batch_size} = {unit}. Make every phase batch size a '
+      f'multiple of {unit} (config.schedule.batch_size and the factors that grow it), '
+      'or change config.ghost_batch_size.'
     )
   per_device = batch_size // num_devices
   accumulation = -(-per_device // max_micro_batch_size)
@@ -95,10 +104,10 @@ def make_mesh(devices: Any = None) -> jax.sharding.Mesh:
   """A 1-D `data` mesh over all devices, with Auto axes (Explicit breaks optax's CE)."""
   devices = jax.devices() if devices is None else devices
   return jax.make_mesh(
-      (len(devices),),
-      (DATA_AXIS,),
-      axis_types=(jax.sharding.AxisType.Auto,),
-      devices=devices,
+    (len(devices),),
+    (DATA_AXIS,),
+    axis_types=(jax.sharding.AxisType.Auto,),
+    devices=devices,
   )
 
 
@@ -123,26 +132,32 @@ def global_train_batch(local: dict[str, np.ndarray], plan: MicroBatchPlan, mesh)
   sharding = train_batch_sharding(mesh)
   local_devices = plan.num_devices // jax.process_count()
 
-  def to_global(x: np.ndarray) -> jax.Array:
+  def arrange(x: np.ndarray) -> np.ndarray:
     x = x.reshape((local_devices, plan.accumulation, plan.micro_batch_size, *x.shape[1:]))
-    x = np.swapaxes(x, 0, 1).reshape(
-        (plan.accumulation, local_devices * plan.micro_batch_size, *x.shape[3:])
-    )
-    return jax.make_array_from_process_local_data(
-        sharding, x, (plan.accumulation, plan.shape[1], *x.shape[2:])
+    return np.swapaxes(x, 0, 1).reshape(
+      (plan.accumulation, local_devices * plan.micro_batch_size, *x.shape[3:])
     )
 
-  return {k: to_global(v) for k, v in local.items()}
+  return _to_global({k: arrange(v) for k, v in local.items()}, sharding, axis=1)
 
 
 def global_eval_batch(local: dict[str, np.ndarray], mesh) -> dict:
-  sharding = eval_batch_sharding(mesh)
-  return {
-      k: jax.make_array_from_process_local_data(
-          sharding, v, (v.shape[0] * jax.process_count(), *v.shape[1:])
-      )
-      for k, v in local.items()
-  }
+  """This process's slice of an evaluation batch → the batch sharded over devices."""
+  return _to_global(local, eval_batch_sharding(mesh), axis=0)
+
+
+def _to_global(local: dict[str, np.ndarray], sharding: NamedSharding, axis: int) -> dict:
+  """Process-local arrays, concatenated over processes along `axis`, as global arrays."""
+  if jax.process_count() == 1:
+    # One transfer call for the whole batch: about half the host time per step of
+    # make_array_from_process_local_data per key, which matters at small batches.
+    return jax.device_put(local, sharding)
+
+  def to_global(x: np.ndarray) -> jax.Array:
+    shape = (*x.shape[:axis], x.shape[axis] * jax.process_count(), *x.shape[axis + 1 :])
+    return jax.make_array_from_process_local_data(sharding, x, shape)
+
+  return {k: to_global(v) for k, v in local.items()}
 
 
 def cross_entropy_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -150,96 +165,300 @@ def cross_entropy_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
   return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
 
 
+def micro_batch_gradients(
+  state: TrainState, batch_stats: Any, micro: dict[str, jax.Array]
+):
+  """Gradient of one micro-batch's mean loss, its BN statistics, losses and hits."""
+
+  def loss_fn(params):
+    logits, updates = state.apply_fn(
+      {'params': params, 'batch_stats': batch_stats},
+      micro['input'],
+      train=True,
+      mutable=['batch_stats'],
+    )
+    losses = cross_entropy_loss(logits, micro['label'])
+    return jnp.mean(losses), (updates['batch_stats'], losses, logits)
+
+  (_, (batch_stats, losses, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+    state.params
+  )
+  correct = jnp.argmax(logits, -1) == micro['label']
+  return grads, batch_stats, losses, correct
+
+
+def _merged_metrics(
+  losses, correct, running_metrics: TrainMetrics | None
+) -> TrainMetrics:
+  # Float32 totals, the dtype of TrainMetrics.empty(): running metrics keep one signature.
+  batch_metrics = TrainMetrics.single_from_model_output(
+    loss=losses, accuracy=correct.astype(jnp.float32)
+  )
+  return (
+    batch_metrics if running_metrics is None else running_metrics.merge(batch_metrics)
+  )
+
+
 def train_step(
-    state: TrainState, batch: dict[str, jax.Array]
+  state: TrainState,
+  batch: dict[str, jax.Array],
+  running_metrics: TrainMetrics | None = None,
 ) -> tuple[TrainState, TrainMetrics]:
   """One parameter update on a batch of shape (A, devices·b, ...).
 
   Scans over the A micro-batches, threading the BN statistics through them in order and
-  summing gradients; the update uses their mean, the whole batch's gradient.
+  summing gradients; the update uses their mean, the whole batch's gradient. The
+  micro-batch loss is the mean over all devices' examples, so under jit the gradient is
+  already all-reduced over the `data` axis: no explicit collective is written here.
+
+  Returns the new state and this batch's metrics, or, given `running_metrics`, those
+  merged with this batch's: one dispatch per step instead of a step and a merge.
+  """
+  accumulation = batch['label'].shape[0]
+  if accumulation == 1:
+    # No loop for a batch that fits: the step is then exactly a plain jitted step.
+    grads, batch_stats, losses, correct = micro_batch_gradients(
+      state, state.batch_stats, jax.tree.map(lambda x: x[0], batch)
+    )
+  else:
+
+    def body(carry, micro):
+      grad_sum, batch_stats = carry
+      grads, batch_stats, losses, correct = micro_batch_gradients(
+        state, batch_stats, micro
+      )
+      return (jax.tree.map(jnp.add, grad_sum, grads), batch_stats), (losses, correct)
+
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    (grad_sum, batch_stats), (losses, correct) = jax.lax.scan(
+      body, (zeros, state.batch_stats), batch
+    )
+    grads = jax.tree.map(lambda g: g / accumulation, grad_sum)
+  new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+  return new_state, _merged_metrics(losses, correct, running_metrics)
+
+
+# The host-loop form of the same step, for XLA:CPU. XLA:CPU rewrites convolutions into
+# the layouts its fast kernels take only in the entry computation, not inside a while
+# loop: in a `lax.scan` the gradient convolutions of a conv net fall back to a naive
+# loop nest, ~20x slower (WRN-10-1 on 2 cores: 0.1 s a step at A = 1, 2.1 s at A = 2;
+# docs/BENCHMARKS.md). Unrolling the scan would let memory grow with A. So on CPU a
+# model with convolutions accumulates in a Python loop over one compiled micro-batch
+# step, then one compiled update: A + 1 dispatches, the same arithmetic in the same
+# order, memory that does not grow with A. Matmul-only models (cnn1d, MLP) and other
+# backends keep the scan.
+
+
+def accumulate_micro_batch(
+  state: TrainState,
+  batch_stats: Any,
+  grad_sum: Any,
+  running_metrics: TrainMetrics,
+  batch: dict[str, jax.Array],
+  index: jax.Array,
+):
+  """Micro-batch `index` of `batch`: its gradient added to `grad_sum` (reset at 0)."""
+  micro = jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, index, 0, False), batch)
+  grads, batch_stats, losses, correct = micro_batch_gradients(state, batch_stats, micro)
+  grad_sum = jax.tree.map(lambda s, g: jnp.where(index == 0, g, s + g), grad_sum, grads)
+  return batch_stats, grad_sum, _merged_metrics(losses, correct, running_metrics)
+
+
+def apply_accumulated(
+  state: TrainState, grad_sum: Any, batch_stats: Any, accumulation: int
+):
+  """The update with the mean of the accumulated micro-batch gradients."""
+  grads = jax.tree.map(lambda g: g / accumulation, grad_sum)
+  return state.apply_gradients(grads=grads, batch_stats=batch_stats)
+
+
+class HostLoopStep:
+  """A compiled train step that loops over micro-batches in Python (see above).
+
+  Called like the compiled `train_step`: `(state, batch)` or, compiled with
+  running metrics, `(state, batch, running_metrics)`. Keeps one gradient-sum buffer
+  between calls, so it is not thread-safe; `memory_analysis()` is the micro-batch
+  step's, the part that runs A times.
   """
 
-  def micro_step(carry, micro):
-    grad_sum, batch_stats = carry
-
-    def loss_fn(params):
-      logits, updates = state.apply_fn(
-          {'params': params, 'batch_stats': batch_stats},
-          micro['input'],
-          train=True,
-          mutable=['batch_stats'],
-      )
-      losses = cross_entropy_loss(logits, micro['label'])
-      return jnp.mean(losses), (updates['batch_stats'], losses, logits)
-
-    (_, (batch_stats, losses, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params
+  def __init__(self, micro, update, plan: MicroBatchPlan, mesh, state, running_metrics):
+    self._micro, self._update = micro, update
+    self._running = running_metrics
+    self._mesh = mesh
+    self._indices = [
+      jax.device_put(np.int32(a), replicated(mesh)) for a in range(plan.accumulation)
+    ]
+    self._grad_sum = jax.device_put(
+      jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), state.params), replicated(mesh)
     )
-    grad_sum = jax.tree.map(jnp.add, grad_sum, grads)
-    correct = jnp.argmax(logits, -1) == micro['label']
-    return (grad_sum, batch_stats), (losses, correct)
 
-  accumulation = batch['label'].shape[0]
-  zeros = jax.tree.map(jnp.zeros_like, state.params)
-  (grad_sum, batch_stats), (losses, correct) = jax.lax.scan(
-      micro_step, (zeros, state.batch_stats), batch
-  )
-  grads = jax.tree.map(lambda g: g / accumulation, grad_sum)
-  new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
-  return new_state, TrainMetrics.single_from_model_output(loss=losses, accuracy=correct)
+  def __call__(self, state, batch, running_metrics=None):
+    metrics = running_metrics if self._running else empty_train_metrics(self._mesh)
+    batch_stats, grad_sum = state.batch_stats, self._grad_sum
+    for index in self._indices:
+      batch_stats, grad_sum, metrics = self._micro(
+        state, batch_stats, grad_sum, metrics, batch, index
+      )
+    self._grad_sum = grad_sum  # Not donated to the update: reused by the next step.
+    return self._update(state, grad_sum, batch_stats), metrics
+
+  def memory_analysis(self):
+    return self._micro.memory_analysis()
 
 
 def eval_step(state: TrainState, batch: dict[str, jax.Array]) -> EvalMetrics:
   """Metrics summed over the real (mask = 1) examples of a padded batch."""
   logits = state.apply_fn(
-      {'params': state.params, 'batch_stats': state.batch_stats}, batch['input'], train=False
+    {'params': state.params, 'batch_stats': state.batch_stats},
+    batch['input'],
+    train=False,
   )
   return EvalMetrics.single_from_model_output(
-      loss=cross_entropy_loss(logits, batch['label']),
-      accuracy=jnp.argmax(logits, -1) == batch['label'],
-      mask=batch['mask'],
+    loss=cross_entropy_loss(logits, batch['label']),
+    accuracy=jnp.argmax(logits, -1) == batch['label'],
+    mask=batch['mask'],
   )
 
 
-def jit_train_step(mesh) -> Callable:
-  """train_step jitted for the mesh: state replicated (and donated), batch sharded."""
-  return jax.jit(
+def jit_train_step(mesh, running_metrics: bool = False) -> Callable:
+  """train_step jitted for the mesh: state replicated (and donated), batch sharded.
+
+  With `running_metrics` the step takes the running TrainMetrics as a third argument
+  (replicated, donated) and returns them merged.
+  """
+  if running_metrics:
+    return jax.jit(
       train_step,
-      in_shardings=(replicated(mesh), train_batch_sharding(mesh)),
+      in_shardings=(replicated(mesh), train_batch_sharding(mesh), replicated(mesh)),
       out_shardings=(replicated(mesh), replicated(mesh)),
-      donate_argnums=0,
+      donate_argnums=(0, 2),
+    )
+  return jax.jit(
+    train_step,
+    in_shardings=(replicated(mesh), train_batch_sharding(mesh)),
+    out_shardings=(replicated(mesh), replicated(mesh)),
+    donate_argnums=0,
   )
+
+
+def empty_train_metrics(mesh) -> TrainMetrics:
+  """Zero running metrics on the mesh, to pass to a step compiled with running_metrics."""
+  return jax.device_put(TrainMetrics.empty(), replicated(mesh))
 
 
 def jit_eval_step(mesh) -> Callable:
   return jax.jit(
-      eval_step,
-      in_shardings=(replicated(mesh), eval_batch_sharding(mesh)),
-      out_shardings=replicated(mesh),
+    eval_step,
+    in_shardings=(replicated(mesh), eval_batch_sharding(mesh)),
+    out_shardings=replicated(mesh),
   )
 
 
 def batch_shapes(plan: MicroBatchPlan, example: dict[str, np.ndarray]) -> dict:
   """Abstract training batch of `plan`'s shape, for ahead-of-time compilation."""
   return {
-      k: jax.ShapeDtypeStruct((*plan.shape, *v.shape[1:]), v.dtype) for k, v in example.items()
+    k: jax.ShapeDtypeStruct((*plan.shape, *v.shape[1:]), v.dtype)
+    for k, v in example.items()
   }
 
 
 def compile_train_steps(
-    mesh, state: TrainState, plans: list[MicroBatchPlan], example: dict[str, np.ndarray]
+  mesh,
+  state: TrainState,
+  plans: list[MicroBatchPlan],
+  example: dict[str, np.ndarray],
+  *,
+  running_metrics: bool = False,
+  host_loop: bool | None = None,
 ) -> dict[tuple[int, int], Any]:
   """One ahead-of-time compiled step per distinct (A, devices·b) (DESIGN.md decision 4).
 
   Compiling every phase's shape before training means a phase that cannot fit fails at
   step 0, not at epoch 160, and a phase switch never stalls. Returns {shape: compiled}.
+  A compiled step never recompiles: called with another shape, dtype or sharding it
+  raises, so a phase switch cannot silently trigger a compilation. ε and m are values in
+  the optimizer state, so phases that differ only in them share one compiled step.
+  `state` may be concrete or abstract (`jax.eval_shape`); `example` is one example per
+  input key. With `running_metrics` see `jit_train_step`. `host_loop` (None: only on
+  XLA:CPU for a model with convolutions) compiles shapes with A > 1 as a HostLoopStep:
+  two executables, the micro-batch step and the update.
   """
-  jitted = jit_train_step(mesh)
-  state_shapes = jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated(mesh)), state
-  )
+  rep = replicated(mesh)
+  state_shapes = _abstract(state, rep)
+  metric_shapes = _abstract(TrainMetrics.empty(), rep)
+  jitted = jit_train_step(mesh, running_metrics)
+  accumulating = [plan for plan in plans if plan.accumulation > 1]
+  if host_loop is None:
+    host_loop = bool(accumulating) and _slow_in_a_loop(
+      state_shapes, accumulating[0], example
+    )
   compiled = {}
   for plan in plans:
-    if plan.shape not in compiled:
-      compiled[plan.shape] = jitted.lower(state_shapes, batch_shapes(plan, example)).compile()
+    if plan.shape in compiled:
+      continue
+    batch = batch_shapes(plan, example)
+    if host_loop and plan.accumulation > 1:
+      micro = jax.jit(
+        accumulate_micro_batch,
+        in_shardings=(rep, rep, rep, rep, train_batch_sharding(mesh), rep),
+        out_shardings=(rep, rep, rep),
+        donate_argnums=(2, 3),
+      ).lower(
+        state_shapes,
+        state_shapes.batch_stats,
+        state_shapes.params,
+        metric_shapes,
+        batch,
+        jax.ShapeDtypeStruct((), jnp.int32, sharding=rep),
+      )
+      update = jax.jit(
+        functools.partial(apply_accumulated, accumulation=plan.accumulation),
+        in_shardings=(rep, rep, rep),
+        out_shardings=rep,
+        donate_argnums=0,
+      ).lower(state_shapes, state_shapes.params, state_shapes.batch_stats)
+      compiled[plan.shape] = HostLoopStep(
+        micro.compile(), update.compile(), plan, mesh, state_shapes, running_metrics
+      )
+    else:
+      args = (
+        (state_shapes, batch, metric_shapes) if running_metrics else (state_shapes, batch)
+      )
+      compiled[plan.shape] = jitted.lower(*args).compile()
   return compiled
+
+
+def _slow_in_a_loop(
+  state: Any, plan: MicroBatchPlan, example: dict[str, np.ndarray]
+) -> bool:
+  """Whether the backend is XLA:CPU and the model convolves (see HostLoopStep)."""
+  if jax.default_backend() != 'cpu':
+    return False
+  micro = {
+    k: jax.ShapeDtypeStruct((plan.shape[1], *v.shape[1:]), v.dtype)
+    for k, v in example.items()
+  }
+  jaxpr = jax.make_jaxpr(micro_batch_gradients)(state, state.batch_stats, micro)
+  return _convolves(jaxpr.jaxpr)
+
+
+def _convolves(jaxpr) -> bool:
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == 'conv_general_dilated':
+      return True
+    for value in eqn.params.values():
+      for sub in value if isinstance(value, tuple | list) else (value,):
+        inner = getattr(sub, 'jaxpr', sub)  # A ClosedJaxpr holds its Jaxpr.
+        if hasattr(inner, 'eqns') and _convolves(inner):
+          return True
+  return False
+
+
+def _abstract(tree: Any, sharding: NamedSharding) -> Any:
+  """Shapes and dtypes of `tree` (arrays, abstract values or Python scalars) on `sharding`."""
+
+  def spec(x):
+    x = x if hasattr(x, 'shape') else jnp.asarray(x)
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+
+  return jax.tree.map(spec, tree)

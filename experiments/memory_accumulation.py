@@ -1,0 +1,141 @@
+r"""Compiled memory of the train step against the accumulation count A (DESIGN.md decision 3).
+
+At a fixed per-device micro-batch b the ibs step for A micro-batches scans over them
+(`lax.scan`), so its temporary memory — activations, gradients, the gradient sum — must
+not grow with A; only the batch argument (A·b examples of input) does. For contrast the
+script also compiles a bare whole-batch step (one `value_and_grad` over all A·b examples,
+what a step without accumulation needs). Nothing is run: the numbers are XLA's
+`compiled.memory_analysis()` of ahead-of-time compiled steps (for a HostLoopStep, the
+XLA:CPU form for models with convolutions, those of its micro-batch step).
+
+  python experiments/memory_accumulation.py                       # cnn1d, b = 800
+  python experiments/memory_accumulation.py --model=wide_resnet --micro_batch_size=128 \
+      --accumulations=1,5,25
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+
+from ibs import models, optim, schedules  # noqa: E402
+from ibs import step as step_lib  # noqa: E402
+
+# (input shape of one example, ghost batch size, model kwargs) per model.
+MODELS = {
+  'cnn1d': ((40,), 32, dict(width=32, depth=3)),
+  'mlp': ((40,), 32, dict(hidden=(100, 100))),
+  'wide_resnet': ((32, 32, 3), 128, dict(depth=16, widen_factor=4)),
+}
+
+
+def bare_step(model, tx):
+  """The whole batch in one value_and_grad: memory grows with the batch."""
+
+  def step(params, batch_stats, opt_state, x, y):
+    def loss_fn(p):
+      logits, updates = model.apply(
+        {'params': p, 'batch_stats': batch_stats}, x, train=True, mutable=['batch_stats']
+      )
+      loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+      return loss, updates['batch_stats']
+
+    (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), batch_stats, opt_state, loss
+
+  return jax.jit(step, donate_argnums=(0, 1, 2))
+
+
+def mib(n: int) -> str:
+  return f'{n / 2**20:,.1f}'
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+  parser.add_argument('--model', default='cnn1d', choices=sorted(MODELS))
+  parser.add_argument('--micro_batch_size', type=int, default=800)
+  parser.add_argument('--accumulations', default='1,4,16')
+  parser.add_argument('--no_bare', action='store_true', help='skip the whole-batch step')
+  parser.add_argument(
+    '--host_loop',
+    choices=('auto', 'on', 'off'),
+    default='auto',
+    help='accumulate in a Python loop (step.HostLoopStep); auto: XLA:CPU and convolutions',
+  )
+  args = parser.parse_args()
+
+  input_shape, ghost, kwargs = MODELS[args.model]
+  model = models.create_model(
+    args.model, num_classes=10, ghost_batch_size=ghost, **kwargs
+  )
+  variables = jax.eval_shape(
+    lambda: model.init(jax.random.key(0), jnp.zeros((ghost, *input_shape)), train=False)
+  )
+  b = args.micro_batch_size
+  accumulations = [int(a) for a in args.accumulations.split(',')]
+  schedule = schedules.Schedule(
+    phases=(schedules.Phase(0.0, b, 0.1, 0.9),), num_epochs=1.0, num_train_examples=b
+  )
+  tx = optim.create_optimizer('momentum', schedule, weight_decay=5e-4)
+  mesh = step_lib.make_mesh()
+  state = jax.eval_shape(
+    lambda v: step_lib.TrainState.create(
+      apply_fn=model.apply, params=v['params'], batch_stats=v['batch_stats'], tx=tx
+    ),
+    variables,
+  )
+  example = {
+    'input': np.zeros((1, *input_shape), np.float32),
+    'label': np.zeros((1,), np.int32),
+  }
+  num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(variables['params']))
+  print(
+    f'jax {jax.__version__}, {jax.device_count()} {jax.devices()[0].platform} device(s); '
+    f'{args.model} ({num_params:,} parameters), micro-batch b = {b} per device'
+  )
+  print(
+    '| A | B | ibs step | ibs temp MiB | ibs arguments MiB | ibs output MiB '
+    '| bare temp MiB |'
+  )
+  print('|---|---|---|---|---|---|---|')
+  for a in accumulations:
+    batch = a * b * jax.device_count()
+    plan = step_lib.plan_micro_batches(batch, jax.device_count(), ghost, b)
+    assert plan.micro_batch_size == b, plan
+    host_loop = {'auto': None, 'on': True, 'off': False}[args.host_loop]
+    (compiled,) = step_lib.compile_train_steps(
+      mesh, state, [plan], example, host_loop=host_loop
+    ).values()
+    form = (
+      'host loop' if isinstance(compiled, step_lib.HostLoopStep) else 'one executable'
+    )
+    m = compiled.memory_analysis()
+    bare = '–'
+    if not args.no_bare:
+      opt_state = jax.eval_shape(tx.init, variables['params'])
+      x = jax.ShapeDtypeStruct((batch, *input_shape), jnp.float32)
+      y = jax.ShapeDtypeStruct((batch,), jnp.int32)
+      lowered = bare_step(model, tx).lower(
+        variables['params'], variables['batch_stats'], opt_state, x, y
+      )
+      bare = mib(lowered.compile().memory_analysis().temp_size_in_bytes)
+    print(
+      f'| {a} | {batch} | {form} | {mib(m.temp_size_in_bytes)} '
+      f'| {mib(m.argument_size_in_bytes)} '
+      f'| {mib(m.output_size_in_bytes)} | {bare} |',
+      flush=True,
+    )
+
+
+if __name__ == '__main__':
+  main()

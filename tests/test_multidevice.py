@@ -1,0 +1,388 @@
+"""Parallel runs equal the single-device run: 8 fake CPU devices, 2 processes on localhost.
+
+The pytest process has one CPU device, and JAX fixes the device count when its backend
+starts, so every parallel run happens in a subprocess (`JAX_NUM_CPU_DEVICES`); the
+reference runs here, on the one device, and the two are compared through saved arrays
+or checkpoints.
+
+Ghost batch norm makes the comparisons exact up to float32 summation order: gradients are
+means over the same examples whatever the split. The running BN statistics see the same
+ghost batches, but in the order the step visits them, which is stream order unless both
+the accumulation count A > 1 and devices > 1 (then micro-batch a holds every device's
+a-th chunk). The tests either keep A = 1 on the parallel side, or compare against the
+single-device run on the batch permuted into that visiting order.
+"""
+
+import os
+import pickle
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from configs import default
+from ibs import optim, schedules
+from ibs import step as step_lib
+from ibs.models import small
+
+REPO = Path(__file__).resolve().parents[1]
+TIMEOUT_S = 180  # per subprocess: a hung collective fails the test instead of CI
+DEVICES = 8
+GHOST = 4
+BATCH = 64  # 8 devices × 8 examples = 16 ghost batches
+LENGTH = 16
+NUM_STEPS = 3
+
+
+def _run_python(args, num_devices, timeout=TIMEOUT_S, cwd=REPO):
+  """Runs `python args...` with `num_devices` CPU devices; fails the test on error."""
+  env = dict(os.environ)
+  env.pop('XLA_FLAGS', None)
+  env.update(
+    JAX_PLATFORMS='cpu',
+    JAX_NUM_CPU_DEVICES=str(num_devices),
+    TF_CPP_MIN_LOG_LEVEL='2',
+    PYTHONPATH=os.pathsep.join([str(REPO), env.get('PYTHONPATH', '')]),
+  )
+  result = subprocess.run(
+    [sys.executable, *args],
+    cwd=cwd,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+    check=False,
+  )
+  assert result.returncode == 0, (
+    f'{args} failed:\n{result.stdout[-4000:]}\n{result.stderr[-8000:]}'
+  )
+  return result
+
+
+# ------------------------------------------------------------- one step, 8 devices vs 1
+
+
+def _state():
+  model = small.CNN1D(num_classes=10, ghost_batch_size=GHOST, width=8, depth=2)
+  variables = model.init(jax.random.key(0), jnp.zeros((GHOST, LENGTH)), train=False)
+  schedule = schedules.Schedule(
+    phases=(schedules.Phase(0.0, BATCH, 0.1, 0.9),),
+    num_epochs=100.0,
+    num_train_examples=BATCH,
+  )
+  return step_lib.TrainState.create(
+    apply_fn=model.apply,
+    params=variables['params'],
+    batch_stats=jax.tree.map(lambda x: x + 0.3, variables['batch_stats']),
+    tx=optim.create_optimizer('momentum', schedule, weight_decay=5e-4),
+  )
+
+
+def _batches():
+  rng = np.random.default_rng(1)
+  return [
+    {
+      'input': rng.normal(size=(BATCH, LENGTH)).astype(np.float32),
+      'label': rng.integers(0, 10, size=BATCH).astype(np.int32),
+    }
+    for _ in range(NUM_STEPS)
+  ]
+
+
+def _run_steps(max_micro_batch_size, order=None, host_loop=False):
+  """NUM_STEPS ibs steps on all devices; `order` permutes each batch's examples."""
+  mesh = step_lib.make_mesh()
+  plan = step_lib.plan_micro_batches(
+    BATCH, jax.device_count(), GHOST, max_micro_batch_size
+  )
+  state = jax.device_put(_state(), step_lib.replicated(mesh))
+  example = {k: v[:1] for k, v in _batches()[0].items()}
+  (step,) = step_lib.compile_train_steps(
+    mesh, state, [plan], example, host_loop=host_loop
+  ).values()
+  losses = []
+  for local in _batches():
+    if order is not None:
+      local = {k: v[order] for k, v in local.items()}
+    state, metrics = step(state, step_lib.global_train_batch(local, plan, mesh))
+    losses.append(float(metrics.compute()['loss']))
+  out = {'loss': np.array(losses), 'accumulation': plan.accumulation}
+  for name in ('params', 'batch_stats'):
+    for path, leaf in jax.tree_util.tree_leaves_with_path(getattr(state, name)):
+      out[name + jax.tree_util.keystr(path)] = np.asarray(leaf)
+  return out
+
+
+def sharded_steps_main(path):
+  """Entry point of the 8-device subprocess: three steps and the batch layout, to npz."""
+  assert jax.device_count() == DEVICES, jax.devices()
+  results = {}
+  for name, cap, host_loop in (('a1', 8, False), ('a2', 4, False), ('a2host', 4, True)):
+    for key, value in _run_steps(cap, host_loop=host_loop).items():
+      results[f'{name}/{key}'] = value
+  # Which stream positions each device holds, for a plan with A = 2.
+  mesh = step_lib.make_mesh()
+  plan = step_lib.plan_micro_batches(BATCH, DEVICES, GHOST, 4)
+  batch = step_lib.global_train_batch({'label': np.arange(BATCH)}, plan, mesh)['label']
+  by_device = {shard.device: np.asarray(shard.data) for shard in batch.addressable_shards}
+  results['layout'] = np.stack([by_device[d] for d in mesh.devices.flat])
+  np.savez(path, **results)
+
+
+def _visiting_order(accumulation, micro):
+  """Stream positions in the order the step visits them: micro-batch-major, then device."""
+  per_device = accumulation * micro
+  return np.array(
+    [
+      d * per_device + a * micro + i
+      for a in range(accumulation)
+      for d in range(DEVICES)
+      for i in range(micro)
+    ]
+  )
+
+
+def _assert_runs_equal(parallel, reference, prefix):
+  keys = [k for k in reference if k.startswith(('params', 'batch_stats'))]
+  assert keys
+  for key in keys:
+    np.testing.assert_allclose(
+      parallel[f'{prefix}/{key}'], reference[key], rtol=1e-5, atol=1e-6, err_msg=key
+    )
+  np.testing.assert_allclose(parallel[f'{prefix}/loss'], reference['loss'], rtol=1e-5)
+
+
+def test_sharded_step_equals_single_device_step(tmp_path):
+  if jax.device_count() != 1:
+    pytest.skip('the reference needs a one-device pytest process')
+  path = tmp_path / 'sharded.npz'
+  _run_python(
+    [
+      '-c',
+      f'from tests import test_multidevice as t; t.sharded_steps_main({str(path)!r})',
+    ],
+    DEVICES,
+  )
+  parallel = dict(np.load(path))
+
+  # Device d holds the contiguous positions [d·A·b, (d + 1)·A·b), as (A, b).
+  expected_layout = np.arange(BATCH).reshape(DEVICES, 2, 4)
+  np.testing.assert_array_equal(parallel['layout'], expected_layout)
+
+  # A = 1 on 8 devices: the stream order; the one device accumulates A = 4 of 16.
+  assert parallel['a1/accumulation'] == 1
+  reference = _run_steps(16)
+  assert reference['accumulation'] == 4
+  _assert_runs_equal(parallel, reference, 'a1')
+
+  # A = 2 on 8 devices: same gradients; the BN statistics follow the visiting order,
+  # with the scan and with the host loop alike.
+  assert parallel['a2/accumulation'] == 2
+  reference = _run_steps(BATCH, order=_visiting_order(2, 4))
+  _assert_runs_equal(parallel, reference, 'a2')
+  _assert_runs_equal(parallel, reference, 'a2host')
+
+
+# ------------------------------------------------- training end to end, parallel vs one
+
+
+def _parallel_config(data_dir):
+  """The tiny default config with ghost batches of 4, so 4 or 8 devices split it.
+
+  Two phases, B = 32 then 64, over 2 epochs of 2000 examples (94 steps; phase 1 runs
+  steps 63–93). Per-device cap 32: A = 1 on 4 or 8 devices, A = 1 then 2 on one device,
+  so every run visits the ghost batches in stream order.
+  """
+  config = default.get_config()
+  config.data_dir = data_dir
+  config.mnist1d.num_train = 2000
+  config.mnist1d.num_test = 500
+  config.model_kwargs.width = 16
+  config.ghost_batch_size = GHOST
+  config.schedule.num_epochs = 2.0
+  config.schedule.milestones = (1.0,)
+  config.schedule.batch_size = 32
+  config.schedule.decay_factor = 2.0
+  config.max_micro_batch_size = 32
+  config.eval_batch_size = 200  # divisible by 4 and 8 devices
+  config.eval_every_epochs = 2.0
+  config.checkpoint_every_epochs = 2.0
+  return config
+
+
+def _final_state(workdir):
+  """(step, params, batch_stats) of the latest checkpoint, whatever topology saved it."""
+  manager = ocp.CheckpointManager(os.path.join(workdir, 'checkpoints'))
+  step = manager.latest_step()
+  manager.close()
+  path = os.path.join(workdir, 'checkpoints', str(step), 'state')
+  checkpointer = ocp.StandardCheckpointer()
+  tree = checkpointer.metadata(path).item_metadata.tree
+  one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  abstract = jax.tree.map(
+    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one), tree
+  )
+  state = checkpointer.restore(path, abstract)
+  return step, *(jax.tree.map(np.asarray, state[k]) for k in ('params', 'batch_stats'))
+
+
+def _assert_states_equal(actual, expected):
+  step_a, *trees_a = actual
+  step_b, *trees_b = expected
+  assert step_a == step_b
+  for name, a, b in zip(('params', 'batch_stats'), trees_a, trees_b, strict=True):
+    jax.tree.map(
+      lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-5), a, b
+    )
+    worst = max(
+      jax.tree.leaves(jax.tree.map(lambda x, y: float(np.abs(x - y).max()), a, b))
+    )
+    print(f'{name}: largest difference {worst:.2e} after {step_a} steps')  # pytest -s
+
+
+@pytest.fixture(scope='module')
+def one_device_run(data_dir, tmp_path_factory):
+  """The parallel config trained here, on one device: (config, final state)."""
+  from ibs import train
+
+  if jax.device_count() != 1:
+    pytest.skip('the reference needs a one-device pytest process')
+  config = _parallel_config(data_dir)
+  workdir = str(tmp_path_factory.mktemp('one_device'))
+  summary = train.train_and_evaluate(config, workdir)
+  assert summary['finished']
+  return config, _final_state(workdir)
+
+
+def _train_script(config, tmp_path):
+  """A config file for ibs.main that loads `config` (pickled beside it)."""
+  with open(tmp_path / 'config.pkl', 'wb') as f:
+    pickle.dump(config, f)
+  script = tmp_path / 'config.py'
+  script.write_text(
+    textwrap.dedent(
+      """
+          import os
+          import pickle
+
+          def get_config():
+            here = os.path.dirname(os.path.abspath(__file__))
+            with open(os.path.join(here, 'config.pkl'), 'rb') as f:
+              return pickle.load(f)
+          """
+    )
+  )
+  return script
+
+
+@pytest.mark.slow
+def test_training_on_8_devices_equals_1_device(one_device_run, tmp_path):
+  """End to end on 8 fake devices; also checks the persistent compilation cache fills.
+
+  Float tolerance (1e-5) after 94 steps: the all-reduced gradient is summed in another
+  order than the single device's; the largest difference measured was 5e-7.
+  """
+  config, expected = one_device_run
+  config = config.copy_and_resolve_references()
+  cache = tmp_path / 'cache'
+  config.compilation_cache_dir = str(cache)
+  workdir = tmp_path / 'run'
+  script = _train_script(config, tmp_path)
+  _run_python(
+    ['-m', 'ibs.main', f'--config={script}', f'--workdir={workdir}'], num_devices=DEVICES
+  )
+  _assert_states_equal(_final_state(str(workdir)), expected)
+  assert any('train_step' in name for name in os.listdir(cache)), os.listdir(cache)
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def _launch_processes(script, workdir, name, num_processes=2, devices_per_process=2):
+  """One ibs.main per process on localhost (gloo collectives); all must succeed."""
+  port = _free_port()
+  env = dict(os.environ)
+  env.pop('XLA_FLAGS', None)
+  env.update(
+    JAX_PLATFORMS='cpu',
+    JAX_NUM_CPU_DEVICES=str(devices_per_process),
+    TF_CPP_MIN_LOG_LEVEL='2',
+  )
+  logs = [open(workdir.parent / f'{name}_{i}.log', 'w+') for i in range(num_processes)]  # noqa: SIM115
+  processes = [
+    subprocess.Popen(
+      [
+        sys.executable,
+        '-m',
+        'ibs.main',
+        f'--config={script}',
+        f'--workdir={workdir}',
+        f'--coordinator_address=127.0.0.1:{port}',
+        f'--num_processes={num_processes}',
+        f'--process_id={i}',
+      ],
+      cwd=REPO,
+      env=env,
+      stdout=log,
+      stderr=subprocess.STDOUT,
+    )
+    for i, log in enumerate(logs)
+  ]
+  # One deadline for all; a process that fails ends the launch at once (its peers would
+  # otherwise wait for it until the coordinator's heartbeat timeout).
+  deadline = time.monotonic() + TIMEOUT_S
+  try:
+    while time.monotonic() < deadline:
+      codes = [p.poll() for p in processes]
+      if None not in codes or any(code for code in codes if code is not None):
+        break
+      time.sleep(0.5)
+  finally:
+    for p in processes:  # Only ours, by handle: nothing may outlive the test.
+      if p.poll() is None:
+        p.kill()
+        p.wait()
+  codes = [p.returncode for p in processes]
+  outputs = []
+  for log in logs:
+    log.seek(0)
+    outputs.append(log.read())
+    log.close()
+  assert codes == [0] * num_processes, '\n'.join(
+    f'--- process {i}\n{text[-6000:]}' for i, text in enumerate(outputs)
+  )
+  return outputs
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_two_processes_equal_one_process(one_device_run, tmp_path):
+  """2 processes × 2 devices, preempted inside phase 1 and resumed: the one-device run.
+
+  Both launches use orbax on one shared directory from two processes; the resumed one
+  restores the checkpoint written by both. They share a persistent compilation cache,
+  so the second launch does not compile again.
+  """
+  config, expected = one_device_run
+  config = config.copy_and_resolve_references()
+  config.compilation_cache_dir = str(tmp_path / 'cache')
+  workdir = tmp_path / 'run'
+  first = config.copy_and_resolve_references()
+  first.stop_after_steps = 70  # Phase 1 runs steps 63–93.
+  _launch_processes(_train_script(first, tmp_path), workdir, 'first')
+  assert _final_state(str(workdir))[0] == 70
+
+  outputs = _launch_processes(_train_script(config, tmp_path), workdir, 'resumed')
+  assert all('Resumed at step 70' in text for text in outputs)
+  _assert_states_equal(_final_state(str(workdir)), expected)

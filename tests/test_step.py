@@ -1,0 +1,355 @@
+"""The train step: exact accumulation with ghost BN, micro-batch plans, compile policy.
+
+References are computed without ibs.step: gradients of each ghost batch on its own
+(`model.apply` on 4 examples, whose batch statistics are that ghost batch's), running
+statistics by calling the model on the ghost batches one after another, and the
+momentum update written out in numpy.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import linen as nn
+
+from ibs import optim, schedules
+from ibs import step as step_lib
+from ibs.models import small
+from ibs.models.ghost_batch_norm import GhostBatchNorm
+
+GHOST = 4
+BATCH = 32  # 8 ghost batches
+LENGTH = 16
+LEARNING_RATE, MOMENTUM, WEIGHT_DECAY = 0.1, 0.9, 5e-4
+
+
+def _model():
+  return small.CNN1D(num_classes=10, ghost_batch_size=GHOST, width=8, depth=2)
+
+
+def _data(num_steps, seed=0):
+  rng = np.random.default_rng(seed)
+  return [
+    {
+      'input': rng.normal(size=(BATCH, LENGTH)).astype(np.float32),
+      'label': rng.integers(0, 10, size=BATCH).astype(np.int32),
+    }
+    for _ in range(num_steps)
+  ]
+
+
+def _initial_variables():
+  model = _model()
+  variables = model.init(jax.random.key(0), jnp.zeros((GHOST, LENGTH)), train=False)
+  # Non-trivial running statistics, so the order of their updates shows.
+  stats = jax.tree.map(lambda x: x + 0.3, variables['batch_stats'])
+  return variables['params'], stats
+
+
+def _state(params, batch_stats):
+  schedule = schedules.Schedule(
+    phases=(schedules.Phase(0.0, BATCH, LEARNING_RATE, MOMENTUM),),
+    num_epochs=100.0,
+    num_train_examples=BATCH,
+  )
+  tx = optim.create_optimizer('momentum', schedule, weight_decay=WEIGHT_DECAY)
+  return step_lib.TrainState.create(
+    apply_fn=_model().apply,
+    params=jax.tree.map(jnp.copy, params),
+    batch_stats=jax.tree.map(jnp.copy, batch_stats),
+    tx=tx,
+  )
+
+
+def _run_ibs(num_steps, max_micro_batch_size, host_loop=False):
+  """`num_steps` ibs steps on one device with the given cap; the final state + metrics."""
+  mesh = step_lib.make_mesh(jax.devices()[:1])
+  plan = step_lib.plan_micro_batches(BATCH, 1, GHOST, max_micro_batch_size)
+  state = jax.device_put(_state(*_initial_variables()), step_lib.replicated(mesh))
+  example = {k: v[:1] for k, v in _data(1)[0].items()}
+  (step,) = step_lib.compile_train_steps(
+    mesh, state, [plan], example, host_loop=host_loop
+  ).values()
+  metrics = []
+  for local in _data(num_steps):
+    state, m = step(state, step_lib.global_train_batch(local, plan, mesh))
+    metrics.append({k: float(v) for k, v in m.compute().items()})
+  return plan, state, metrics
+
+
+@jax.jit
+def _one_ghost_batch(params, batch_stats, x, y):
+  """Loss gradient of one ghost batch applied alone: BN statistics are its own."""
+
+  def loss_fn(p):
+    logits, updates = _model().apply(
+      {'params': p, 'batch_stats': batch_stats}, x, train=True, mutable=['batch_stats']
+    )
+    per_example = optax.softmax_cross_entropy_with_integer_labels(logits, y)
+    return per_example.mean(), (
+      updates['batch_stats'],
+      per_example,
+      jnp.argmax(logits, -1),
+    )
+
+  (_, (batch_stats, losses, predictions)), grad = jax.value_and_grad(
+    loss_fn, has_aux=True
+  )(params)
+  return grad, batch_stats, losses, predictions == y
+
+
+def _ghost_batch_reference(params, batch_stats, inputs, labels):
+  """Mean gradient over the ghost batches applied one by one; stats updated in order."""
+  grads, losses, correct = [], [], []
+  for start in range(0, BATCH, GHOST):
+    x, y = inputs[start : start + GHOST], labels[start : start + GHOST]
+    grad, batch_stats, loss, right = _one_ghost_batch(params, batch_stats, x, y)
+    grads.append(grad)
+    losses.append(loss)
+    correct.append(right)
+  mean_grad = jax.tree.map(lambda *g: np.mean(np.stack(g), axis=0), *grads)
+  return mean_grad, batch_stats, np.concatenate(losses), np.concatenate(correct)
+
+
+def _reference(num_steps):
+  """Heavy-ball with L2 in float64 numpy on the ghost-batch reference gradients."""
+  params, batch_stats = _initial_variables()
+  trace = jax.tree.map(lambda p: np.zeros(p.shape), params)
+  metrics = []
+  for local in _data(num_steps):
+    grad, batch_stats, losses, correct = _ghost_batch_reference(
+      params, batch_stats, local['input'], local['label']
+    )
+    # A ← m·A + (ĝ + λω); ω ← ω − ε·A
+    trace = jax.tree.map(
+      lambda a, g, w: (
+        MOMENTUM * a + np.asarray(g, np.float64) + WEIGHT_DECAY * np.asarray(w)
+      ),
+      trace,
+      grad,
+      params,
+    )
+    params = jax.tree.map(
+      lambda w, a: np.float32(np.asarray(w, np.float64) - LEARNING_RATE * a),
+      params,
+      trace,
+    )
+    metrics.append({'loss': float(losses.mean()), 'accuracy': float(correct.mean())})
+  return params, batch_stats, trace, metrics
+
+
+def _assert_close(actual, expected, rtol=1e-5, atol=1e-6):
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol, atol),
+    actual,
+    expected,
+  )
+
+
+@pytest.mark.parametrize(
+  'max_micro_batch_size, host_loop',
+  [(32, False), (8, False), (4, False), (8, True), (4, True)],
+  ids=['A1', 'A4', 'A8', 'A4-host-loop', 'A8-host-loop'],
+)
+def test_accumulated_step_equals_the_whole_batch(max_micro_batch_size, host_loop):
+  num_steps = 3
+  plan, state, metrics = _run_ibs(num_steps, max_micro_batch_size, host_loop)
+  assert plan.accumulation == BATCH // max_micro_batch_size
+  params, batch_stats, trace, expected_metrics = _reference(num_steps)
+
+  _assert_close(state.params, params)
+  # The running statistics saw the 8·3 ghost batches in their stream order.
+  _assert_close(state.batch_stats, batch_stats)
+  # The momentum buffer is Σ m^k·(ĝ + λω): the gradients themselves, step by step.
+  momentum_trace = state.opt_state.inner_state[1].trace
+  _assert_close(momentum_trace, trace, rtol=1e-5, atol=1e-6)
+  for got, want in zip(metrics, expected_metrics, strict=True):
+    assert got['loss'] == pytest.approx(want['loss'], rel=1e-5)
+    assert got['accuracy'] == pytest.approx(want['accuracy'])
+
+
+@pytest.mark.parametrize('host_loop', [False, True], ids=['scan', 'host-loop'])
+def test_running_metrics_merge_inside_the_compiled_step(host_loop):
+  """compile_train_steps(..., running_metrics=True): one dispatch per step, same sums."""
+  mesh = step_lib.make_mesh(jax.devices()[:1])
+  plan = step_lib.plan_micro_batches(BATCH, 1, GHOST, 8)
+  state = jax.device_put(_state(*_initial_variables()), step_lib.replicated(mesh))
+  example = {k: v[:1] for k, v in _data(1)[0].items()}
+  (step,) = step_lib.compile_train_steps(
+    mesh, state, [plan], example, running_metrics=True, host_loop=host_loop
+  ).values()
+  running = step_lib.empty_train_metrics(mesh)
+  for local in _data(3):
+    state, running = step(state, step_lib.global_train_batch(local, plan, mesh), running)
+  *_, expected = _reference(3)
+  got = {k: float(v) for k, v in running.compute().items()}
+  assert got['loss'] == pytest.approx(np.mean([m['loss'] for m in expected]), rel=1e-5)
+  assert got['accuracy'] == pytest.approx(np.mean([m['accuracy'] for m in expected]))
+
+
+def test_the_whole_batch_gradient_is_the_mean_of_ghost_batch_gradients():
+  """The premise of exact accumulation, checked on the model without ibs.step."""
+  params, batch_stats = _initial_variables()
+  (local,) = _data(1)
+  model = _model()
+
+  def loss_fn(p):
+    logits, _ = model.apply(
+      {'params': p, 'batch_stats': batch_stats},
+      local['input'],
+      train=True,
+      mutable=['batch_stats'],
+    )
+    return optax.softmax_cross_entropy_with_integer_labels(logits, local['label']).mean()
+
+  whole = jax.jit(jax.grad(loss_fn))(params)
+  ghosts, *_ = _ghost_batch_reference(params, batch_stats, local['input'], local['label'])
+  _assert_close(whole, ghosts)
+
+
+@pytest.mark.parametrize(
+  'batch, devices, ghost, cap, accumulation, micro',
+  [
+    (32, 1, 32, 800, 1, 32),
+    (4000, 1, 32, 800, 5, 800),
+    (256, 1, 32, 64, 4, 64),
+    (256, 8, 4, 64, 1, 32),
+    (640, 1, 128, 256, 5, 128),  # 640/256 → 3 splits would not be whole ghost batches
+    (16384, 8, 128, 1024, 2, 1024),
+    (16000, 1, 128, 1024, 25, 640),  # §5.1's last phase: 16000 = 125 ghost batches
+  ],
+)
+def test_plan_micro_batches(batch, devices, ghost, cap, accumulation, micro):
+  plan = step_lib.plan_micro_batches(batch, devices, ghost, cap)
+  assert (plan.accumulation, plan.micro_batch_size) == (accumulation, micro)
+  assert plan.num_devices * plan.accumulation * plan.micro_batch_size == batch
+  assert plan.shape == (accumulation, devices * micro)
+
+
+def test_plan_errors_name_the_config_field():
+  with pytest.raises(ValueError, match='ghost_batch_size'):
+    step_lib.plan_micro_batches(100, 8, 4, 64)  # 100 is not a multiple of 8 × 4
+  with pytest.raises(ValueError, match='max_micro_batch_size'):
+    step_lib.plan_micro_batches(256, 1, 128, 64)
+
+
+def test_global_train_batch_keeps_stream_order_on_one_device():
+  mesh = step_lib.make_mesh(jax.devices()[:1])
+  plan = step_lib.plan_micro_batches(32, 1, 4, 8)
+  positions = np.arange(32)
+  batch = step_lib.global_train_batch({'label': positions}, plan, mesh)
+  assert batch['label'].shape == (4, 8)
+  np.testing.assert_array_equal(np.asarray(batch['label']).reshape(-1), positions)
+
+
+@pytest.mark.parametrize('host_loop', [False, True], ids=['scan', 'host-loop'])
+def test_memory_does_not_grow_with_accumulation(host_loop):
+  """Compiled temp memory at a fixed micro-batch is the same for A = 4 and A = 16."""
+  mesh = step_lib.make_mesh(jax.devices()[:1])
+  state = jax.device_put(_state(*_initial_variables()), step_lib.replicated(mesh))
+  example = {k: v[:1] for k, v in _data(1)[0].items()}
+  plans = [step_lib.plan_micro_batches(8 * a, 1, GHOST, 8) for a in (1, 4, 16)]
+  compiled = step_lib.compile_train_steps(
+    mesh, state, plans, example, host_loop=host_loop
+  )
+  temp = {
+    shape[0]: c.memory_analysis().temp_size_in_bytes for shape, c in compiled.items()
+  }
+  assert temp[16] <= temp[4] * 1.05 + 4096, temp
+  # A = 1 skips the loop and its gradient sum: no more than A = 4 needs.
+  assert temp[1] <= temp[4] * 1.05 + 4096, temp
+
+
+class _ConvNet(nn.Module):
+  """A model with a real convolution (small.CNN1D writes its own as a matmul)."""
+
+  @nn.compact
+  def __call__(self, x, *, train):
+    x = nn.Conv(4, (3,), use_bias=False)(x[..., None])
+    x = GhostBatchNorm(GHOST)(x, train=train)
+    return nn.Dense(10)(jnp.mean(nn.relu(x), axis=1))
+
+
+@pytest.mark.skipif(jax.default_backend() != 'cpu', reason='an XLA:CPU workaround')
+def test_on_cpu_convolutions_accumulate_in_a_host_loop():
+  """XLA:CPU runs convolutions inside a while loop ~20x slower: no scan for them."""
+  mesh = step_lib.make_mesh(jax.devices()[:1])
+  example = {k: v[:1] for k, v in _data(1)[0].items()}
+  plans = [step_lib.plan_micro_batches(BATCH, 1, GHOST, cap) for cap in (32, 8)]
+  for model, host_loop in ((_ConvNet(), True), (_model(), False)):
+    variables = model.init(jax.random.key(0), jnp.zeros((GHOST, LENGTH)), train=False)
+    state = step_lib.TrainState.create(
+      apply_fn=model.apply,
+      params=variables['params'],
+      batch_stats=variables['batch_stats'],
+      tx=optax.sgd(0.1),
+    )
+    compiled = step_lib.compile_train_steps(mesh, state, plans, example)
+    assert isinstance(compiled[(4, 8)], step_lib.HostLoopStep) == host_loop
+    assert not isinstance(compiled[(1, 32)], step_lib.HostLoopStep)
+
+
+def _counting(fn, counter):
+  @functools.wraps(fn)
+  def wrapper(*args, **kwargs):
+    counter.append(1)
+    return fn(*args, **kwargs)
+
+  return wrapper
+
+
+def test_one_compilation_per_distinct_phase_shape(tiny_config, tmp_path, monkeypatch):
+  """Four phases, three shapes: three compilations, all before the first step.
+
+  Phases 0 and 2 share B = 32 but not ε: they share the compiled step. Traces of
+  train_step are counted directly; XLA compilations through jax.monitoring's backend
+  compile event, which names the jitted function.
+  """
+  from ibs import train
+
+  config = tiny_config.copy_and_resolve_references()
+  config.dataset = 'fake'
+  config.fake.num_train = 256
+  config.fake.num_test = 64
+  config.eval_batch_size = 64
+  config.schedule.kind = 'explicit'
+  config.schedule.num_epochs = 4.0
+  config.schedule.phases = (
+    (0.0, 32, 0.1, 0.9),
+    (1.0, 64, 0.1, 0.9),
+    (2.0, 32, 0.05, 0.9),
+    (3.0, 128, 0.02, 0.9),  # cap 64: A = 2
+  )
+  config.max_micro_batch_size = 64
+
+  traces = []
+  monkeypatch.setattr(step_lib, 'train_step', _counting(step_lib.train_step, traces))
+  compiles_done = []
+  compile_all = step_lib.compile_train_steps
+
+  def compile_and_mark(*args, **kwargs):
+    result = compile_all(*args, **kwargs)
+    compiles_done.append(sorted(result))
+    return result
+
+  monkeypatch.setattr(step_lib, 'compile_train_steps', compile_and_mark)
+  events = []
+
+  def listener(event, duration, **kwargs):
+    if event == '/jax/core/compile/backend_compile_duration':
+      events.append((kwargs.get('fun_name', ''), bool(compiles_done)))
+
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    summary = train.train_and_evaluate(config, str(tmp_path))
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+
+  assert summary['finished']
+  assert compiles_done == [[(1, 32), (1, 64), (2, 64)]]
+  assert len(traces) == 3
+  train_step_compiles = [after for name, after in events if 'train_step' in name]
+  assert train_step_compiles == [False, False, False], events
