@@ -161,8 +161,11 @@ def _assert_runs_equal(parallel, reference, prefix):
 
 
 def test_sharded_step_equals_single_device_step(tmp_path):
-  if jax.device_count() != 1:
-    pytest.skip('the reference needs a one-device pytest process')
+  assert jax.device_count() == 1, (
+    'The single-device reference runs in the pytest process itself: run pytest without '
+    'XLA_FLAGS/--xla_force_host_platform_device_count (the parallel runs start their own '
+    'processes with 8 devices).'
+  )
   path = tmp_path / 'sharded.npz'
   _run_python(
     [
@@ -253,8 +256,11 @@ def one_device_run(data_dir, tmp_path_factory):
   """The parallel config trained here, on one device: (config, final state)."""
   from ibs import train
 
-  if jax.device_count() != 1:
-    pytest.skip('the reference needs a one-device pytest process')
+  assert jax.device_count() == 1, (
+    'The single-device reference runs in the pytest process itself: run pytest without '
+    'XLA_FLAGS/--xla_force_host_platform_device_count (the parallel runs start their own '
+    'processes with 8 devices).'
+  )
   config = _parallel_config(data_dir)
   workdir = str(tmp_path_factory.mktemp('one_device'))
   summary = train.train_and_evaluate(config, workdir)
