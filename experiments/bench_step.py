@@ -1,0 +1,291 @@
+r"""Examples/s of the ibs train step against a bare `jax.jit` step of the same model.
+
+The ibs step is what `ibs.train` runs: ahead-of-time compiled by
+`step.compile_train_steps`, with the accumulation machinery (`lax.scan` when A > 1),
+the optimizer's injected hyperparameters (ε and m read from the schedule inside the
+step), state donation, NamedShardings on the `data` mesh and clu metrics merged into
+running totals inside the step. The bare step is the same model and the same arithmetic
+written the shortest way: `jax.jit` of value_and_grad + `optax.chain(add_decayed_weights,
+sgd(momentum))`, one batch, no scan, no injection, no sharding, no donation, the loss as
+its only metric. `ibs+merge` is the ibs step returning the batch's metrics and a second
+jitted call merging them (what ibs/train.py does unless it passes running metrics);
+"bare donated" is the bare step donating its parameters and optimizer state, as ibs
+does (on XLA:CPU a donating step cannot be dispatched before the previous one ends).
+`--model=wrn` times a network of real convolutions, where on XLA:CPU ibs accumulates in
+a host loop (step.HostLoopStep); the scan form is timed beside it.
+
+All variants run in one process, interleaved: each repetition times the same number of
+steps (about `--seconds`) of every variant, in a shuffled order, so load from other
+processes hits all alike. Rates are totals over all repetitions; "paired median" is the
+median of the per-repetition ratios, "CPU time" the ratio of this process's CPU time
+(less sensitive to other processes on a shared machine). Batches are already on the
+device; `--with_transfer` also times the host → device copy of each batch
+(`step.global_train_batch` against `jax.device_put`).
+
+  python experiments/bench_step.py                      # default cnn1d, B = 32 … 4000
+  python experiments/bench_step.py --batch_sizes=32,160 --repetitions=5
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import statistics
+import sys
+import time
+
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import ml_collections  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+
+from configs import default  # noqa: E402
+from ibs import models, optim, schedules  # noqa: E402
+from ibs import step as step_lib  # noqa: E402
+
+# Models: 'cnn1d' is configs/default.py's; 'wrn' the CPU smoke model of
+# configs/cifar10_wrn.py:data=fake (WRN-10-1, ghost batch 16), a network of real
+# convolutions. Values: (model, kwargs, ghost batch size, input shape of one example).
+MODELS = {
+  'cnn1d': ('cnn1d', dict(width=32, depth=3), 32, (40,)),
+  'wrn': ('wide_resnet', dict(depth=10, widen_factor=1), 16, (32, 32, 3)),
+}
+
+
+def make_config(name: str):
+  config = default.get_config()
+  config.model, kwargs, config.ghost_batch_size, shape = MODELS[name]
+  config.model_kwargs = ml_collections.ConfigDict(kwargs)
+  config.input_shape = shape
+  return config
+
+
+def make_model(config):
+  return models.create_model(
+    config.model,
+    num_classes=10,
+    ghost_batch_size=config.ghost_batch_size,
+    **config.model_kwargs,
+  )
+
+
+def make_batch(batch_size: int, shape, seed: int) -> dict[str, np.ndarray]:
+  rng = np.random.default_rng(seed)
+  return {
+    'input': rng.normal(size=(batch_size, *shape)).astype(np.float32),
+    'label': rng.integers(0, 10, size=batch_size).astype(np.int32),
+  }
+
+
+def ibs_runner(
+  config,
+  model,
+  variables,
+  batch,
+  max_micro_batch_size,
+  with_transfer,
+  mode,
+  host_loop=None,
+):
+  """A closure running n ibs steps; returns it, the accumulation count A and the form.
+
+  mode 'running': metrics merged inside the step (`running_metrics=True`); 'merge': the
+  step returns the batch's metrics and a second jitted call merges them. `host_loop` as
+  in `step.compile_train_steps` (None: its automatic choice).
+  """
+  batch_size = len(batch['label'])
+  schedule = schedules.Schedule(
+    phases=(schedules.Phase(0.0, batch_size, 0.1, 0.9),),
+    num_epochs=1e6,
+    num_train_examples=batch_size,
+  )
+  tx = optim.create_optimizer('momentum', schedule, weight_decay=config.weight_decay)
+  mesh = step_lib.make_mesh()
+  state = step_lib.TrainState.create(
+    apply_fn=model.apply,
+    params=variables['params'],
+    batch_stats=variables['batch_stats'],
+    tx=tx,
+  )
+  # A copy: the step donates its state, and device_put would alias the caller's arrays.
+  state = jax.device_put(jax.tree.map(jnp.copy, state), step_lib.replicated(mesh))
+  plan = step_lib.plan_micro_batches(
+    batch_size, jax.device_count(), config.ghost_batch_size, max_micro_batch_size
+  )
+  example = {k: v[:1] for k, v in batch.items()}
+  running = mode == 'running'
+  (compiled,) = step_lib.compile_train_steps(
+    mesh, state, [plan], example, running_metrics=running, host_loop=host_loop
+  ).values()
+  merge = jax.jit(lambda total, new: total.merge(new))
+  on_device = step_lib.global_train_batch(batch, plan, mesh)
+  holder = {'state': state, 'metrics': step_lib.empty_train_metrics(mesh)}
+
+  def run(n):
+    state, metrics = holder['state'], holder['metrics']
+    for _ in range(n):
+      b = step_lib.global_train_batch(batch, plan, mesh) if with_transfer else on_device
+      if running:
+        state, metrics = compiled(state, b, metrics)
+      else:
+        state, batch_metrics = compiled(state, b)
+        metrics = merge(metrics, batch_metrics)
+    jax.block_until_ready((state, metrics))
+    holder['state'], holder['metrics'] = state, metrics
+
+  return run, plan.accumulation, isinstance(compiled, step_lib.HostLoopStep)
+
+
+def bare_runner(config, model, variables, batch, with_transfer, donate=False):
+  """The bare step; `donate` donates its parameters and optimizer state, as ibs does."""
+  tx = optax.chain(
+    optax.add_decayed_weights(config.weight_decay), optax.sgd(0.1, momentum=0.9)
+  )
+
+  def loss_fn(params, batch_stats, x, y):
+    logits, updates = model.apply(
+      {'params': params, 'batch_stats': batch_stats},
+      x,
+      train=True,
+      mutable=['batch_stats'],
+    )
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+    return loss, updates['batch_stats']
+
+  def step(params, batch_stats, opt_state, x, y):
+    (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      params, batch_stats, x, y
+    )
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), batch_stats, opt_state, loss
+
+  step = jax.jit(step, donate_argnums=(0, 1, 2) if donate else ())
+  params = jax.tree.map(jnp.copy, variables['params'])  # Donation would delete them.
+  batch_stats = jax.tree.map(jnp.copy, variables['batch_stats'])
+  carry = [params, batch_stats, tx.init(params)]
+  x, y = jax.device_put(batch['input']), jax.device_put(batch['label'])
+  carry[:] = step(*carry, x, y)[:3]  # compile
+
+  def run(n):
+    params, batch_stats, opt_state = carry
+    for _ in range(n):
+      if with_transfer:
+        xs, ys = jax.device_put(batch['input']), jax.device_put(batch['label'])
+      else:
+        xs, ys = x, y
+      params, batch_stats, opt_state, loss = step(params, batch_stats, opt_state, xs, ys)
+    jax.block_until_ready((params, loss))
+    carry[:] = [params, batch_stats, opt_state]
+
+  return run
+
+
+def bench(batch_size, args, config, model):
+  batch = make_batch(batch_size, config.input_shape, seed=batch_size)
+  variables = jax.jit(
+    lambda k: model.init(
+      k, jnp.zeros((config.ghost_batch_size, *config.input_shape)), train=False
+    )
+  )(jax.random.key(0))
+  cap = args.max_micro_batch_size
+  common = (config, model, variables, batch)
+  runners = {
+    'bare': bare_runner(*common, args.with_transfer),
+    'bare donated': bare_runner(*common, args.with_transfer, donate=True),
+  }
+  runners['ibs'], accumulation, host_loop = ibs_runner(
+    *common, cap, args.with_transfer, 'running'
+  )
+  runners['ibs+merge'], *_ = ibs_runner(*common, cap, args.with_transfer, 'merge')
+  if accumulation > 1:
+    runners['ibs A=1'], *_ = ibs_runner(
+      *common, batch_size, args.with_transfer, 'running'
+    )
+  if host_loop:
+    runners['ibs scan'], *_ = ibs_runner(
+      *common, cap, args.with_transfer, 'running', host_loop=False
+    )
+  for run in runners.values():
+    run(3)  # warm-up
+  # Enough steps that one timing covers about `--seconds` at this batch size.
+  start = time.perf_counter()
+  runners['bare'](3)
+  steps = max(3, round(args.seconds / ((time.perf_counter() - start) / 3)))
+  times = {name: [] for name in runners}
+  cpu_times = {name: [] for name in runners}
+  order = list(runners)
+  rng = random.Random(batch_size)
+  for _ in range(args.repetitions):
+    rng.shuffle(order)  # No variant always runs right after another.
+    for name in order:
+      start, cpu_start = time.perf_counter(), time.process_time()
+      runners[name](steps)
+      times[name].append(time.perf_counter() - start)
+      cpu_times[name].append(time.process_time() - cpu_start)
+  # Totals over the interleaved repetitions: every variant saw the same mix of load.
+  rates = {name: len(t) * steps * batch_size / sum(t) for name, t in times.items()}
+  cpu_ratios = {name: sum(cpu_times['bare']) / sum(t) for name, t in cpu_times.items()}
+  bare = times['bare']
+  paired = {  # Median of per-repetition ratios: robust to a disturbed repetition.
+    name: statistics.median(b / t for b, t in zip(bare, ts, strict=True))
+    for name, ts in times.items()
+  }
+  return rates, paired, cpu_ratios, accumulation, host_loop
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+  parser.add_argument('--batch_sizes', default='32,160,800,4000')
+  parser.add_argument('--repetitions', type=int, default=40)
+  parser.add_argument('--seconds', type=float, default=0.25, help='per timing')
+  parser.add_argument(
+    '--max_micro_batch_size',
+    type=int,
+    default=None,
+    help='per-device cap; default: configs/default.py (800)',
+  )
+  parser.add_argument('--with_transfer', action='store_true')
+  parser.add_argument('--model', choices=sorted(MODELS), default='cnn1d')
+  args = parser.parse_args()
+  config = make_config(args.model)
+  if args.max_micro_batch_size is None:
+    args.max_micro_batch_size = config.max_micro_batch_size
+  model = make_model(config)
+  print(
+    f'jax {jax.__version__}, {jax.device_count()} {jax.devices()[0].platform} '
+    f'device(s), model {config.model} {dict(config.model_kwargs)}, ghost batch '
+    f'{config.ghost_batch_size}, transfer {"included" if args.with_transfer else "excluded"}'
+  )
+  print(
+    '| B | A | bare ex/s | ibs ex/s | ibs / bare | ibs / bare, paired median '
+    '| ibs / bare, CPU time | ibs+merge / bare | ibs / bare donated | ibs at A = 1, ex/s |'
+  )
+  print('|---|---|---|---|---|---|---|---|---|---|')
+  scans = []
+  for batch_size in (int(b) for b in args.batch_sizes.split(',')):
+    rates, paired, cpu_ratios, accumulation, host_loop = bench(
+      batch_size, args, config, model
+    )
+    a1 = f'{rates["ibs A=1"]:,.0f}' if 'ibs A=1' in rates else '(A = 1)'
+    print(
+      f'| {batch_size} | {accumulation}{" (host loop)" if host_loop else ""} | '
+      f'{rates["bare"]:,.0f} | {rates["ibs"]:,.0f} | '
+      f'{rates["ibs"] / rates["bare"]:.3f} | {paired["ibs"]:.3f} | {cpu_ratios["ibs"]:.3f} '
+      f'| {rates["ibs+merge"] / rates["bare"]:.3f} '
+      f'| {rates["ibs"] / rates["bare donated"]:.3f} | {a1} |',
+      flush=True,
+    )
+    if host_loop:
+      scans.append(f'B = {batch_size}: {rates["ibs scan"]:,.0f} examples/s')
+  if scans:
+    print('The same steps as one executable with lax.scan: ' + '; '.join(scans))
+  print(f'load average after the run: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs')
+
+
+if __name__ == '__main__':
+  main()
