@@ -19,7 +19,7 @@ On every host of the TPU VM (the same command everywhere):
 Variants (`--config=configs/resnet50_tpu.py:ARG`):
   decaying_lr  the original schedule at batch 8192 throughout
   fake         synthetic 64×64 images, a tiny ResNet and 2 epochs of 512 examples:
-               a smoke test of this recipe that runs on a laptop CPU in about a minute
+               a smoke test of this recipe: 24 s on 2 CPU cores (measured, load ≈5)
 """
 
 import ml_collections
