@@ -50,28 +50,15 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   s.milestones = (60.0, 120.0, 160.0)
   s.decay_factor = 5.0
   s.learning_rate, s.batch_size, s.momentum = 0.1, 128, 0.9
-  schedule = args['schedule']
-  if schedule in ('decaying_lr', 'original'):
-    s.kind = 'decaying_lr'
-  elif schedule == 'hybrid':
-    s.kind, s.max_batch_size = 'hybrid', 640
-  elif schedule == 'increasing_batch':
-    s.kind = 'increasing_batch'
-  else:  # §5.2: every schedule capped at B_max = 5120.
-    s.kind, s.max_batch_size = 'hybrid', 5120
-    if schedule == 'increased_lr':
-      s.scale_batch_with_learning_rate = 5.0  # B ∝ ε: ε 0.5, B ×5
-    elif schedule == 'increased_momentum':
-      s.scale_batch_with_learning_rate = 5.0
-      s.scale_batch_with_momentum = 0.98  # B ∝ 1/(1 − m): B ×5 again
-
-  config.optimizer = args['optimizer']
-  if config.optimizer == 'sgd':  # Same g = εN/(B(1 − m)) without momentum.
-    s.learning_rate, s.momentum = s.learning_rate / (1 - s.momentum), 0.0
-  elif config.optimizer == 'adam':
-    s.learning_rate = 1e-3
+  variants.set_schedule(
+    s, args['schedule'], hybrid_max_batch_size=640, capped_max_batch_size=5120
+  )
+  variants.set_optimizer(config, args['optimizer'])
 
   config.max_micro_batch_size = 1024  # per device; 16000 accumulates
+  config.steps_per_dispatch = (
+    1  # image batches are large: a step already outlasts dispatch
+  )
   config.eval_batch_size = 1000
   config.log_every_epochs = 1.0
   config.eval_every_epochs = 5.0

@@ -54,6 +54,9 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   config.ghost_batch_size = 32 if momentum == 0.9 else 64
 
   config.max_micro_batch_size = 64  # per TPU core at 299×299
+  config.steps_per_dispatch = (
+    1  # image batches are large: a step already outlasts dispatch
+  )
   config.eval_batch_size = 1024
   config.log_every_epochs = 0.1
   config.eval_every_epochs = 2.0

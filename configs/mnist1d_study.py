@@ -22,8 +22,13 @@ import ml_collections
 from configs import default, variants
 
 SCHEDULES = (
-    'increasing_batch', 'decaying_lr', 'hybrid', 'original', 'increasing_batch_capped',
-    'increased_lr', 'increased_momentum',
+  'increasing_batch',
+  'decaying_lr',
+  'hybrid',
+  'original',
+  'increasing_batch_capped',
+  'increased_lr',
+  'increased_momentum',
 )
 OPTIMIZERS = ('momentum', 'nesterov', 'sgd', 'adam')
 
@@ -38,26 +43,10 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   s.milestones = (30.0, 60.0, 80.0)
   s.decay_factor = 5.0
   s.learning_rate, s.batch_size, s.momentum = 0.1, 32, 0.9
-  schedule = args['schedule']
-  if schedule in ('decaying_lr', 'original'):
-    s.kind = 'decaying_lr'
-  elif schedule == 'hybrid':
-    s.kind, s.max_batch_size = 'hybrid', 160
-  elif schedule == 'increasing_batch':
-    s.kind = 'increasing_batch'
-  else:
-    s.kind, s.max_batch_size = 'hybrid', 1024
-    if schedule == 'increased_lr':
-      s.scale_batch_with_learning_rate = 5.0  # B ∝ ε: ε 0.5, B ×5
-    elif schedule == 'increased_momentum':
-      s.scale_batch_with_learning_rate = 5.0
-      s.scale_batch_with_momentum = 0.98  # B ∝ 1/(1 − m): B ×5 again
-
-  config.optimizer = args['optimizer']
-  if config.optimizer == 'sgd':
-    s.learning_rate, s.momentum = s.learning_rate / (1 - s.momentum), 0.0
-  elif config.optimizer == 'adam':
-    s.learning_rate = 1e-3
+  variants.set_schedule(
+    s, args['schedule'], hybrid_max_batch_size=160, capped_max_batch_size=1024
+  )
+  variants.set_optimizer(config, args['optimizer'])
   config.max_micro_batch_size = 800
   config.eval_every_epochs = 2.0
   config.checkpoint_every_epochs = 50.0

@@ -50,8 +50,10 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   config.schedule.max_batch_size = 16384
   config.schedule.warmup_epochs = 5.0
 
-  config.max_micro_batch_size = (
-    256  # per TPU core; 8192 on 32 cores needs no accumulation
+  # Per TPU core; 8192 on 32 cores needs no accumulation.
+  config.max_micro_batch_size = 256
+  config.steps_per_dispatch = (
+    1  # image batches are large: a step already outlasts dispatch
   )
   config.eval_batch_size = 2048
   config.log_every_epochs = 0.1

@@ -1,4 +1,11 @@
-"""Parses config arguments of the form `key=value,key=value` (`--config=FILE.py:ARGS`)."""
+"""The variants a config argument selects (`--config=FILE.py:ARGS`, ARGS `k=v,k=v`).
+
+`parse` reads and checks the argument; `set_schedule` and `set_optimizer` apply the
+paper's §5.1/§5.2 variants, which the CIFAR-10 study and its MNIST-1D miniature share,
+so that both name and mean the same schedules and optimizers.
+"""
+
+import ml_collections
 
 
 def parse(arg: str, allowed: dict[str, tuple[str, ...]]) -> dict[str, str]:
@@ -17,3 +24,47 @@ def parse(arg: str, allowed: dict[str, tuple[str, ...]]) -> dict[str, str]:
       raise ValueError(f'{key}={value!r}: choose one of {list(allowed[key])}.')
     chosen[key] = value
   return chosen
+
+
+def set_schedule(
+  s: ml_collections.ConfigDict,
+  schedule: str,
+  *,
+  hybrid_max_batch_size: int,
+  capped_max_batch_size: int,
+) -> None:
+  """Sets `s.kind` and the batch caps of a §5.1 or §5.2 schedule, in place.
+
+  §5.1: decaying_lr (= §5.2's original), hybrid (the batch grows to
+  `hybrid_max_batch_size`, then ε decays) and increasing_batch. Any other name is a
+  §5.2 schedule, all capped at B_max = `capped_max_batch_size`: increasing batch, or
+  the same with the initial B scaled up by a larger ε (increased_lr) and also by a
+  larger momentum (increased_momentum). `s` must already hold the §5.1 ε, B and m.
+  """
+  if schedule in ('decaying_lr', 'original'):
+    s.kind = 'decaying_lr'
+  elif schedule == 'hybrid':
+    s.kind, s.max_batch_size = 'hybrid', hybrid_max_batch_size
+  elif schedule == 'increasing_batch':
+    s.kind = 'increasing_batch'
+  else:  # §5.2
+    s.kind, s.max_batch_size = 'hybrid', capped_max_batch_size
+    if schedule == 'increased_lr':
+      s.scale_batch_with_learning_rate = 5.0  # B ∝ ε: ε 0.5, B ×5
+    elif schedule == 'increased_momentum':
+      s.scale_batch_with_learning_rate = 5.0
+      s.scale_batch_with_momentum = 0.98  # B ∝ 1/(1 − m): B ×5 again
+
+
+def set_optimizer(config: ml_collections.ConfigDict, optimizer: str) -> None:
+  """Sets `config.optimizer` and adapts the §5.1 ε of `config.schedule` to it, in place.
+
+  sgd keeps the noise scale g = εN/(B(1 − m)) of momentum m by taking ε/(1 − m) and no
+  momentum; adam takes its usual ε 1e-3; momentum and nesterov keep ε and m.
+  """
+  config.optimizer = optimizer
+  s = config.schedule
+  if optimizer == 'sgd':
+    s.learning_rate, s.momentum = s.learning_rate / (1 - s.momentum), 0.0
+  elif optimizer == 'adam':
+    s.learning_rate = 1e-3

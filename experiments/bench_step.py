@@ -3,16 +3,16 @@ r"""Examples/s of the ibs train step against a bare `jax.jit` step of the same m
 The ibs step is what `ibs.train` runs: ahead-of-time compiled by
 `step.compile_train_steps`, with the accumulation machinery (`lax.scan` when A > 1),
 the optimizer's injected hyperparameters (ε and m read from the schedule inside the
-step), state donation, NamedShardings on the `data` mesh and clu metrics merged into
-running totals inside the step. The bare step is the same model and the same arithmetic
+step), state donation, NamedShardings on the `data` mesh, clu metrics merged into
+running totals inside the step, and `config.steps_per_dispatch` K updates per call
+(configs/default.py: 8). The bare step is the same model and the same arithmetic
 written the shortest way: `jax.jit` of value_and_grad + `optax.chain(add_decayed_weights,
-sgd(momentum))`, one batch, no scan, no injection, no sharding, no donation, the loss as
-its only metric. `ibs+merge` is the ibs step returning the batch's metrics and a second
-jitted call merging them (what ibs/train.py does unless it passes running metrics);
+sgd(momentum))`, one batch per call, no scan, no injection, no sharding, no donation,
+the loss as its only metric. "ibs, K = 1" is the ibs step one update per call;
 "bare donated" is the bare step donating its parameters and optimizer state, as ibs
-does (on XLA:CPU a donating step cannot be dispatched before the previous one ends).
-`--model=wrn` times a network of real convolutions, where on XLA:CPU ibs accumulates in
-a host loop (step.HostLoopStep); the scan form is timed beside it.
+does. `--model=wrn` times a network of real convolutions, where on XLA:CPU ibs
+accumulates in a host loop (step.HostLoopStep) and runs one step per call; the scan
+form is timed beside it.
 
 All variants run in one process, interleaved: each repetition times the same number of
 steps (about `--seconds`) of every variant, in a shuffled order, so load from other
@@ -20,7 +20,7 @@ processes hits all alike. Rates are totals over all repetitions; "paired median"
 median of the per-repetition ratios, "CPU time" the ratio of this process's CPU time
 (less sensitive to other processes on a shared machine). Batches are already on the
 device; `--with_transfer` also times the host → device copy of each batch
-(`step.global_train_batch` against `jax.device_put`).
+(`step.global_train_batch(es)` against `jax.device_put`).
 
   python experiments/bench_step.py                      # default cnn1d, B = 32 … 4000
   python experiments/bench_step.py --batch_sizes=32,160 --repetitions=5
@@ -89,14 +89,13 @@ def ibs_runner(
   batch,
   max_micro_batch_size,
   with_transfer,
-  mode,
+  steps_per_dispatch,
   host_loop=None,
 ):
-  """A closure running n ibs steps; returns it, the accumulation count A and the form.
+  """A closure running n ibs steps (n a multiple of K); with A, K and the form used.
 
-  mode 'running': metrics merged inside the step (`running_metrics=True`); 'merge': the
-  step returns the batch's metrics and a second jitted call merges them. `host_loop` as
-  in `step.compile_train_steps` (None: its automatic choice).
+  `steps_per_dispatch` is resolved as ibs.train does (1 for a conv net on XLA:CPU);
+  `host_loop` as in `step.compile_train_steps` (None: its automatic choice).
   """
   batch_size = len(batch['label'])
   schedule = schedules.Schedule(
@@ -118,27 +117,37 @@ def ibs_runner(
     batch_size, jax.device_count(), config.ghost_batch_size, max_micro_batch_size
   )
   example = {k: v[:1] for k, v in batch.items()}
-  running = mode == 'running'
+  k = step_lib.resolve_steps_per_dispatch(steps_per_dispatch, state, [plan], example)
   (compiled,) = step_lib.compile_train_steps(
-    mesh, state, [plan], example, running_metrics=running, host_loop=host_loop
+    mesh,
+    state,
+    [plan],
+    example,
+    running_metrics=True,
+    host_loop=host_loop,
+    steps_per_dispatch=k,
   ).values()
-  merge = jax.jit(lambda total, new: total.merge(new))
-  on_device = step_lib.global_train_batch(batch, plan, mesh)
+
+  def device_batch():
+    if k == 1:
+      return step_lib.global_train_batch(batch, plan, mesh)
+    return step_lib.global_train_batches([batch] * k, plan, mesh, k)
+
+  on_device = device_batch()
   holder = {'state': state, 'metrics': step_lib.empty_train_metrics(mesh)}
 
   def run(n):
     state, metrics = holder['state'], holder['metrics']
-    for _ in range(n):
-      b = step_lib.global_train_batch(batch, plan, mesh) if with_transfer else on_device
-      if running:
+    for _ in range(n // k):
+      b = device_batch() if with_transfer else on_device
+      if k == 1:
         state, metrics = compiled(state, b, metrics)
       else:
-        state, batch_metrics = compiled(state, b)
-        metrics = merge(metrics, batch_metrics)
+        state, metrics = compiled(state, b, metrics, k)
     jax.block_until_ready((state, metrics))
     holder['state'], holder['metrics'] = state, metrics
 
-  return run, plan.accumulation, isinstance(compiled, step_lib.HostLoopStep)
+  return run, plan.accumulation, k, isinstance(compiled, step_lib.HostLoopStep)
 
 
 def bare_runner(config, model, variables, batch, with_transfer, donate=False):
@@ -198,24 +207,24 @@ def bench(batch_size, args, config, model):
     'bare': bare_runner(*common, args.with_transfer),
     'bare donated': bare_runner(*common, args.with_transfer, donate=True),
   }
-  runners['ibs'], accumulation, host_loop = ibs_runner(
-    *common, cap, args.with_transfer, 'running'
+  k = args.steps_per_dispatch
+  runners['ibs'], accumulation, k, host_loop = ibs_runner(
+    *common, cap, args.with_transfer, k
   )
-  runners['ibs+merge'], *_ = ibs_runner(*common, cap, args.with_transfer, 'merge')
+  runners['ibs K=1'], *_ = ibs_runner(*common, cap, args.with_transfer, 1)
   if accumulation > 1:
-    runners['ibs A=1'], *_ = ibs_runner(
-      *common, batch_size, args.with_transfer, 'running'
-    )
+    runners['ibs A=1'], *_ = ibs_runner(*common, batch_size, args.with_transfer, k)
   if host_loop:
     runners['ibs scan'], *_ = ibs_runner(
-      *common, cap, args.with_transfer, 'running', host_loop=False
+      *common, cap, args.with_transfer, 1, host_loop=False
     )
   for run in runners.values():
-    run(3)  # warm-up
+    run(3 * k)  # warm-up
   # Enough steps that one timing covers about `--seconds` at this batch size.
   start = time.perf_counter()
   runners['bare'](3)
   steps = max(3, round(args.seconds / ((time.perf_counter() - start) / 3)))
+  steps = -(-steps // k) * k  # Whole dispatches of the ibs step.
   times = {name: [] for name in runners}
   cpu_times = {name: [] for name in runners}
   order = list(runners)
@@ -235,7 +244,7 @@ def bench(batch_size, args, config, model):
     name: statistics.median(b / t for b, t in zip(bare, ts, strict=True))
     for name, ts in times.items()
   }
-  return rates, paired, cpu_ratios, accumulation, host_loop
+  return rates, paired, cpu_ratios, accumulation, k, host_loop
 
 
 def main():
@@ -251,10 +260,18 @@ def main():
   )
   parser.add_argument('--with_transfer', action='store_true')
   parser.add_argument('--model', choices=sorted(MODELS), default='cnn1d')
+  parser.add_argument(
+    '--steps_per_dispatch',
+    type=int,
+    default=None,
+    help='K of the ibs step; default: configs/default.py (8)',
+  )
   args = parser.parse_args()
   config = make_config(args.model)
   if args.max_micro_batch_size is None:
     args.max_micro_batch_size = config.max_micro_batch_size
+  if args.steps_per_dispatch is None:
+    args.steps_per_dispatch = config.steps_per_dispatch
   model = make_model(config)
   print(
     f'jax {jax.__version__}, {jax.device_count()} {jax.devices()[0].platform} '
@@ -262,22 +279,23 @@ def main():
     f'{config.ghost_batch_size}, transfer {"included" if args.with_transfer else "excluded"}'
   )
   print(
-    '| B | A | bare ex/s | ibs ex/s | ibs / bare | ibs / bare, paired median '
-    '| ibs / bare, CPU time | ibs+merge / bare | ibs / bare donated | ibs at A = 1, ex/s |'
+    '| B | A | K | bare ex/s | ibs ex/s | ibs / bare | ibs / bare, paired median '
+    '| ibs / bare, CPU time | ibs K = 1 / bare | ibs K = 1 / bare donated '
+    '| ibs at A = 1, ex/s |'
   )
-  print('|---|---|---|---|---|---|---|---|---|---|')
+  print('|---|---|---|---|---|---|---|---|---|---|---|')
   scans = []
   for batch_size in (int(b) for b in args.batch_sizes.split(',')):
-    rates, paired, cpu_ratios, accumulation, host_loop = bench(
+    rates, paired, cpu_ratios, accumulation, k, host_loop = bench(
       batch_size, args, config, model
     )
     a1 = f'{rates["ibs A=1"]:,.0f}' if 'ibs A=1' in rates else '(A = 1)'
     print(
-      f'| {batch_size} | {accumulation}{" (host loop)" if host_loop else ""} | '
+      f'| {batch_size} | {accumulation}{" (host loop)" if host_loop else ""} | {k} | '
       f'{rates["bare"]:,.0f} | {rates["ibs"]:,.0f} | '
       f'{rates["ibs"] / rates["bare"]:.3f} | {paired["ibs"]:.3f} | {cpu_ratios["ibs"]:.3f} '
-      f'| {rates["ibs+merge"] / rates["bare"]:.3f} '
-      f'| {rates["ibs"] / rates["bare donated"]:.3f} | {a1} |',
+      f'| {rates["ibs K=1"] / rates["bare"]:.3f} '
+      f'| {rates["ibs K=1"] / rates["bare donated"]:.3f} | {a1} |',
       flush=True,
     )
     if host_loop:

@@ -28,43 +28,55 @@ def _grid(config: str, **axes: tuple[str, ...]) -> list[tuple[str, str]]:
   """(config file, 'k=v,k=v' argument) for every combination of the axes."""
   keys = list(axes)
   return [
-      (config, ','.join(f'{k}={v}' for k, v in zip(keys, values, strict=True)))
-      for values in itertools.product(*(axes[k] for k in keys))
+    (config, ','.join(f'{k}={v}' for k, v in zip(keys, values, strict=True)))
+    for values in itertools.product(*(axes[k] for k in keys))
   ]
 
 
 _OPTIMIZERS = ('momentum', 'nesterov', 'sgd', 'adam')
 EXPERIMENTS = {
-    # CPU scale: the paper's design on MNIST-1D.
-    'mnist1d_5_1': _grid(
-        'configs/mnist1d_study.py',
-        optimizer=_OPTIMIZERS,
-        schedule=('decaying_lr', 'hybrid', 'increasing_batch'),
+  # CPU scale: the paper's design on MNIST-1D.
+  'mnist1d_5_1': _grid(
+    'configs/mnist1d_study.py',
+    optimizer=_OPTIMIZERS,
+    schedule=('decaying_lr', 'hybrid', 'increasing_batch'),
+  ),
+  'mnist1d_5_2': _grid(  # Shares its decaying_lr runs with mnist1d_5_1.
+    'configs/mnist1d_study.py',
+    optimizer=('momentum',),
+    schedule=(
+      'decaying_lr',
+      'increasing_batch_capped',
+      'increased_lr',
+      'increased_momentum',
     ),
-    'mnist1d_5_2': _grid(  # Shares its decaying_lr runs with mnist1d_5_1.
-        'configs/mnist1d_study.py',
-        optimizer=('momentum',),
-        schedule=('decaying_lr', 'increasing_batch_capped', 'increased_lr',
-                  'increased_momentum'),
-    ),
-    # The paper's own experiments (accelerators and prepared datasets).
-    'cifar10_5_1': _grid(
-        'configs/cifar10_wrn.py',
-        optimizer=_OPTIMIZERS,
-        schedule=('decaying_lr', 'hybrid', 'increasing_batch'),
-    ),
-    'cifar10_5_2': _grid(
-        'configs/cifar10_wrn.py',
-        schedule=('original', 'increasing_batch_5120', 'increased_lr', 'increased_momentum'),
-    ),
-    'imagenet_5_3': _grid('configs/imagenet_irv2.py', schedule=('decaying_lr', 'increasing_batch'))
-    + _grid('configs/imagenet_irv2.py', momentum=('0.95', '0.975')),
-    'resnet50_5_4': [('configs/resnet50_tpu.py', ''), ('configs/resnet50_tpu.py', 'decaying_lr')],
+  ),
+  # The paper's own experiments (accelerators and prepared datasets).
+  'cifar10_5_1': _grid(
+    'configs/cifar10_wrn.py',
+    optimizer=_OPTIMIZERS,
+    schedule=('decaying_lr', 'hybrid', 'increasing_batch'),
+  ),
+  'cifar10_5_2': _grid(
+    'configs/cifar10_wrn.py',
+    schedule=('original', 'increasing_batch_5120', 'increased_lr', 'increased_momentum'),
+  ),
+  'imagenet_5_3': _grid(
+    'configs/imagenet_irv2.py', schedule=('decaying_lr', 'increasing_batch')
+  )
+  + _grid('configs/imagenet_irv2.py', momentum=('0.95', '0.975')),
+  'resnet50_5_4': [
+    ('configs/resnet50_tpu.py', ''),
+    ('configs/resnet50_tpu.py', 'decaying_lr'),
+  ],
 }
+
 
 def load_config(path: str, arg: str):
   """`get_config(arg)` of a config file, as `--config=path:arg` would load it."""
-  spec = importlib.util.spec_from_file_location('ibs_run_config', os.path.join(REPO, path))
+  spec = importlib.util.spec_from_file_location(
+    'ibs_run_config', os.path.join(REPO, path)
+  )
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config(arg) if arg else module.get_config()
@@ -78,16 +90,16 @@ def run_workdir(root: str, path: str, arg: str, seed: int) -> str:
 def main(argv):
   del argv
   runs = [
-      (path, arg, int(seed))
-      for seed in _SEEDS.value
-      for path, arg in EXPERIMENTS[_EXPERIMENT.value]
+    (path, arg, int(seed))
+    for seed in _SEEDS.value
+    for path, arg in EXPERIMENTS[_EXPERIMENT.value]
   ]
   if _PRINT.value:
     for path, arg, seed in runs:
       config_arg = f'{path}:{arg}' if arg else path
       print(
-          f'python -m ibs.main --config={config_arg} --config.seed={seed} '
-          f'--config.data_seed={seed} --workdir={run_workdir(_ROOT.value, path, arg, seed)}'
+        f'python -m ibs.main --config={config_arg} --config.seed={seed} '
+        f'--config.data_seed={seed} --workdir={run_workdir(_ROOT.value, path, arg, seed)}'
       )
     return
 
@@ -104,9 +116,9 @@ def main(argv):
     config.compilation_cache_dir = os.path.join(_ROOT.value, '.jax_cache')
     summary = train.train_and_evaluate(config, workdir)
     print(
-        f'[{i + 1}/{len(runs)}] {workdir}: test accuracy {summary["test_accuracy"]:.4f}, '
-        f'{summary["parameter_updates"]} updates, {summary["wall_clock_s"]:.0f} s',
-        flush=True,
+      f'[{i + 1}/{len(runs)}] {workdir}: test accuracy {summary["test_accuracy"]:.4f}, '
+      f'{summary["parameter_updates"]} updates, {summary["wall_clock_s"]:.0f} s',
+      flush=True,
     )
   print(f'{_EXPERIMENT.value}: {time.perf_counter() - start:.0f} s in all', flush=True)
 
@@ -116,8 +128,12 @@ if __name__ == '__main__':
   # and define flags of the same names.
   _EXPERIMENT = flags.DEFINE_enum('experiment', None, sorted(EXPERIMENTS), 'Which grid.')
   _ROOT = flags.DEFINE_string('root', 'workdirs', "Parent of every run's workdir.")
-  _SEEDS = flags.DEFINE_list('seeds', ['0', '1', '2'], 'Seeds (initialisation, data order).')
-  _PRINT = flags.DEFINE_bool('print_commands', False, 'Print per-run commands; run nothing.')
+  _SEEDS = flags.DEFINE_list(
+    'seeds', ['0', '1', '2'], 'Seeds (initialisation, data order).'
+  )
+  _PRINT = flags.DEFINE_bool(
+    'print_commands', False, 'Print per-run commands; run nothing.'
+  )
   flags.mark_flags_as_required(['experiment'])
   logging.set_verbosity(logging.WARNING)
   app.run(main)

@@ -19,8 +19,10 @@ from absl import app, flags
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import reproduce  # noqa: E402
 
-_EXPERIMENT = flags.DEFINE_enum('experiment', None, sorted(reproduce.EXPERIMENTS), 'Grid.')
-_ROOT = flags.DEFINE_string('root', 'workdirs', 'Parent of the runs\' workdirs.')
+_EXPERIMENT = flags.DEFINE_enum(
+  'experiment', None, sorted(reproduce.EXPERIMENTS), 'Grid.'
+)
+_ROOT = flags.DEFINE_string('root', 'workdirs', "Parent of the runs' workdirs.")
 _SEEDS = flags.DEFINE_list('seeds', ['0', '1', '2'], 'Seeds.')
 
 
@@ -48,15 +50,15 @@ def claim_holds(ours: list[float], baseline: list[float]) -> tuple[float, float,
   if len(ours) < 2 or len(baseline) < 2:
     return difference, math.nan, abs(difference) <= 0.5
   se = 100 * math.sqrt(
-      statistics.variance(ours) / len(ours) + statistics.variance(baseline) / len(baseline)
+    statistics.variance(ours) / len(ours) + statistics.variance(baseline) / len(baseline)
   )
   return difference, se, abs(difference) <= max(2 * se, 0.5)
 
 
 def table(runs: dict[str, list[dict]]) -> str:
   lines = [
-      '| run | seeds | test accuracy (%) | parameter updates | wall-clock (s) |',
-      '|---|---|---|---|---|',
+    '| run | seeds | test accuracy (%) | parameter updates | wall-clock (s) |',
+    '|---|---|---|---|---|',
   ]
   for arg, summaries in runs.items():
     if not summaries:
@@ -65,8 +67,8 @@ def table(runs: dict[str, list[dict]]) -> str:
     acc, sd = mean_std([100 * s['test_accuracy'] for s in summaries])
     wall = statistics.mean(s['wall_clock_s'] for s in summaries)
     lines.append(
-        f'| {arg} | {len(summaries)} | {acc:.2f} ± {sd:.2f} | '
-        f'{summaries[0]["parameter_updates"]:,} | {wall:.0f} |'
+      f'| {arg} | {len(summaries)} | {acc:.2f} ± {sd:.2f} | '
+      f'{summaries[0]["parameter_updates"]:,} | {wall:.0f} |'
     )
   return '\n'.join(lines)
 
@@ -74,25 +76,25 @@ def table(runs: dict[str, list[dict]]) -> str:
 def claim_table(runs: dict[str, list[dict]]) -> str:
   """Each schedule against decaying LR with the same optimizer."""
   lines = [
-      '| run | vs decaying LR (points) | 2 × SE | within noise | update ratio |',
-      '|---|---|---|---|---|',
+    '| run | vs decaying LR (points) | 2 × SE | within noise | update ratio |',
+    '|---|---|---|---|---|',
   ]
   for arg, summaries in runs.items():
     parts = dict(p.split('=') for p in arg.split(','))
     if parts.get('schedule') in ('decaying_lr', 'original') or not summaries:
       continue
     base_arg = ','.join(
-        f'{k}={"decaying_lr" if k == "schedule" else v}' for k, v in parts.items()
+      f'{k}={"decaying_lr" if k == "schedule" else v}' for k, v in parts.items()
     )
     baseline = runs.get(base_arg)
     if not baseline:
       continue
     diff, se, ok = claim_holds(
-        [s['test_accuracy'] for s in summaries], [s['test_accuracy'] for s in baseline]
+      [s['test_accuracy'] for s in summaries], [s['test_accuracy'] for s in baseline]
     )
     ratio = baseline[0]['parameter_updates'] / summaries[0]['parameter_updates']
     lines.append(
-        f'| {arg} | {diff:+.2f} | {2 * se:.2f} | {"yes" if ok else "no"} | {ratio:.2f}× |'
+      f'| {arg} | {diff:+.2f} | {2 * se:.2f} | {"yes" if ok else "no"} | {ratio:.2f}× |'
     )
   return '\n'.join(lines)
 

@@ -37,6 +37,11 @@ def check_config(
   for field in ('eval_every_epochs', 'checkpoint_every_epochs', 'log_every_epochs'):
     if not config[field] > 0:
       raise ConfigError(f'config.{field}={config[field]} must be positive (in epochs).')
+  if not (isinstance(config.steps_per_dispatch, int) and config.steps_per_dispatch >= 1):
+    raise ConfigError(
+      f'config.steps_per_dispatch={config.steps_per_dispatch!r} must be an integer >= 1 '
+      '(1: one update per call of the compiled step).'
+    )
   if config.ghost_batch_size <= 0:
     raise ConfigError(
       f'config.ghost_batch_size={config.ghost_batch_size} must be positive.'

@@ -5,7 +5,8 @@ is a multiple of the ghost batch size and at most `max_micro_batch_size`; the
 accumulation count A grows with the phase. With ghost batch norm the loss of the batch is
 the mean of its ghost-batch losses, so the mean of the A micro-batch gradients *is* the
 gradient of the whole batch, and memory does not grow with A (`lax.scan`; a batch that
-fits, A = 1, runs without the loop).
+fits, A = 1, runs without the loop; on XLA:CPU a model with convolutions loops in Python
+instead, see `HostLoopStep`).
 
 Sharding is jit + NamedSharding (DESIGN.md decision 6): parameters replicated, batches
 split over the `data` axis. A training batch has shape (A, devices·b, ...); device d
@@ -19,6 +20,10 @@ micro-batch, inside the loop (docs/BENCHMARKS.md, "Train step").
 Compilation (DESIGN.md decision 4): `compile_train_steps` compiles one executable per
 distinct batch shape ahead of time; ε and m are values in the optimizer state, so phases
 that share a shape share the executable, and an executable never recompiles.
+
+Several steps per dispatch (`train_steps`): where a step lasts a few hundred
+microseconds (small models, small batches, a laptop CPU), the host's work per call is a
+visible share of it; K steps in one executable pay it once per K.
 """
 
 import dataclasses
@@ -30,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from absl import logging
 from clu import metrics
 from flax import struct
 from flax.training import train_state
@@ -111,8 +117,10 @@ def make_mesh(devices: Any = None) -> jax.sharding.Mesh:
   )
 
 
-def train_batch_sharding(mesh) -> NamedSharding:
-  return NamedSharding(mesh, P(None, DATA_AXIS))
+def train_batch_sharding(mesh, steps_per_dispatch: int = 1) -> NamedSharding:
+  """(A, D·b, ...) sharded on its second axis; with K > 1 steps, (K, A, D·b, ...)."""
+  leading = (None,) if steps_per_dispatch > 1 else ()
+  return NamedSharding(mesh, P(*leading, None, DATA_AXIS))
 
 
 def eval_batch_sharding(mesh) -> NamedSharding:
@@ -124,21 +132,48 @@ def replicated(mesh) -> NamedSharding:
 
 
 def global_train_batch(local: dict[str, np.ndarray], plan: MicroBatchPlan, mesh) -> dict:
-  """This process's contiguous slice of a global batch → the sharded (A, D·b, ...) array.
+  """This process's contiguous slice of a global batch → the sharded (A, D·b, ...) array."""
+  arranged = {k: _arrange(v, plan, leading_axes=0) for k, v in local.items()}
+  return _to_global(arranged, train_batch_sharding(mesh), axis=1)
+
+
+def global_train_batches(
+  local_batches: list[dict[str, np.ndarray]],
+  plan: MicroBatchPlan,
+  mesh,
+  steps_per_dispatch: int,
+) -> dict:
+  """n ≤ K consecutive local batches → one sharded (K, A, D·b, ...) array for `train_steps`.
+
+  Slots n…K−1 are zeros that the step never reads: one shape, so one executable, serves
+  a dispatch cut short by a phase end or a log, evaluation or checkpoint boundary.
+  """
+  n = len(local_batches)
+  if not 1 <= n <= steps_per_dispatch:
+    raise ValueError(f'{n} batches for a dispatch of at most {steps_per_dispatch} steps.')
+
+  def stack(key: str) -> np.ndarray:
+    arrays = [local[key] for local in local_batches]
+    padding = [np.zeros_like(arrays[0])] * (steps_per_dispatch - n)
+    return _arrange(np.stack(arrays + padding), plan, leading_axes=1)
+
+  sharding = train_batch_sharding(mesh, steps_per_dispatch)
+  return _to_global({k: stack(k) for k in local_batches[0]}, sharding, axis=2)
+
+
+def _arrange(x: np.ndarray, plan: MicroBatchPlan, leading_axes: int) -> np.ndarray:
+  """(..., local examples, ...) → (..., A, local devices · b, ...), for the mesh.
 
   The process holds its local devices' positions in order: device-major, then A, then b.
-  Swapping the first two axes puts micro-batch a of every device at index a.
+  Swapping those two axes puts micro-batch a of every device at index a.
   """
-  sharding = train_batch_sharding(mesh)
   local_devices = plan.num_devices // jax.process_count()
-
-  def arrange(x: np.ndarray) -> np.ndarray:
-    x = x.reshape((local_devices, plan.accumulation, plan.micro_batch_size, *x.shape[1:]))
-    return np.swapaxes(x, 0, 1).reshape(
-      (plan.accumulation, local_devices * plan.micro_batch_size, *x.shape[3:])
-    )
-
-  return _to_global({k: arrange(v) for k, v in local.items()}, sharding, axis=1)
+  lead, rest = x.shape[:leading_axes], x.shape[leading_axes + 1 :]
+  x = x.reshape((*lead, local_devices, plan.accumulation, plan.micro_batch_size, *rest))
+  x = np.swapaxes(x, leading_axes, leading_axes + 1)
+  return x.reshape(
+    (*lead, plan.accumulation, local_devices * plan.micro_batch_size, *rest)
+  )
 
 
 def global_eval_batch(local: dict[str, np.ndarray], mesh) -> dict:
@@ -150,7 +185,11 @@ def _to_global(local: dict[str, np.ndarray], sharding: NamedSharding, axis: int)
   """Process-local arrays, concatenated over processes along `axis`, as global arrays."""
   if jax.process_count() == 1:
     # One transfer call for the whole batch: about half the host time per step of
-    # make_array_from_process_local_data per key, which matters at small batches.
+    # make_array_from_process_local_data per key, which matters at small batches. On
+    # one device, its own sharding (equivalent, accepted by the compiled step) is
+    # another 30 µs a batch cheaper than the NamedSharding.
+    if sharding.mesh.size == 1:
+      return jax.device_put(local, sharding.mesh.devices.flat[0])
     return jax.device_put(local, sharding)
 
   def to_global(x: np.ndarray) -> jax.Array:
@@ -238,6 +277,49 @@ def train_step(
   return new_state, _merged_metrics(losses, correct, running_metrics)
 
 
+def train_steps(
+  state: TrainState,
+  batches: dict[str, jax.Array],
+  running_metrics: TrainMetrics,
+  num_steps: jax.Array,
+) -> tuple[TrainState, TrainMetrics]:
+  """`num_steps` ≤ K updates, on batches[0], …, batches[num_steps − 1], in one dispatch.
+
+  `batches` has shape (K, A, devices·b, ...). Each iteration is `train_step`, so the
+  result is that of `num_steps` single steps; the trip count is a value, not a shape, so
+  the executable is the same for every count (`global_train_batches` pads).
+  """
+
+  def body(index, carry):
+    state, running_metrics = carry
+    batch = jax.tree.map(
+      lambda x: jax.lax.dynamic_index_in_dim(x, index, 0, False), batches
+    )
+    return train_step(state, batch, running_metrics)
+
+  return jax.lax.fori_loop(0, num_steps, body, (state, running_metrics))
+
+
+class MultiStep:
+  """A compiled `train_steps` for K batches, called as `(state, batches, metrics, n)`.
+
+  Holds the step counts 1…K on the device, so a call transfers nothing but the batches.
+  """
+
+  def __init__(self, compiled, steps_per_dispatch: int, mesh):
+    self._compiled = compiled
+    self.steps_per_dispatch = steps_per_dispatch
+    self._counts = [
+      jax.device_put(np.int32(n), replicated(mesh)) for n in range(steps_per_dispatch + 1)
+    ]
+
+  def __call__(self, state, batches, running_metrics, num_steps: int):
+    return self._compiled(state, batches, running_metrics, self._counts[num_steps])
+
+  def memory_analysis(self):
+    return self._compiled.memory_analysis()
+
+
 # The host-loop form of the same step, for XLA:CPU. XLA:CPU rewrites convolutions into
 # the layouts its fast kernels take only in the entry computation, not inside a while
 # loop: in a `lax.scan` the gradient convolutions of a conv net fall back to a naive
@@ -320,23 +402,32 @@ def eval_step(state: TrainState, batch: dict[str, jax.Array]) -> EvalMetrics:
   )
 
 
-def jit_train_step(mesh, running_metrics: bool = False) -> Callable:
+def jit_train_step(mesh, running_metrics: bool = False, steps_per_dispatch: int = 1):
   """train_step jitted for the mesh: state replicated (and donated), batch sharded.
 
   With `running_metrics` the step takes the running TrainMetrics as a third argument
-  (replicated, donated) and returns them merged.
+  (replicated, donated) and returns them merged. With `steps_per_dispatch` K > 1 it is
+  `train_steps` (running metrics, a fourth argument: the number of steps).
   """
+  rep, batch = replicated(mesh), train_batch_sharding(mesh, steps_per_dispatch)
+  if steps_per_dispatch > 1:
+    return jax.jit(
+      train_steps,
+      in_shardings=(rep, batch, rep, rep),
+      out_shardings=(rep, rep),
+      donate_argnums=(0, 2),
+    )
   if running_metrics:
     return jax.jit(
       train_step,
-      in_shardings=(replicated(mesh), train_batch_sharding(mesh), replicated(mesh)),
-      out_shardings=(replicated(mesh), replicated(mesh)),
+      in_shardings=(rep, batch, rep),
+      out_shardings=(rep, rep),
       donate_argnums=(0, 2),
     )
   return jax.jit(
     train_step,
-    in_shardings=(replicated(mesh), train_batch_sharding(mesh)),
-    out_shardings=(replicated(mesh), replicated(mesh)),
+    in_shardings=(rep, batch),
+    out_shardings=(rep, rep),
     donate_argnums=0,
   )
 
@@ -354,10 +445,13 @@ def jit_eval_step(mesh) -> Callable:
   )
 
 
-def batch_shapes(plan: MicroBatchPlan, example: dict[str, np.ndarray]) -> dict:
+def batch_shapes(
+  plan: MicroBatchPlan, example: dict[str, np.ndarray], steps_per_dispatch: int = 1
+) -> dict:
   """Abstract training batch of `plan`'s shape, for ahead-of-time compilation."""
+  leading = (steps_per_dispatch,) if steps_per_dispatch > 1 else ()
   return {
-    k: jax.ShapeDtypeStruct((*plan.shape, *v.shape[1:]), v.dtype)
+    k: jax.ShapeDtypeStruct((*leading, *plan.shape, *v.shape[1:]), v.dtype)
     for k, v in example.items()
   }
 
@@ -370,6 +464,7 @@ def compile_train_steps(
   *,
   running_metrics: bool = False,
   host_loop: bool | None = None,
+  steps_per_dispatch: int = 1,
 ) -> dict[tuple[int, int], Any]:
   """One ahead-of-time compiled step per distinct (A, devices·b) (DESIGN.md decision 4).
 
@@ -381,12 +476,20 @@ def compile_train_steps(
   `state` may be concrete or abstract (`jax.eval_shape`); `example` is one example per
   input key. With `running_metrics` see `jit_train_step`. `host_loop` (None: only on
   XLA:CPU for a model with convolutions) compiles shapes with A > 1 as a HostLoopStep:
-  two executables, the micro-batch step and the update.
+  two executables, the micro-batch step and the update. `steps_per_dispatch` K > 1
+  compiles `train_steps` as a MultiStep (needs running metrics and no host loop; see
+  `resolve_steps_per_dispatch`).
   """
   rep = replicated(mesh)
   state_shapes = _abstract(state, rep)
   metric_shapes = _abstract(TrainMetrics.empty(), rep)
-  jitted = jit_train_step(mesh, running_metrics)
+  if steps_per_dispatch > 1:
+    if not running_metrics or host_loop:
+      raise ValueError(
+        'steps_per_dispatch > 1 needs running_metrics=True and no host loop.'
+      )
+    host_loop = False
+  jitted = jit_train_step(mesh, running_metrics, steps_per_dispatch)
   accumulating = [plan for plan in plans if plan.accumulation > 1]
   if host_loop is None:
     host_loop = bool(accumulating) and _slow_in_a_loop(
@@ -396,8 +499,12 @@ def compile_train_steps(
   for plan in plans:
     if plan.shape in compiled:
       continue
-    batch = batch_shapes(plan, example)
-    if host_loop and plan.accumulation > 1:
+    batch = batch_shapes(plan, example, steps_per_dispatch)
+    if steps_per_dispatch > 1:
+      count = jax.ShapeDtypeStruct((), jnp.int32, sharding=rep)
+      executable = jitted.lower(state_shapes, batch, metric_shapes, count).compile()
+      compiled[plan.shape] = MultiStep(executable, steps_per_dispatch, mesh)
+    elif host_loop and plan.accumulation > 1:
       micro = jax.jit(
         accumulate_micro_batch,
         in_shardings=(rep, rep, rep, rep, train_batch_sharding(mesh), rep),
@@ -428,6 +535,23 @@ def compile_train_steps(
   return compiled
 
 
+def resolve_steps_per_dispatch(
+  requested: int, state: Any, plans: list[MicroBatchPlan], example: dict[str, np.ndarray]
+) -> int:
+  """`requested`, or 1 where a loop around the step would be slow (see HostLoopStep).
+
+  K steps run in a loop; on XLA:CPU a model with convolutions is ~20× slower in one.
+  """
+  if requested > 1 and _slow_in_a_loop(_abstract(state, None), plans[0], example):
+    logging.warning(
+      'config.steps_per_dispatch=%d ignored: on XLA:CPU a convolutional model runs '
+      'much slower inside a loop; one step per dispatch instead.',
+      requested,
+    )
+    return 1
+  return requested
+
+
 def _slow_in_a_loop(
   state: Any, plan: MicroBatchPlan, example: dict[str, np.ndarray]
 ) -> bool:
@@ -454,7 +578,7 @@ def _convolves(jaxpr) -> bool:
   return False
 
 
-def _abstract(tree: Any, sharding: NamedSharding) -> Any:
+def _abstract(tree: Any, sharding: NamedSharding | None) -> Any:
   """Shapes and dtypes of `tree` (arrays, abstract values or Python scalars) on `sharding`."""
 
   def spec(x):

@@ -72,13 +72,15 @@ def create_train_state(
   return jax.device_put(init(jax.random.key(config.seed)), step_lib.replicated(mesh))
 
 
-# One dispatch instead of one per metric field: this runs after every step.
-merge_metrics = jax.jit(lambda total, new: total.merge(new))
-
-
 def _crossed(before: int, after: int, period: int) -> bool:
   """Whether the example count passed a multiple of `period` going from before to after."""
   return before // period < after // period
+
+
+def _steps_to_cross(examples: int, batch_size: int, period: int) -> int:
+  """Steps of `batch_size` from `examples` until the count passes a multiple of `period`."""
+  next_multiple = (examples // period + 1) * period
+  return -(-(next_multiple - examples) // batch_size)
 
 
 def evaluate(eval_step, state, source, preprocess, config, mesh) -> dict[str, float]:
@@ -193,7 +195,17 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
     for plan, span in zip(plans, spans, strict=True)
     if span.first_step + span.num_steps > start_step and span.num_steps
   ]
-  compiled = step_lib.compile_train_steps(mesh, state, remaining, example)
+  steps_per_dispatch = step_lib.resolve_steps_per_dispatch(
+    config.steps_per_dispatch, state, remaining or plans, example
+  )
+  compiled = step_lib.compile_train_steps(
+    mesh,
+    state,
+    remaining,
+    example,
+    running_metrics=True,
+    steps_per_dispatch=steps_per_dispatch,
+  )
   for shape, executable in compiled.items():
     analysis = executable.memory_analysis()
     logging.info(
@@ -220,7 +232,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
   )
   hooks = [report_progress] if jax.process_index() == 0 else []
 
-  train_metrics = None
+  train_metrics = step_lib.empty_train_metrics(mesh)
   eval_results: dict[str, float] = {}
   step = start_step
   with metric_writers.ensure_flushes(writer):
@@ -245,7 +257,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
       )
       train_step = compiled[plan.shape]
       examples = span.start_examples + (step - span.first_step) * phase.batch_size
-      for local in input_pipeline.train_batches(
+      local_batches = input_pipeline.train_batches(
         train_source,
         preprocess,
         seed=config.data_seed,
@@ -254,16 +266,30 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
         num_steps=end - step,
         process_index=jax.process_index(),
         process_count=jax.process_count(),
-      ):
-        state, batch_metrics = train_step(
-          state, step_lib.global_train_batch(local, plan, mesh)
+        prefetch=2 * steps_per_dispatch,
+      )
+      while step < end:
+        # Up to K steps in one dispatch, ending where a log, evaluation or checkpoint
+        # is due, so that those happen at the same steps whatever K is.
+        num_steps = min(
+          steps_per_dispatch,
+          end - step,
+          *(
+            _steps_to_cross(examples, phase.batch_size, period)
+            for period in (log_every, eval_every, checkpoint_every)
+          ),
         )
-        train_metrics = (
-          batch_metrics
-          if train_metrics is None
-          else merge_metrics(train_metrics, batch_metrics)
-        )
-        before, examples, step = examples, examples + phase.batch_size, step + 1
+        chunk = [next(local_batches) for _ in range(num_steps)]
+        if steps_per_dispatch == 1:
+          state, train_metrics = train_step(
+            state, step_lib.global_train_batch(chunk[0], plan, mesh), train_metrics
+          )
+        else:
+          batches = step_lib.global_train_batches(chunk, plan, mesh, steps_per_dispatch)
+          state, train_metrics = train_step(state, batches, train_metrics, num_steps)
+        before = examples
+        examples += num_steps * phase.batch_size
+        step += num_steps
         for hook in hooks:
           hook(step)
         done = step == total_steps
@@ -276,7 +302,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
           scalars = {f'train_{k}': float(v) for k, v in train_metrics.compute().items()}
           scalars.update(_phase_scalars(schedule, phase_index, float(lr_fn(step - 1))))
           writer.write_scalars(step, {**scalars, **position})
-          train_metrics = None
+          train_metrics = step_lib.empty_train_metrics(mesh)
         if done or _crossed(before, examples, eval_every):
           with report_progress.timed('eval'):
             eval_results = evaluate(

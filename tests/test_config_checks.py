@@ -40,6 +40,7 @@ def _config(**overrides):
     ({'ghost_batch_size': 1024}, 1, 'exceeds config.max_micro_batch_size'),
     ({'eval_batch_size': 1001, 'ghost_batch_size': 16}, 2, 'eval_batch_size=1001'),
     ({'weight_decay': -1.0}, 1, 'weight_decay=-1.0'),
+    ({'steps_per_dispatch': 0}, 1, 'steps_per_dispatch=0 must be an integer >= 1'),
   ],
 )
 def test_bad_config_names_the_field(overrides, devices, message):

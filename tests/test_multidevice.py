@@ -42,20 +42,29 @@ LENGTH = 16
 NUM_STEPS = 3
 
 
-def _run_python(args, num_devices, timeout=TIMEOUT_S, cwd=REPO):
-  """Runs `python args...` with `num_devices` CPU devices; fails the test on error."""
+def _cpu_env(num_devices, **extra):
+  """This environment for a child JAX process on `num_devices` CPU devices.
+
+  XLA_FLAGS is dropped: no device count set there may compete with JAX_NUM_CPU_DEVICES.
+  """
   env = dict(os.environ)
   env.pop('XLA_FLAGS', None)
   env.update(
     JAX_PLATFORMS='cpu',
     JAX_NUM_CPU_DEVICES=str(num_devices),
     TF_CPP_MIN_LOG_LEVEL='2',
-    PYTHONPATH=os.pathsep.join([str(REPO), env.get('PYTHONPATH', '')]),
+    **extra,
   )
+  return env
+
+
+def _run_python(args, num_devices, timeout=TIMEOUT_S, cwd=REPO):
+  """Runs `python args...` with `num_devices` CPU devices; fails the test on error."""
+  pythonpath = os.pathsep.join([str(REPO), os.environ.get('PYTHONPATH', '')])
   result = subprocess.run(
     [sys.executable, *args],
     cwd=cwd,
-    env=env,
+    env=_cpu_env(num_devices, PYTHONPATH=pythonpath),
     capture_output=True,
     text=True,
     timeout=timeout,
@@ -318,13 +327,7 @@ def _free_port():
 def _launch_processes(script, workdir, name, num_processes=2, devices_per_process=2):
   """One ibs.main per process on localhost (gloo collectives); all must succeed."""
   port = _free_port()
-  env = dict(os.environ)
-  env.pop('XLA_FLAGS', None)
-  env.update(
-    JAX_PLATFORMS='cpu',
-    JAX_NUM_CPU_DEVICES=str(devices_per_process),
-    TF_CPP_MIN_LOG_LEVEL='2',
-  )
+  env = _cpu_env(devices_per_process)
   logs = [open(workdir.parent / f'{name}_{i}.log', 'w+') for i in range(num_processes)]  # noqa: SIM115
   processes = [
     subprocess.Popen(

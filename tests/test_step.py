@@ -190,6 +190,45 @@ def test_running_metrics_merge_inside_the_compiled_step(host_loop):
   assert got['accuracy'] == pytest.approx(np.mean([m['accuracy'] for m in expected]))
 
 
+@pytest.mark.parametrize('max_micro_batch_size', [32, 8], ids=['A1', 'A4'])
+def test_several_steps_per_dispatch_equal_single_steps(max_micro_batch_size):
+  """K = 4 compiled once; dispatches of 3 and then 2 steps are the reference's 5 updates.
+
+  The padded slots of each dispatch are zeros: had a step read one, the parameters, the
+  BN statistics (zeros shift them) or the metrics would leave the reference.
+  """
+  mesh = step_lib.make_mesh(jax.devices()[:1])
+  plan = step_lib.plan_micro_batches(BATCH, 1, GHOST, max_micro_batch_size)
+  state = jax.device_put(_state(*_initial_variables()), step_lib.replicated(mesh))
+  example = {k: v[:1] for k, v in _data(1)[0].items()}
+  (step,) = step_lib.compile_train_steps(
+    mesh, state, [plan], example, running_metrics=True, steps_per_dispatch=4
+  ).values()
+  assert isinstance(step, step_lib.MultiStep)
+  running = step_lib.empty_train_metrics(mesh)
+  data = _data(5)
+  for chunk in (data[:3], data[3:]):
+    batches = step_lib.global_train_batches(chunk, plan, mesh, steps_per_dispatch=4)
+    assert batches['input'].shape == (4, *plan.shape, LENGTH)
+    state, running = step(state, batches, running, len(chunk))
+
+  params, batch_stats, trace, expected = _reference(5)
+  assert int(state.step) == 5
+  _assert_close(state.params, params)
+  _assert_close(state.batch_stats, batch_stats)
+  _assert_close(state.opt_state.inner_state[1].trace, trace)
+  got = {k: float(v) for k, v in running.compute().items()}
+  assert got['loss'] == pytest.approx(np.mean([m['loss'] for m in expected]), rel=1e-5)
+  assert got['accuracy'] == pytest.approx(np.mean([m['accuracy'] for m in expected]))
+
+
+def test_global_train_batches_refuses_more_batches_than_the_dispatch_holds():
+  mesh = step_lib.make_mesh(jax.devices()[:1])
+  plan = step_lib.plan_micro_batches(BATCH, 1, GHOST, BATCH)
+  with pytest.raises(ValueError, match='5 batches for a dispatch of at most 4'):
+    step_lib.global_train_batches(_data(5), plan, mesh, steps_per_dispatch=4)
+
+
 def test_the_whole_batch_gradient_is_the_mean_of_ghost_batch_gradients():
   """The premise of exact accumulation, checked on the model without ibs.step."""
   params, batch_stats = _initial_variables()
@@ -290,6 +329,9 @@ def test_on_cpu_convolutions_accumulate_in_a_host_loop():
     compiled = step_lib.compile_train_steps(mesh, state, plans, example)
     assert isinstance(compiled[(4, 8)], step_lib.HostLoopStep) == host_loop
     assert not isinstance(compiled[(1, 32)], step_lib.HostLoopStep)
+    # Several steps per dispatch would loop around the convolutions too: refused.
+    expected = 1 if host_loop else 8
+    assert step_lib.resolve_steps_per_dispatch(8, state, plans, example) == expected
 
 
 def _counting(fn, counter):

@@ -44,6 +44,78 @@ def test_default_config_trains_end_to_end(tiny_config, tmp_path):
   assert step == steps
 
 
+_CREATE_WRITER = train.metric_writers.create_default_writer
+
+
+def _train_recording_logs(config, workdir, monkeypatch):
+  """Trains `config`; returns the summary and the (step, scalars) of every log and eval.
+
+  Progress reports (steps/s, every 30 s of wall-clock) are left out: they depend on time.
+  """
+  logged = []
+
+  def recording_writer(*args, **kwargs):
+    writer = _CREATE_WRITER(*args, **kwargs)
+    write_scalars = writer.write_scalars
+
+    def record(step, scalars):
+      if 'examples_seen' in scalars:
+        logged.append((step, {k: float(v) for k, v in scalars.items()}))
+      write_scalars(step, scalars)
+
+    writer.write_scalars = record
+    return writer
+
+  monkeypatch.setattr(train.metric_writers, 'create_default_writer', recording_writer)
+  return train.train_and_evaluate(config, workdir), logged
+
+
+@pytest.mark.slow
+def test_steps_per_dispatch_changes_neither_the_events_nor_the_training(
+  tiny_config, tmp_path, monkeypatch
+):
+  """K = 5 steps per dispatch against K = 1, the plain loop of one step per call.
+
+  Logs, evaluations and checkpoints fall on the same steps (a dispatch ends where one is
+  due) and the training is the same up to float32 rounding (the K-step executable is
+  compiled separately from the single step).
+  """
+  runs = {}
+  for k in (1, 5):
+    config = tiny_config.copy_and_resolve_references()
+    config.steps_per_dispatch = k
+    # Periods that end inside phases (the phases end at whole epochs), at other steps.
+    config.log_every_epochs = 0.3
+    config.eval_every_epochs = 0.7
+    config.checkpoint_every_epochs = 0.9
+    workdir = str(tmp_path / f'k{k}')
+    summary, logged = _train_recording_logs(config, workdir, monkeypatch)
+    checkpoints = sorted(
+      int(os.path.basename(d))
+      for d in glob.glob(os.path.join(workdir, 'checkpoints', '*'))
+    )
+    runs[k] = summary, logged, checkpoints, _final_params(workdir)[1]
+
+  (summary_1, logged_1, checkpoints_1, params_1), (summary_5, logged_5, *rest) = (
+    runs[1],
+    runs[5],
+  )
+  checkpoints_5, params_5 = rest
+  assert [(step, sorted(s)) for step, s in logged_5] == [
+    (step, sorted(s)) for step, s in logged_1
+  ]
+  assert checkpoints_5 == checkpoints_1
+  for (_, scalars_5), (_, scalars_1) in zip(logged_5, logged_1, strict=True):
+    for name, value in scalars_1.items():
+      assert scalars_5[name] == pytest.approx(value, rel=1e-3, abs=1e-4), name
+  assert summary_5['parameter_updates'] == summary_1['parameter_updates']
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
+    params_5,
+    params_1,
+  )
+
+
 @pytest.mark.slow
 def test_resume_ends_with_the_same_parameters(tiny_config, tmp_path):
   uninterrupted = str(tmp_path / 'uninterrupted')

@@ -16,12 +16,12 @@ from ibs.models import inception_resnet_v2, resnet, small, wide_resnet
 
 # Classes or functools.partials of them (ResNet50 fixes the stage sizes of ResNet).
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {
-    'cnn1d': small.CNN1D,
-    'mlp': small.MLP,
-    'wide_resnet': wide_resnet.WideResNet,
-    'resnet': resnet.ResNet,
-    'resnet50': resnet.ResNet50,
-    'inception_resnet_v2': inception_resnet_v2.InceptionResNetV2,
+  'cnn1d': small.CNN1D,
+  'mlp': small.MLP,
+  'wide_resnet': wide_resnet.WideResNet,
+  'resnet': resnet.ResNet,
+  'resnet50': resnet.ResNet50,
+  'inception_resnet_v2': inception_resnet_v2.InceptionResNetV2,
 }
 
 
@@ -41,19 +41,17 @@ def model_names() -> list[str]:
 
 
 def create_model(
-    name: str,
-    *,
-    num_classes: int,
-    ghost_batch_size: int,
-    half_precision: bool = False,
-    **kwargs: Any,
+  name: str,
+  *,
+  num_classes: int,
+  ghost_batch_size: int,
+  half_precision: bool = False,
+  **kwargs: Any,
 ) -> nn.Module:
   """Builds the model `name`; `half_precision` computes in bfloat16."""
   if name not in _REGISTRY:
-    raise ValueError(
-        f'Unknown config.model={name!r}. Choose one of {model_names()}.'
-    )
+    raise ValueError(f'Unknown config.model={name!r}. Choose one of {model_names()}.')
   dtype = jnp.bfloat16 if half_precision else jnp.float32
   return _REGISTRY[name](
-      num_classes=num_classes, ghost_batch_size=ghost_batch_size, dtype=dtype, **kwargs
+    num_classes=num_classes, ghost_batch_size=ghost_batch_size, dtype=dtype, **kwargs
   )

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from ibs.models.ghost_batch_norm import GhostBatchNorm
+from ibs.models import layers
 
 
 class ConvBN(nn.Module):
@@ -52,13 +52,7 @@ class ConvBN(nn.Module):
       kernel_init=nn.initializers.xavier_uniform(),
       dtype=self.dtype,
     )(x)
-    x = GhostBatchNorm(
-      self.ghost_batch_size,
-      momentum=self.bn_momentum,
-      epsilon=self.bn_epsilon,
-      use_scale=False,
-      dtype=self.dtype,
-    )(x, train=train)
+    x = layers.ghost_batch_norm(self, use_scale=False)(x, train=train)
     return nn.relu(x) if self.activation else x
 
 

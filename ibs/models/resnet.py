@@ -18,23 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from ibs.models.ghost_batch_norm import GhostBatchNorm
-
-
-def _conv(features: int, kernel: int, strides: int, dtype: Any, name: str) -> nn.Conv:
-  # Symmetric padding (k // 2 each side) as in torchvision and the TF reference's
-  # fixed_padding; 'SAME' would pad a stride-2 conv on one side only.
-  pad = kernel // 2
-  return nn.Conv(
-    features,
-    (kernel, kernel),
-    strides=strides,
-    padding=((pad, pad), (pad, pad)),
-    use_bias=False,
-    kernel_init=nn.initializers.he_normal(),
-    dtype=dtype,
-    name=name,
-  )
+from ibs.models import layers
 
 
 class ResidualBlock(nn.Module):
@@ -57,34 +41,29 @@ class ResidualBlock(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
     def norm(y, name, scale_init=nn.initializers.ones):
-      return GhostBatchNorm(
-        self.ghost_batch_size,
-        momentum=self.bn_momentum,
-        epsilon=self.bn_epsilon,
-        dtype=self.dtype,
-        scale_init=scale_init,
-        name=name,
-      )(y, train=train)
+      return layers.ghost_batch_norm(self, scale_init=scale_init, name=name)(
+        y, train=train
+      )
 
     last_scale_init = (
       nn.initializers.zeros if self.zero_init_last_bn_scale else nn.initializers.ones
     )
     if self.bottleneck:
       out_features = 4 * self.features
-      y = _conv(self.features, 1, 1, self.dtype, 'conv1')(x)
+      y = layers.conv(self.features, 1, 1, self.dtype, 'conv1')(x)
       y = nn.relu(norm(y, 'bn1'))
-      y = _conv(self.features, 3, self.strides, self.dtype, 'conv2')(y)
+      y = layers.conv(self.features, 3, self.strides, self.dtype, 'conv2')(y)
       y = nn.relu(norm(y, 'bn2'))
-      y = _conv(out_features, 1, 1, self.dtype, 'conv3')(y)
+      y = layers.conv(out_features, 1, 1, self.dtype, 'conv3')(y)
       y = norm(y, 'bn3', last_scale_init)
     else:
       out_features = self.features
-      y = _conv(self.features, 3, self.strides, self.dtype, 'conv1')(x)
+      y = layers.conv(self.features, 3, self.strides, self.dtype, 'conv1')(x)
       y = nn.relu(norm(y, 'bn1'))
-      y = _conv(self.features, 3, 1, self.dtype, 'conv2')(y)
+      y = layers.conv(self.features, 3, 1, self.dtype, 'conv2')(y)
       y = norm(y, 'bn2', last_scale_init)
     if x.shape[-1] != out_features or self.strides != 1:
-      x = _conv(out_features, 1, self.strides, self.dtype, 'proj_conv')(x)
+      x = layers.conv(out_features, 1, self.strides, self.dtype, 'proj_conv')(x)
       x = norm(x, 'proj_bn')
     return nn.relu(x + y)
 
@@ -116,14 +95,8 @@ class ResNet(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-    x = _conv(self.width, 7, 2, self.dtype, 'stem_conv')(x)
-    x = GhostBatchNorm(
-      self.ghost_batch_size,
-      momentum=self.bn_momentum,
-      epsilon=self.bn_epsilon,
-      dtype=self.dtype,
-      name='stem_bn',
-    )(x, train=train)
+    x = layers.conv(self.width, 7, 2, self.dtype, 'stem_conv')(x)
+    x = layers.ghost_batch_norm(self, name='stem_bn')(x, train=train)
     x = nn.relu(x)
     x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     for stage, num_blocks in enumerate(self.stage_sizes):

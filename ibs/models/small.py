@@ -27,7 +27,7 @@ def conv1d_as_matmul(x: jax.Array, kernel: jax.Array, stride: int = 1) -> jax.Ar
   padded = jnp.pad(x, ((0, 0), (pad // 2, pad - pad // 2), (0, 0)))
   stop = (out - 1) * stride + 1
   patches = jnp.concatenate(
-      [padded[:, i : i + stop : stride] for i in range(width)], axis=-1
+    [padded[:, i : i + stop : stride] for i in range(width)], axis=-1
   )
   return patches @ kernel.reshape((-1, kernel.shape[-1]))
 

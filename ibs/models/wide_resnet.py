@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from ibs.models.ghost_batch_norm import GhostBatchNorm
+from ibs.models import layers
 
 
 class WideBasicBlock(nn.Module):
@@ -38,24 +38,10 @@ class WideBasicBlock(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
     def norm(y):
-      return GhostBatchNorm(
-        self.ghost_batch_size,
-        momentum=self.bn_momentum,
-        epsilon=self.bn_epsilon,
-        dtype=self.dtype,
-      )(y, train=train)
+      return layers.ghost_batch_norm(self)(y, train=train)
 
     def conv(y, features, kernel, strides=1):
-      pad = kernel // 2
-      return nn.Conv(
-        features,
-        (kernel, kernel),
-        strides=strides,
-        padding=((pad, pad), (pad, pad)),
-        use_bias=False,
-        kernel_init=nn.initializers.he_normal(),
-        dtype=self.dtype,
-      )(y)
+      return layers.conv(features, kernel, strides, self.dtype)(y)
 
     activated = nn.relu(norm(x))
     y = conv(activated, self.features, 3, self.strides)
@@ -96,14 +82,7 @@ class WideResNet(nn.Module):
         '(config.model_kwargs.depth).'
       )
     blocks_per_group = (self.depth - 4) // 6
-    x = nn.Conv(
-      16,
-      (3, 3),
-      padding=((1, 1), (1, 1)),
-      use_bias=False,
-      kernel_init=nn.initializers.he_normal(),
-      dtype=self.dtype,
-    )(x)
+    x = layers.conv(16, 3, 1, self.dtype)(x)
     for group, base in enumerate((16, 32, 64)):
       for block in range(blocks_per_group):
         x = WideBasicBlock(
@@ -114,11 +93,6 @@ class WideResNet(nn.Module):
           bn_epsilon=self.bn_epsilon,
           dtype=self.dtype,
         )(x, train=train)
-    x = GhostBatchNorm(
-      self.ghost_batch_size,
-      momentum=self.bn_momentum,
-      epsilon=self.bn_epsilon,
-      dtype=self.dtype,
-    )(x, train=train)
+    x = layers.ghost_batch_norm(self)(x, train=train)
     x = jnp.mean(nn.relu(x), axis=(1, 2))
     return nn.Dense(self.num_classes, dtype=self.dtype)(x).astype(jnp.float32)
