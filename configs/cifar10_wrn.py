@@ -12,6 +12,10 @@ factor 5. Arguments (`--config=configs/cifar10_wrn.py:schedule=hybrid,optimizer=
   data       cifar10 (prepare with `tfds build cifar10`), or fake (synthetic 32×32×3
              and a WRN-10-1, a few epochs: a CPU smoke test of the recipe).
 
+Every phase batch must be a multiple of devices × ghost batch (128), and the paper's
+batches are 128 × powers of 5 (and 5120): run them on one device, a GPU. On more, the
+config check at startup names the phase batch that does not split.
+
   python -m ibs.main --config=configs/cifar10_wrn.py:schedule=increasing_batch \
       --workdir=/tmp/wrn_increasing_batch
   python -m ibs.noise_scale --config=configs/cifar10_wrn.py:schedule=hybrid --baseline
@@ -56,9 +60,8 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   variants.set_optimizer(config, args['optimizer'])
 
   config.max_micro_batch_size = 1024  # per device; 16000 accumulates
-  config.steps_per_dispatch = (
-    1  # image batches are large: a step already outlasts dispatch
-  )
+  # Image batches are large: one step already outlasts the host's work per call.
+  config.steps_per_dispatch = 1
   config.eval_batch_size = 1000
   config.log_every_epochs = 1.0
   config.eval_every_epochs = 5.0

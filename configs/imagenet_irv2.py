@@ -8,7 +8,8 @@ there and decays afterwards (the hybrid cap rule). 299×299 inputs.
 Arguments (`--config=configs/imagenet_irv2.py:schedule=increasing_batch,momentum=0.975`):
   schedule   increasing_batch (Fig. 6, ghost batch 32) | decaying_lr (Fig. 6)
   momentum   0.9 | 0.95 | 0.975 — Fig. 7: initial B 8192 / 16384 / 32768 keeps g
-             constant (B ∝ 1/(1 − m)), ghost batch 64
+             constant (B ∝ 1/(1 − m)), ghost batch 64 (0.9 keeps Fig. 6's 32, so the
+             grid compares 0.95 and 0.975 with the Fig. 6 runs)
   data       imagenet2012 | fake (tiny IRv2 on synthetic 75×75 images: a CPU smoke test)
 
   python -m ibs.noise_scale --config=configs/imagenet_irv2.py:momentum=0.975
@@ -54,9 +55,8 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   config.ghost_batch_size = 32 if momentum == 0.9 else 64
 
   config.max_micro_batch_size = 64  # per TPU core at 299×299
-  config.steps_per_dispatch = (
-    1  # image batches are large: a step already outlasts dispatch
-  )
+  # Image batches are large: one step already outlasts the host's work per call.
+  config.steps_per_dispatch = 1
   config.eval_batch_size = 1024
   config.log_every_epochs = 0.1
   config.eval_every_epochs = 2.0

@@ -1,4 +1,4 @@
-r"""§5.4: ResNet-50 on ImageNet, batch 8192 → 16384, on a TPU pod (PAPER.md §5.4).
+r"""§5.4: ResNet-50 on ImageNet, batch 8192 → 16384, on a TPU pod (PAPER.md).
 
 The recipe is inferred from the same group's public setup: 5-epoch linear warm-up to
 ε = 3.2 (0.1 per 256 examples, Goyal et al.), momentum 0.9, weight decay 1e-4 (not on BN
@@ -10,9 +10,11 @@ Prepare ImageNet once (manual download, array_record format):
   tfds build imagenet2012 --data_dir=gs://BUCKET/tfds --manual_dir=DIR \
       --file_format=array_record
 
-On every host of the TPU VM (the same command everywhere):
+On every host of the TPU VM (the same command everywhere), from a checkout: configs/
+is not part of the installed package. From the folder that holds your checkout ibs/:
+  gcloud compute tpus tpu-vm scp --recurse ibs $TPU:~ --zone=$ZONE --worker=all
   gcloud compute tpus tpu-vm ssh $TPU --zone=$ZONE --worker=all --command="\
-    pip install 'ibs @ git+https://REPO' 'jax[tpu]' && \
+    cd ~/ibs && pip install -e . 'jax[tpu]' && \
     python -m ibs.main --config=configs/resnet50_tpu.py \
       --config.data_dir=gs://BUCKET/tfds --workdir=gs://BUCKET/ibs/resnet50"
 
@@ -52,9 +54,8 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
 
   # Per TPU core; 8192 on 32 cores needs no accumulation.
   config.max_micro_batch_size = 256
-  config.steps_per_dispatch = (
-    1  # image batches are large: a step already outlasts dispatch
-  )
+  # Image batches are large: one step already outlasts the host's work per call.
+  config.steps_per_dispatch = 1
   config.eval_batch_size = 2048
   config.log_every_epochs = 0.1
   config.eval_every_epochs = 2.0
@@ -87,6 +88,7 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
     config.compilation_cache_dir = ''
   elif arg:
     raise ValueError(
-      f'Unknown variant {arg!r} of resnet50_tpu.py; use decaying_lr or fake.'
+      f'Unknown variant {arg!r} of resnet50_tpu.py: use '
+      '--config=configs/resnet50_tpu.py:decaying_lr or :fake, or no variant.'
     )
   return config

@@ -2,7 +2,8 @@
 
 `parse` reads and checks the argument; `set_schedule` and `set_optimizer` apply the
 paper's §5.1/§5.2 variants, which the CIFAR-10 study and its MNIST-1D miniature share,
-so that both name and mean the same schedules and optimizers.
+so that a schedule or optimizer name means the same in both (only the capped increasing
+batch is named per study: increasing_batch_5120, increasing_batch_capped).
 """
 
 import ml_collections

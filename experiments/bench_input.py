@@ -3,7 +3,8 @@ r"""Input-pipeline throughput beside the train step's consumption, on this machi
 For each workload and batch size it measures, in examples per second:
   pipeline  `input_pipeline.train_batches` alone (order, gather, augmentation, prefetch);
   step      the compiled train step fed one fixed host batch (global_train_batch + step);
-  loop      both together, as ibs.train runs them.
+  loop      both together, one step per dispatch (ibs.train can dispatch several
+            steps at once, config.steps_per_dispatch: see experiments/bench_step.py).
 The pipeline should deliver at least twice what the step consumes, so that it never
 stalls training. Each repetition times the three back to back; the table gives the
 median and (min–max) over repetitions, so load from other processes shows as spread.
@@ -67,11 +68,20 @@ def summary(rates: list[float]) -> str:
   return f'{statistics.median(rates):,.0f} ({min(rates):,.0f}–{max(rates):,.0f})'
 
 
-def pipeline_rate(source, preprocess, batch_size: int) -> float:
-  batches = input_pipeline.train_batches(
-    source, preprocess, seed=0, start_examples=0, batch_size=batch_size, num_steps=10**6
+def stream(source, preprocess, batch_size: int, num_steps: int = 10**6):
+  """The training stream from position 0 (data seed 0), one process."""
+  return input_pipeline.train_batches(
+    source,
+    preprocess,
+    seed=0,
+    start_examples=0,
+    batch_size=batch_size,
+    num_steps=num_steps,
   )
-  return examples_per_second(batches, batch_size)
+
+
+def pipeline_rate(source, preprocess, batch_size: int) -> float:
+  return examples_per_second(stream(source, preprocess, batch_size), batch_size)
 
 
 def step_measurers(config, source, preprocess, batch_size: int):
@@ -83,11 +93,7 @@ def step_measurers(config, source, preprocess, batch_size: int):
   plan = step_lib.plan_micro_batches(
     batch_size, jax.device_count(), config.ghost_batch_size, config.max_micro_batch_size
   )
-  local = next(
-    input_pipeline.train_batches(
-      source, preprocess, seed=0, start_examples=0, batch_size=batch_size, num_steps=1
-    )
-  )
+  local = next(stream(source, preprocess, batch_size, num_steps=1))
   state = train.create_train_state(config, model, schedule, spec.input_shape, mesh)
   step = step_lib.compile_train_steps(mesh, state, [plan], local)[plan.shape]
   holder = {'state': state}
@@ -110,10 +116,9 @@ def step_measurers(config, source, preprocess, batch_size: int):
     return examples_per_second(run(repeat()), batch_size, finish)
 
   def fed():
-    batches = input_pipeline.train_batches(
-      source, preprocess, seed=0, start_examples=0, batch_size=batch_size, num_steps=10**6
+    return examples_per_second(
+      run(stream(source, preprocess, batch_size)), batch_size, finish
     )
-    return examples_per_second(run(batches), batch_size, finish)
 
   return alone, fed
 
@@ -217,6 +222,11 @@ def main() -> None:
     '--data_dir', default='/tmp/ibs_bench_tfds', help='where MNIST-1D is generated, once'
   )
   args = parser.parse_args()
+  unknown = set(args.workloads.split(',')) - set(WORKLOADS)
+  if unknown:
+    parser.error(
+      f'unknown --workloads {sorted(unknown)}; choose from {",".join(WORKLOADS)}'
+    )
   ARGS.seconds, ARGS.repetitions = args.seconds, args.repetitions
   print(
     f'{jax.device_count()} {jax.devices()[0].platform} device(s), {os.cpu_count()} CPU '

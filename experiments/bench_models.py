@@ -3,8 +3,8 @@ r"""Forward + backward examples/s of each ibs model on this machine.
 One training-mode gradient step per call (`jax.value_and_grad` of the softmax
 cross-entropy, batch statistics updated, no optimizer), jitted, on random inputs already
 on the device. The big networks run as tiny variants (narrow, few blocks, small images):
-on CPU, XLA's convolution makes the full-size ones take seconds per step
-(../shared/ENV.md), so their numbers here only say what a CPU test or smoke run costs.
+on CPU, XLA's convolution makes the full-size ones take seconds per step, so their
+numbers here only say what a CPU test or smoke run costs.
 The MNIST-1D models run at their real size.
 
 Each repetition times steps after a warm-up step until `--min_seconds` have passed;

@@ -63,7 +63,12 @@ def mib(n: int) -> str:
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   parser.add_argument('--model', default='cnn1d', choices=sorted(MODELS))
-  parser.add_argument('--micro_batch_size', type=int, default=800)
+  parser.add_argument(
+    '--micro_batch_size',
+    type=int,
+    default=800,
+    help='b per device, a multiple of the ghost batch (32; 128 for wide_resnet)',
+  )
   parser.add_argument('--accumulations', default='1,4,16')
   parser.add_argument('--no_bare', action='store_true', help='skip the whole-batch step')
   parser.add_argument(
@@ -75,13 +80,19 @@ def main():
   args = parser.parse_args()
 
   input_shape, ghost, kwargs = MODELS[args.model]
+  b = args.micro_batch_size
+  if b % ghost:
+    parser.error(
+      f'--micro_batch_size={b} is not a multiple of the ghost batch size {ghost} of '
+      f'{args.model}; use e.g. --micro_batch_size={ghost * max(1, b // ghost)}.'
+    )
+  host_loop = {'auto': None, 'on': True, 'off': False}[args.host_loop]
   model = models.create_model(
     args.model, num_classes=10, ghost_batch_size=ghost, **kwargs
   )
   variables = jax.eval_shape(
     lambda: model.init(jax.random.key(0), jnp.zeros((ghost, *input_shape)), train=False)
   )
-  b = args.micro_batch_size
   accumulations = [int(a) for a in args.accumulations.split(',')]
   schedule = schedules.Schedule(
     phases=(schedules.Phase(0.0, b, 0.1, 0.9),), num_epochs=1.0, num_train_examples=b
@@ -112,7 +123,6 @@ def main():
     batch = a * b * jax.device_count()
     plan = step_lib.plan_micro_batches(batch, jax.device_count(), ghost, b)
     assert plan.micro_batch_size == b, plan
-    host_loop = {'auto': None, 'on': True, 'off': False}[args.host_loop]
     (compiled,) = step_lib.compile_train_steps(
       mesh, state, [plan], example, host_loop=host_loop
     ).values()

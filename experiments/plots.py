@@ -55,14 +55,7 @@ PIECEWISE_CONSTANT = ('learning_rate', 'momentum', 'batch_size', 'noise_scale', 
 
 Scalars = dict[str, tuple[np.ndarray, np.ndarray]]
 
-# Importing reproduce defines --experiment, --root and --seeds (as results.py needs them
-# too); define here only those it does not, so both ways of defining them work.
-if 'experiment' not in flags.FLAGS:
-  flags.DEFINE_enum('experiment', None, sorted(reproduce.EXPERIMENTS), 'Which grid.')
-if 'root' not in flags.FLAGS:
-  flags.DEFINE_string('root', 'workdirs', "Parent of the runs' workdirs.")
-if 'seeds' not in flags.FLAGS:
-  flags.DEFINE_list('seeds', ['0', '1', '2'], 'Seeds to average over, where found.')
+# --experiment, --root and --seeds are reproduce.py's.
 _OUT = flags.DEFINE_string('out', 'docs/figures', 'Directory for the PNG files.')
 
 
@@ -199,19 +192,12 @@ def plot_runs(runs: dict[str, list[Scalars]], panels=LEARNING_CURVES, title: str
 def experiment_groups(experiment: str) -> dict[str, dict[str, tuple[str, str]]]:
   """{optimizer: {schedule label: (config path, argument)}} of a reproduce experiment.
 
-  An argument without `optimizer=` falls in group 'all'; the label is the rest of the
-  argument (`schedule=` dropped), or 'default' for the config's own schedule.
+  Groups and labels as `reproduce.group_and_label` gives them.
   """
   groups: dict[str, dict[str, tuple[str, str]]] = {}
   for path, arg in reproduce.EXPERIMENTS[experiment]:
-    parts = [p for p in arg.split(',') if p]
-    optimizer = next(
-      (p.split('=', 1)[1] for p in parts if p.startswith('optimizer=')), ''
-    )
-    label = ','.join(
-      p.removeprefix('schedule=') for p in parts if not p.startswith('optimizer=')
-    )
-    groups.setdefault(optimizer or 'all', {})[label or 'default'] = (path, arg)
+    optimizer, label = reproduce.group_and_label(arg)
+    groups.setdefault(optimizer, {})[label] = (path, arg)
   return groups
 
 

@@ -57,9 +57,15 @@ EXPERIMENTS = {
     optimizer=_OPTIMIZERS,
     schedule=('decaying_lr', 'hybrid', 'increasing_batch'),
   ),
-  'cifar10_5_2': _grid(
+  'cifar10_5_2': _grid(  # Shares its decaying_lr runs with cifar10_5_1.
     'configs/cifar10_wrn.py',
-    schedule=('original', 'increasing_batch_5120', 'increased_lr', 'increased_momentum'),
+    optimizer=('momentum',),
+    schedule=(
+      'decaying_lr',
+      'increasing_batch_5120',
+      'increased_lr',
+      'increased_momentum',
+    ),
   ),
   'imagenet_5_3': _grid(
     'configs/imagenet_irv2.py', schedule=('decaying_lr', 'increasing_batch')
@@ -70,6 +76,32 @@ EXPERIMENTS = {
     ('configs/resnet50_tpu.py', 'decaying_lr'),
   ],
 }
+
+# Shared with results.py and plots.py, which import this module for its grids.
+flags.DEFINE_enum('experiment', None, sorted(EXPERIMENTS), 'Which grid.')
+flags.DEFINE_string('root', 'workdirs', "Parent of every run's workdir.")
+flags.DEFINE_list(
+  'seeds',
+  ['0', '1', '2'],
+  "Seeds, each a run's initialisation and data order (results and plots: where found).",
+)
+
+
+def group_and_label(arg: str) -> tuple[str, str]:
+  """(optimizer, schedule label) of a grid argument, e.g. ('sgd', 'hybrid').
+
+  Runs of one optimizer are compared (results.py) and drawn (plots.py) together; an
+  argument without `optimizer=` is in group 'all'. The label is the rest of the argument
+  with `schedule=` dropped, or 'default' for the config's own schedule.
+  """
+  parts = [p for p in arg.split(',') if p]
+  optimizer = next(
+    (p.split('=', 1)[1] for p in parts if p.startswith('optimizer=')), 'all'
+  )
+  label = ','.join(
+    p.removeprefix('schedule=') for p in parts if not p.startswith('optimizer=')
+  )
+  return optimizer, label or 'default'
 
 
 def load_config(path: str, arg: str):
@@ -89,17 +121,18 @@ def run_workdir(root: str, path: str, arg: str, seed: int) -> str:
 
 def main(argv):
   del argv
+  experiment, root = flags.FLAGS.experiment, flags.FLAGS.root
   runs = [
     (path, arg, int(seed))
-    for seed in _SEEDS.value
-    for path, arg in EXPERIMENTS[_EXPERIMENT.value]
+    for seed in flags.FLAGS.seeds
+    for path, arg in EXPERIMENTS[experiment]
   ]
-  if _PRINT.value:
+  if flags.FLAGS.print_commands:
     for path, arg, seed in runs:
       config_arg = f'{path}:{arg}' if arg else path
       print(
         f'python -m ibs.main --config={config_arg} --config.seed={seed} '
-        f'--config.data_seed={seed} --workdir={run_workdir(_ROOT.value, path, arg, seed)}'
+        f'--config.data_seed={seed} --workdir={run_workdir(root, path, arg, seed)}'
       )
     return
 
@@ -107,33 +140,24 @@ def main(argv):
 
   start = time.perf_counter()
   for i, (path, arg, seed) in enumerate(runs):
-    workdir = run_workdir(_ROOT.value, path, arg, seed)
+    workdir = run_workdir(root, path, arg, seed)
     if os.path.exists(os.path.join(workdir, 'summary.json')):
       print(f'[{i + 1}/{len(runs)}] {workdir}: finished, skipped', flush=True)
       continue
     config = load_config(path, arg)
     config.seed = config.data_seed = seed
-    config.compilation_cache_dir = os.path.join(_ROOT.value, '.jax_cache')
+    config.compilation_cache_dir = os.path.join(root, '.jax_cache')
     summary = train.train_and_evaluate(config, workdir)
     print(
       f'[{i + 1}/{len(runs)}] {workdir}: test accuracy {summary["test_accuracy"]:.4f}, '
       f'{summary["parameter_updates"]} updates, {summary["wall_clock_s"]:.0f} s',
       flush=True,
     )
-  print(f'{_EXPERIMENT.value}: {time.perf_counter() - start:.0f} s in all', flush=True)
+  print(f'{experiment}: {time.perf_counter() - start:.0f} s in all', flush=True)
 
 
 if __name__ == '__main__':
-  # Defined here, not at import: results.py and plots.py import this module for its grids
-  # and define flags of the same names.
-  _EXPERIMENT = flags.DEFINE_enum('experiment', None, sorted(EXPERIMENTS), 'Which grid.')
-  _ROOT = flags.DEFINE_string('root', 'workdirs', "Parent of every run's workdir.")
-  _SEEDS = flags.DEFINE_list(
-    'seeds', ['0', '1', '2'], 'Seeds (initialisation, data order).'
-  )
-  _PRINT = flags.DEFINE_bool(
-    'print_commands', False, 'Print per-run commands; run nothing.'
-  )
+  flags.DEFINE_bool('print_commands', False, 'Print per-run commands; run nothing.')
   flags.mark_flags_as_required(['experiment'])
   logging.set_verbosity(logging.WARNING)
   app.run(main)

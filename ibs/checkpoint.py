@@ -19,11 +19,14 @@ from typing import Any
 import orbax.checkpoint as ocp
 
 # Config fields that decide the parameters' trajectory. Logging, evaluation and
-# checkpoint cadence, the stop-after switch and the cache directory do not.
+# checkpoint cadence, the stop-after switch, steps per dispatch, the micro-batch cap
+# (accumulation over ghost batches is exact), the eval batch, data_dir and the cache
+# directory do not.
 TRAJECTORY_FIELDS = (
   'dataset',
   'mnist1d',
   'fake',
+  'image_size',
   'model',
   'model_kwargs',
   'ghost_batch_size',
@@ -50,8 +53,12 @@ class Position:
 
 
 def config_fingerprint(config: Any) -> str:
-  """A short hash of the trajectory-determining config fields."""
-  fields = {k: config.get(k) for k in TRAJECTORY_FIELDS}
+  """A short hash of the trajectory-determining config fields the config has.
+
+  A field the config lacks is left out rather than hashed as None, so adding a field to
+  TRAJECTORY_FIELDS keeps the fingerprint (and the resumability) of configs without it.
+  """
+  fields = {k: config[k] for k in TRAJECTORY_FIELDS if k in config}
   text = json.dumps(fields, sort_keys=True, default=_to_jsonable)
   return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -104,10 +111,6 @@ def restore_latest(
       '--workdir, or restore the original config. The checkpoint was left untouched.'
     )
   restored = manager.restore(
-    step,
-    args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(abstract_state),
-      position=ocp.args.JsonRestore(),
-    ),
+    step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
   )
   return restored['state'], position

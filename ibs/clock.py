@@ -60,11 +60,15 @@ def examples_at_epoch(epoch: float, num_train_examples: int) -> int:
   return round(epoch * num_train_examples)
 
 
+def due_epochs(schedule: Any) -> list[float]:
+  """The epoch each phase is due to end at: the next phase's start, num_epochs for the last."""
+  return [p.start_epoch for p in schedule.phases[1:]] + [schedule.num_epochs]
+
+
 def due_examples(schedule: Any) -> list[int]:
   """S_{p+1} for every phase p: the example count at which the phase is due to end."""
   n = schedule.num_train_examples
-  ends = [p.start_epoch for p in schedule.phases[1:]] + [schedule.num_epochs]
-  return [examples_at_epoch(epoch, n) for epoch in ends]
+  return [examples_at_epoch(epoch, n) for epoch in due_epochs(schedule)]
 
 
 def phase_spans(schedule: Any) -> tuple[PhaseSpan, ...]:

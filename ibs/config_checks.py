@@ -33,7 +33,14 @@ def check_config(
       f'{list(optim.OPTIMIZERS)}.'
     )
   if config.weight_decay < 0:
-    raise ConfigError(f'config.weight_decay={config.weight_decay} must be >= 0.')
+    raise ConfigError(
+      f'config.weight_decay={config.weight_decay} must be >= 0 (0 for none).'
+    )
+  if config.weight_decay_mask not in ('all', 'kernels'):
+    raise ConfigError(
+      f"config.weight_decay_mask={config.weight_decay_mask!r} must be 'all' (decay every "
+      "parameter) or 'kernels' (no decay on batch-norm parameters and biases)."
+    )
   for field in ('eval_every_epochs', 'checkpoint_every_epochs', 'log_every_epochs'):
     if not config[field] > 0:
       raise ConfigError(f'config.{field}={config[field]} must be positive (in epochs).')
@@ -55,12 +62,14 @@ def check_config(
 
   if config.optimizer == 'sgd' and any(p.momentum for p in schedule.phases):
     raise ConfigError(
-      "config.optimizer='sgd' is plain SGD without momentum, but config.schedule."
-      "momentum is not 0. Set config.schedule.momentum=0 or use optimizer 'momentum'."
+      "config.optimizer='sgd' is plain SGD without momentum, but the schedule's momentum "
+      'is not 0. Set config.schedule.momentum=0 (for an explicit schedule, 0 in every '
+      "phase; no scale_batch_with_momentum) or use optimizer 'momentum'."
     )
   if num_devices % process_count:
     raise ConfigError(
-      f'{num_devices} devices do not split over {process_count} processes.'
+      f'{num_devices} devices do not split over {process_count} processes; every '
+      'process must drive the same number of devices.'
     )
   for phase in schedule.phases:
     try:

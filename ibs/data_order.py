@@ -39,11 +39,19 @@ def example_indices(seed: int, positions: np.ndarray, num_examples: int) -> np.n
   if num_examples <= 0:
     raise ValueError(f'A split needs examples; this one has {num_examples}.')
   positions = np.asarray(positions, np.int64)
-  if positions.size and positions.min() < 0:
-    raise ValueError(f'Stream positions start at 0; got {positions.min()}.')
+  if not positions.size:
+    return np.empty_like(positions)
+  first = positions.min()
+  if first < 0:
+    raise ValueError(f'Stream positions start at 0; got {first}.')
+  first_epoch = first // num_examples
+  if positions.max() // num_examples == first_epoch:  # most batches: one gather
+    return epoch_permutation(seed, int(first_epoch), num_examples)[
+      positions - first_epoch * num_examples
+    ]
+  # A batch across an epoch boundary (or B > N): one gather per epoch it spans.
   epochs = positions // num_examples
   indices = np.empty_like(positions)
-  # A batch spans one or two epochs (more only when B > N): one gather per epoch.
   for epoch in np.unique(epochs):
     where = epochs == epoch
     indices[where] = epoch_permutation(seed, int(epoch), num_examples)[

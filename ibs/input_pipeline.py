@@ -25,6 +25,7 @@ import numpy as np
 
 from ibs import data_order
 from ibs.datasets import augment, catalog, prepared
+from ibs.datasets.augment import Batch, Preprocess
 from ibs.datasets.sources import ArraySource, EncodedImageSource, FakeSource
 
 __all__ = [
@@ -38,21 +39,19 @@ __all__ = [
   'train_batches',
 ]
 
-Batch = dict[str, np.ndarray]
-Preprocess = Callable[[Batch, np.ndarray, bool], Batch]
 DatasetNotPreparedError = prepared.DatasetNotPreparedError
 
 
 def load_source(config: Any, split: str) -> Any:
-  """The random-access source of `config.dataset`'s split ('train' or 'test')."""
+  """The random-access source of `config.dataset`'s split ('train' or 'test').
+
+  A catalog dataset that is not on disk raises DatasetNotPreparedError at once, saying
+  how to prepare it; nothing is ever downloaded.
+  """
   name = config.dataset
-  if name not in catalog.DATASETS:
-    raise ValueError(
-      f'Unknown config.dataset={name!r}. Choose one of {list(catalog.DATASETS)}.'
-    )
+  spec = catalog.dataset_spec(config)  # raises for an unknown config.dataset
   if split not in catalog.SPLITS:
     raise ValueError(f'Unknown split {split!r}; ibs reads {list(catalog.SPLITS)}.')
-  spec = catalog.dataset_spec(config)
   expected = spec.num_train_examples if split == 'train' else spec.num_test_examples
   data_dir = config.get('data_dir') or None
   if name == 'fake':
@@ -72,7 +71,8 @@ def load_source(config: Any, split: str) -> Any:
   if len(source) != expected:
     raise ValueError(
       f'{name} {split} split has {len(source)} examples, but the schedule was built for '
-      f'{expected}. The prepared data does not match ibs/datasets/catalog.py.'
+      f'{expected}. The prepared data does not match ibs/datasets/catalog.py: prepare '
+      'it again, or correct the sizes there if this version of the dataset is intended.'
     )
   return source
 
@@ -84,16 +84,12 @@ def preprocess_fn(config: Any) -> Preprocess:
   Inception crop (training) or central crop (evaluation), flip, normalisation; MNIST-1D
   and fake data: none. Randomness is keyed by (config.data_seed, position).
   """
-  name = config.dataset
-  if name == 'cifar10':
+  spec = catalog.dataset_spec(config)  # raises for an unknown config.dataset
+  if config.dataset == 'cifar10':
     return augment.cifar10(config.data_seed)
-  if name == 'imagenet2012':
-    return augment.imagenet(config.data_seed, catalog.dataset_spec(config).input_shape[0])
-  if name in catalog.DATASETS:
-    return augment.cast
-  raise ValueError(
-    f'Unknown config.dataset={name!r}. Choose one of {list(catalog.DATASETS)}.'
-  )
+  if config.dataset == 'imagenet2012':
+    return augment.imagenet(config.data_seed, spec.input_shape[0])
+  return augment.cast
 
 
 def _prefetch(batches: Iterator[Callable[[], Any]], size: int) -> Iterator[Any]:
@@ -129,9 +125,10 @@ def train_batches(
   replayed stream, define the data. Arguments are checked here, not at the first batch.
   """
   data_order.check_batch_split(batch_size, process_index, process_count)
-  if start_examples < 0 or num_steps < 0:
+  if min(seed, start_examples, num_steps) < 0:
     raise ValueError(
-      f'start_examples={start_examples} and num_steps={num_steps} must be >= 0.'
+      f'seed={seed} (config.data_seed), start_examples={start_examples} and '
+      f'num_steps={num_steps} must be >= 0.'
     )
   n = len(source)
 

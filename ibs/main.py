@@ -39,9 +39,11 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+  # Imported only now: XLA's C++ logging, like TensorFlow's (which ibs.train imports),
+  # reads TF_CPP_MIN_LOG_LEVEL once.
+  import jax  # noqa: PLC0415
 
-  import jax  # noqa: PLC0415 - jax.distributed must be initialised before any JAX call.
-
+  # Before any JAX computation, so that every process sees the global device set.
   if _COORDINATOR.value:
     jax.distributed.initialize(
       coordinator_address=_COORDINATOR.value,

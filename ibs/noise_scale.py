@@ -1,4 +1,4 @@
-r"""The SGD noise scale g and the schedule calculator (PAPER.md, "The idea in four lines").
+"""The SGD noise scale g and the schedule calculator (PAPER.md, "The idea in four lines").
 
     g = ε (N/B − 1) / (1 − m)   ≈   ε N / (B (1 − m))      (B ≪ N)
 
@@ -68,12 +68,11 @@ class PhaseRow:
 def phase_table(schedule: schedules.Schedule) -> list[PhaseRow]:
   """The per-phase rows of `schedule`, at each phase's full learning rate."""
   n = schedule.num_train_examples
-  ends = [p.start_epoch for p in schedule.phases[1:]] + [schedule.num_epochs]
   rows, total = [], 0.0
   for i, (phase, end, updates, span) in enumerate(
     zip(
       schedule.phases,
-      ends,
+      clock.due_epochs(schedule),
       clock.nominal_updates(schedule),
       clock.phase_spans(schedule),
       strict=True,
@@ -185,7 +184,10 @@ def _curves(schedule: schedules.Schedule) -> tuple[np.ndarray, dict[str, np.ndar
 
 
 def plot_schedule(
-  schedule: schedules.Schedule, path: str, baseline=None, title: str = ''
+  schedule: schedules.Schedule,
+  path: str,
+  baseline: schedules.Schedule | None = None,
+  title: str = '',
 ) -> None:
   """ε, B and g against epochs (the paper's Figure 1), written to `path`."""
   # A bare Figure, not pyplot: no GUI backend, and no change to a notebook's backend.

@@ -20,14 +20,11 @@ formulas written out in numpy.
 """
 
 import functools
-from collections.abc import Callable
 from typing import Any
 
 import optax
 
 from ibs import schedules
-
-OPTIMIZERS = ('sgd', 'momentum', 'nesterov', 'adam')
 
 
 def _weight_decay(weight_decay: float, mask: Any) -> optax.GradientTransformation:
@@ -35,6 +32,17 @@ def _weight_decay(weight_decay: float, mask: Any) -> optax.GradientTransformatio
     optax.add_decayed_weights(weight_decay, mask=mask)
     if weight_decay
     else optax.identity()
+  )
+
+
+def _decayed(statistics, learning_rate, weight_decay, decoupled, mask):
+  """L2: ω ← ω − ε·S(ĝ + λω); decoupled: ω ← ω − ε·(S(ĝ) + λω), S = `statistics`."""
+  decay = _weight_decay(weight_decay, mask)
+  return optax.chain(
+    optax.identity() if decoupled else decay,
+    statistics,
+    decay if decoupled else optax.identity(),
+    optax.scale_by_learning_rate(learning_rate),
   )
 
 
@@ -49,13 +57,8 @@ def heavy_ball(
   learning_rate, momentum, weight_decay=0.0, decoupled=False, mask=None, nesterov=False
 ):
   """A ← m·A + ĝ; ω ← ω − ε·A, or with `nesterov` ω ← ω − ε·(ĝ + m·A)."""
-  decay = _weight_decay(weight_decay, mask)
-  return optax.chain(
-    optax.identity() if decoupled else decay,
-    optax.trace(decay=momentum, nesterov=nesterov),
-    decay if decoupled else optax.identity(),
-    optax.scale_by_learning_rate(learning_rate),
-  )
+  trace = optax.trace(decay=momentum, nesterov=nesterov)
+  return _decayed(trace, learning_rate, weight_decay, decoupled, mask)
 
 
 def adam(
@@ -68,13 +71,17 @@ def adam(
   eps=1e-8,
 ):
   """Adam with β1 = the schedule's momentum (Kingma & Ba 2015); AdamW if decoupled."""
-  decay = _weight_decay(weight_decay, mask)
-  return optax.chain(
-    optax.identity() if decoupled else decay,
-    optax.scale_by_adam(b1=momentum, b2=b2, eps=eps),
-    decay if decoupled else optax.identity(),
-    optax.scale_by_learning_rate(learning_rate),
-  )
+  moments = optax.scale_by_adam(b1=momentum, b2=b2, eps=eps)
+  return _decayed(moments, learning_rate, weight_decay, decoupled, mask)
+
+
+_FACTORIES = {
+  'sgd': sgd,
+  'momentum': heavy_ball,
+  'nesterov': functools.partial(heavy_ball, nesterov=True),
+  'adam': adam,
+}
+OPTIMIZERS = tuple(_FACTORIES)
 
 
 def create_optimizer(
@@ -87,25 +94,22 @@ def create_optimizer(
 ) -> optax.GradientTransformation:
   """The optimizer `name` following `schedule`'s ε and m, with injected hyperparameters.
 
-  For 'sgd' the schedule's momentum must be 0; for 'adam' it is Adam's β1.
+  For 'adam' m is Adam's β1. 'sgd' has no momentum and ignores m (ibs.config_checks
+  rejects a config that sets m ≠ 0 with it).
   """
   if name not in OPTIMIZERS:
     raise ValueError(
       f'Unknown config.optimizer={name!r}. Choose one of {list(OPTIMIZERS)}.'
     )
-  learning_rate = schedules.learning_rate_schedule(schedule)
-  momentum_fn = schedules.momentum_schedule(schedule)
-  fixed = dict(
-    weight_decay=weight_decay, decoupled=decoupled_weight_decay, mask=weight_decay_mask
-  )
+  hyperparams = {'learning_rate': schedules.learning_rate_schedule(schedule)}
+  if name != 'sgd':
+    hyperparams['momentum'] = schedules.momentum_schedule(schedule)
+  # Static: these choose the chain's shape (and the mask may be a function of the params);
+  # otherwise optax would inject them as traced values or call the mask with the step.
   static = ('weight_decay', 'decoupled', 'mask')
-  if name == 'sgd':
-    return optax.inject_hyperparams(sgd, static_args=static)(learning_rate, **fixed)
-  factory: Callable[..., optax.GradientTransformation] = {
-    'momentum': heavy_ball,
-    'nesterov': functools.partial(heavy_ball, nesterov=True),
-    'adam': adam,
-  }[name]
-  return optax.inject_hyperparams(factory, static_args=static)(
-    learning_rate=learning_rate, momentum=momentum_fn, **fixed
+  return optax.inject_hyperparams(_FACTORIES[name], static_args=static)(
+    **hyperparams,
+    weight_decay=weight_decay,
+    decoupled=decoupled_weight_decay,
+    mask=weight_decay_mask,
   )

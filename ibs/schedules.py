@@ -130,8 +130,8 @@ def validate(schedule: Schedule) -> None:
     if phase.batch_size > n:
       raise ScheduleError(
         f'{where}: batch_size={phase.batch_size} exceeds the {n} training examples; '
-        'the paper caps B well below N (B_max ≈ N/10). Lower schedule.max_batch_size '
-        'or the decay factors.'
+        'the paper caps B well below N (B_max ≈ N/10). Lower config.schedule.batch_size '
+        "or decay_factor, or cap B with kind='hybrid' and a max_batch_size below N."
       )
     if not (math.isfinite(phase.learning_rate) and phase.learning_rate > 0):
       raise ScheduleError(
@@ -259,7 +259,10 @@ def scale_batch_with_learning_rate(recipe: StepDecay, factor: float) -> StepDeca
   §5.2's "increased initial LR": ε 0.1 → 0.5 and B 128 → 640 (factor 5).
   """
   if not (math.isfinite(factor) and factor > 0):
-    raise ScheduleError(f'The B ∝ ε scaling factor {factor!r} must be a positive number.')
+    raise ScheduleError(
+      f'The B ∝ ε scaling factor {factor!r} must be a positive number '
+      '(config.schedule.scale_batch_with_learning_rate; 1 leaves the recipe as it is).'
+    )
   return dataclasses.replace(
     recipe,
     batch_size=_integer_batch_size(
@@ -275,7 +278,10 @@ def scale_batch_with_momentum(recipe: StepDecay, momentum: float) -> StepDecay:
   §5.2's "increased momentum": m 0.9 → 0.98 and B 640 → 3200.
   """
   if not 0 <= momentum < 1:
-    raise ScheduleError(f'The momentum to scale B with, {momentum!r}, must be in [0, 1).')
+    raise ScheduleError(
+      f'The momentum to scale B with, {momentum!r}, must be in [0, 1) '
+      '(config.schedule.scale_batch_with_momentum; None leaves the recipe as it is).'
+    )
   if not 0 <= recipe.momentum < 1:
     raise ScheduleError(f'momentum={recipe.momentum!r} must be in [0, 1).')
   batch = recipe.batch_size * (1 - recipe.momentum) / (1 - momentum)
@@ -386,6 +392,12 @@ def from_config(config: Any, num_train_examples: int) -> Schedule:
         'config.schedule.scale_batch_with_learning_rate / scale_batch_with_momentum '
         "scale a step-decay recipe; with kind='explicit' write the scaled phases."
       )
+    for i, row in enumerate(s.phases):
+      if len(row) != 4:
+        raise ScheduleError(
+          f'config.schedule.phases[{i}]={tuple(row)!r} must be (start_epoch, '
+          'batch_size, learning_rate, momentum).'
+        )
     phases = tuple(
       Phase(float(e), _config_integer(b, f'phases[{i}] batch size'), float(lr), float(m))
       for i, (e, b, lr, m) in enumerate(s.phases)

@@ -41,11 +41,19 @@ def _config(**overrides):
     ({'eval_batch_size': 1001, 'ghost_batch_size': 16}, 2, 'eval_batch_size=1001'),
     ({'weight_decay': -1.0}, 1, 'weight_decay=-1.0'),
     ({'steps_per_dispatch': 0}, 1, 'steps_per_dispatch=0 must be an integer >= 1'),
+    ({'weight_decay_mask': 'kernel'}, 1, "weight_decay_mask='kernel' must be"),
+    ({'eval_every_epochs': 0.0}, 1, 'eval_every_epochs=0.0 must be positive'),
+    ({'ghost_batch_size': 0}, 1, 'ghost_batch_size=0 must be positive'),
   ],
 )
 def test_bad_config_names_the_field(overrides, devices, message):
   with pytest.raises(config_checks.ConfigError, match=message):
     config_checks.check_config(_config(**overrides), num_devices=devices)
+
+
+def test_devices_must_split_evenly_over_processes():
+  with pytest.raises(config_checks.ConfigError, match='4 devices do not split over 3'):
+    config_checks.check_config(_config(), num_devices=4, process_count=3)
 
 
 def test_default_config_is_valid():

@@ -32,6 +32,23 @@ def test_epochs_and_seeds_give_different_orders():
   np.testing.assert_array_equal(first, data_order.example_indices(0, np.arange(n), n))
 
 
+@pytest.mark.parametrize(
+  'positions',
+  [
+    np.arange(80, 110),  # inside one epoch
+    np.arange(100, 190),  # across two epoch boundaries (B > N)
+    np.random.default_rng(0).integers(0, 10 * 37, 200),  # unordered, repeated
+  ],
+)
+def test_position_holds_its_epochs_seeded_permutation(positions):
+  """The documented order, written out: perm_e = default_rng([seed, e]).permutation(N)."""
+  seed, n = 9, 37
+  expected = [
+    np.random.default_rng([seed, s // n]).permutation(n)[s % n] for s in positions
+  ]
+  np.testing.assert_array_equal(data_order.example_indices(seed, positions, n), expected)
+
+
 @fast
 @given(
   seed=st.integers(0, 1000),
@@ -119,3 +136,24 @@ def test_position_uniform_looks_uniform_and_seeded():
   assert histogram.min() > 1800
   v = data_order.position_uniform(4, np.arange(20_000), 4)
   assert abs(np.corrcoef(u[:, 0], v[:, 0])[0, 1]) < 0.03
+
+
+def test_position_uniform_is_the_documented_hash():
+  """SplitMix64 of (s · draws + d) xor SplitMix64(seed), top 53 bits, in Python ints."""
+  mask = (1 << 64) - 1
+
+  def splitmix64(x):
+    x = (x + 0x9E3779B97F4A7C15) & mask
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & mask
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & mask
+    return x ^ (x >> 31)
+
+  seed, positions, draws = -5, [0, 1, 12_345, 2**40], 3
+  key = splitmix64(seed & mask)
+  expected = [
+    [(splitmix64((s * draws + d) ^ key) >> 11) / 2**53 for d in range(draws)]
+    for s in positions
+  ]
+  np.testing.assert_array_equal(
+    data_order.position_uniform(seed, np.array(positions), draws), expected
+  )

@@ -21,7 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from configs import default
-from ibs import input_pipeline
+from ibs import data_order, input_pipeline
 from ibs.datasets import augment, catalog
 
 fast = settings(max_examples=25, deadline=None)
@@ -163,6 +163,8 @@ def test_steps_and_arguments_are_checked_up_front():
     (dict(batch_size=6, process_count=4), 'not divisible by the 4 processes'),
     (dict(batch_size=8, process_index=2, process_count=2), r'not in \[0, 2\)'),
     (dict(batch_size=4, start_examples=-4), 'must be >= 0'),
+    (dict(batch_size=4, num_steps=-1), 'must be >= 0'),
+    (dict(batch_size=4, seed=-1), r'seed=-1 \(config.data_seed\)'),
   ]:
     arguments = {**dict(seed=0, start_examples=0, num_steps=1), **kwargs}
     with pytest.raises(ValueError, match=match):
@@ -224,7 +226,7 @@ def test_cifar_crops_are_flipped_windows_of_the_padded_image():
   source = identity_source(64, image=True)
   positions = np.arange(1000, 1064)
   out = augment.cifar10(seed=0)(source.get(np.arange(64)), positions, True)['input']
-  normalised = augment.normalise(source.inputs, augment.CIFAR10_MEAN, augment.CIFAR10_STD)
+  normalised = (source.inputs - augment.CIFAR10_MEAN) / augment.CIFAR10_STD
   padded = np.pad(normalised, ((0, 0), (4, 4), (4, 4), (0, 0)))
   seen = set()
   for i in range(64):
@@ -233,8 +235,8 @@ def test_cifar_crops_are_flipped_windows_of_the_padded_image():
       for dy in range(9)
       for dx in range(9)
       for flip in (False, True)
-      if np.array_equal(
-        out[i], padded[i, dy : dy + 32, dx : dx + 32][:, :: -1 if flip else 1]
+      if np.allclose(
+        out[i], padded[i, dy : dy + 32, dx : dx + 32][:, :: -1 if flip else 1], atol=1e-5
       )
     ]
     assert len(matches) == 1
@@ -267,9 +269,12 @@ def mnist1d_config(data_dir):
 
 
 def test_mnist1d_is_generated_offline_once(mnist1d_config):
+  from ibs.datasets import mnist1d
+
   train = input_pipeline.load_source(mnist1d_config, 'train')
   start = time.perf_counter()
-  test = input_pipeline.load_source(mnist1d_config, 'test')
+  with mock.patch.object(mnist1d, 'generate', side_effect=AssertionError('generated')):
+    test = input_pipeline.load_source(mnist1d_config, 'test')
   assert time.perf_counter() - start < 5  # read, not generated again
   assert train.inputs.shape == (1000, 40) and test.inputs.shape == (200, 40)
   assert set(np.unique(train.labels)) == set(range(10))
@@ -507,6 +512,10 @@ def test_imagenet_is_decoded_cropped_and_normalised(imagenet_config):
   )
   # Each epoch sees every image, each position a different crop of it.
   assert not np.array_equal(stream['input'][:8], stream['input'][8:16])
+  indices = data_order.example_indices(0, np.arange(24), 8)
+  for p in range(8):
+    later = 8 + np.flatnonzero(indices[8:16] == indices[p])[0]
+    assert not np.allclose(stream['input'][p], stream['input'][later], atol=0.1)
   evaluation = list(input_pipeline.eval_batches(test, preprocess, batch_size=8))
   assert len(evaluation) == 1 and evaluation[0]['mask'].tolist() == [1] * 4 + [0] * 4
   again = list(input_pipeline.eval_batches(test, preprocess, batch_size=8))

@@ -62,7 +62,8 @@ def _random_variables(model, input_shape, seed=0):
 @pytest.mark.parametrize(
   'model, input_shape, expected_params',
   [
-    # WRN-16-4 on CIFAR-10, the published count (Zagoruyko & Komodakis 2016: 2.7M).
+    # WRN-16-4 on CIFAR-10: Zagoruyko & Komodakis 2016 give 2.7M; the exact count is
+    # derived by hand in test_wide_resnet_parameter_count_by_hand.
     (
       wide_resnet.WideResNet(10, 128, depth=16, widen_factor=4),
       (1, 32, 32, 3),
@@ -101,6 +102,31 @@ def _random_variables(model, input_shape, seed=0):
 def test_published_parameter_counts(model, input_shape, expected_params):
   variables = _abstract_variables(model, input_shape)
   assert _size(variables['params']) == expected_params
+
+
+def _wide_resnet_parameters(depth, widen_factor, num_classes):
+  """WRN-depth-k counted by hand, as Zagoruyko & Komodakis build it.
+
+  A 3×3 stem of 16 channels; per block BN (scale, offset), 3×3 conv, BN, 3×3 conv and a
+  1×1 projection where the width changes; a final BN and the dense classifier.
+  """
+  total, channels = 3 * 3 * 3 * 16, 16
+  for width in (16 * widen_factor, 32 * widen_factor, 64 * widen_factor):
+    for _ in range((depth - 4) // 6):
+      total += 2 * channels + 9 * channels * width + 2 * width + 9 * width * width
+      total += channels * width if channels != width else 0
+      channels = width
+  return total + 2 * channels + channels * num_classes + num_classes
+
+
+def test_wide_resnet_parameter_count_by_hand():
+  # The exact counts asserted above; the paper rounds them to 2.7M and 36.5M.
+  assert _wide_resnet_parameters(16, 4, 10) == 2_748_890
+  assert _wide_resnet_parameters(28, 10, 10) == 36_479_194
+  for depth, widen_factor in ((10, 1), (16, 2), (22, 3)):
+    model = wide_resnet.WideResNet(7, 2, depth=depth, widen_factor=widen_factor)
+    params = _abstract_variables(model, (1, 32, 32, 3))['params']
+    assert _size(params) == _wide_resnet_parameters(depth, widen_factor, 7)
 
 
 def test_inception_resnet_v2_total_matches_keras_including_bn_statistics():
@@ -277,6 +303,10 @@ def test_bad_configurations_explain_the_fix():
     _abstract_variables(wide_resnet.WideResNet(10, 2, depth=15), (1, 32, 32, 3))
   with pytest.raises(ValueError, match='at least 75'):
     _abstract_variables(inception_resnet_v2.InceptionResNetV2(10, 2), (1, 64, 64, 3))
+  with pytest.raises(ValueError, match='model_kwargs.repeats'):
+    _abstract_variables(
+      inception_resnet_v2.InceptionResNetV2(10, 2, repeats=(1, 1, 0)), (1, 75, 75, 3)
+    )
   with pytest.raises(ValueError, match='Choose one of'):
     models.create_model('resnet51', num_classes=10, ghost_batch_size=2)
 
@@ -334,8 +364,11 @@ def test_small_model_shapes():
   assert output_shape(cnn, (6, 40)) == (6, NUM_CLASSES)
   # CNN1D also takes (batch, length, channels).
   assert output_shape(cnn, (6, 40, 3)) == (6, NUM_CLASSES)
-  kernel = _abstract_variables(cnn, (1, 40, 3))['params']['Conv1D_0']['kernel']
-  assert kernel.shape == (5, 3, 8)
+  cnn_params = _abstract_variables(cnn, (1, 40, 3))['params']
+  assert cnn_params['Conv1D_0']['kernel'].shape == (5, 3, 8)
+  # Three convolutions without bias, each followed by BN (scale, offset); a dense layer.
+  conv_and_bn = 5 * 3 * 8 + 2 * 8 + 2 * (5 * 8 * 8 + 2 * 8)
+  assert _size(cnn_params) == conv_and_bn + 8 * NUM_CLASSES + NUM_CLASSES
   mlp = small.MLP(NUM_CLASSES, GHOST, hidden=(16, 7))
   assert output_shape(mlp, (6, 40)) == (6, NUM_CLASSES)
   mlp_params = _abstract_variables(mlp, (1, 40))['params']

@@ -110,7 +110,11 @@ def test_noise_scale_at_any_step_is_traceable():
     12: 0.05 * (40 / 8 - 1) / 0.5,
     20: 0.01 * (40 / 16 - 1),
   }
-  expected_approximate = {0: 0.05 * 4 / 60 * 40 / 4 / 0.1, 12: 0.05 * 40 / 8 / 0.5}
+  expected_approximate = {
+    0: 0.05 * 4 / 60 * 40 / 4 / 0.1,
+    12: 0.05 * 40 / 8 / 0.5,
+    20: 0.01 * 40 / 16,
+  }
   for step, value in expected_exact.items():
     assert float(exact(steps)[step]) == pytest.approx(value, rel=1e-6)
   for step, value in expected_approximate.items():

@@ -136,6 +136,17 @@ def test_without_weight_decay_momentum_is_optax_sgd():
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), got, expected)
 
 
+def test_sgd_has_no_momentum():
+  """'sgd' takes only ε from the schedule: its m, if any, neither enters nor is kept."""
+  params, grads = _params_and_gradients()
+  got, used, _ = _run(
+    optim.create_optimizer('sgd', _schedule(), weight_decay=WEIGHT_DECAY), params, grads
+  )
+  expected = _reference('sgd', params, grads, False, False, [0.0] * 6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5), got, expected)
+  assert all(set(u) == {'learning_rate'} for u in used)
+
+
 def test_hyperparameters_are_float32_state():
   """Injected ε and m are float32 arrays in the state: a phase switch changes values only."""
   params, _ = _params_and_gradients()

@@ -262,6 +262,14 @@ def test_invalid_schedules_name_the_field(phases, kwargs, message):
       },
       'write the scaled phases',
     ),
+    (
+      {'kind': 'explicit', 'phases': ((0, 32, 0.1),)},
+      r'phases\[0\]=\(0, 32, 0.1\) must be \(start_epoch, batch_size',
+    ),
+    (
+      {'momentum': 1.0, 'scale_batch_with_momentum': 0.98},
+      r'momentum=1.0 must be in \[0, 1\)',
+    ),
   ],
 )
 def test_invalid_configs_name_the_field(fields, message):

@@ -83,12 +83,7 @@ def load_split(
       builder = Mnist1d(config=builder.builder_config, data_dir=data_dir)
       if not builder.is_prepared():
         raise
-  records = builder.as_data_source(split=split)
-  records = records.__getitems__(range(len(records)))
-  return sources.ArraySource(
-    inputs=np.stack([r['signal'] for r in records]).astype(np.float32),
-    labels=np.array([r['label'] for r in records], np.int32),
-  )
+  return sources.in_memory(builder.as_data_source(split=split), 'signal', np.float32)
 
 
 class Mnist1d(tfds.core.GeneratorBasedBuilder):

@@ -18,7 +18,7 @@ import numpy as np
 from etils import epath
 
 from ibs.datasets import catalog
-from ibs.datasets.sources import ArraySource, EncodedImageSource
+from ibs.datasets.sources import ArraySource, EncodedImageSource, in_memory
 
 _HOW_TO_PREPARE = {
   'cifar10': (
@@ -77,10 +77,10 @@ def prepared_builder(name: str, data_dir: str | None):
 
 def _tfds_split(builder, name: str, split: str) -> str:
   tfds_split = catalog.TFDS_SPLITS[name][split]
-  prepared = list(builder.info.splits)
-  if prepared and tfds_split not in prepared:
+  available = list(builder.info.splits)
+  if available and tfds_split not in available:
     raise DatasetNotPreparedError(
-      f'{name} in {builder.data_dir} has the splits {prepared} but not {tfds_split!r}, '
+      f'{name} in {builder.data_dir} has the splits {available} but not {tfds_split!r}, '
       f'which ibs uses as its {split!r} split. Prepare it with the missing split:\n'
       + _HOW_TO_PREPARE[name].format(where=builder.data_dir_root)
     )
@@ -96,17 +96,15 @@ def cifar10(split: str, data_dir: str | None) -> ArraySource:
   builder = prepared_builder('cifar10', data_dir)
   tfds_split = _tfds_split(builder, 'cifar10', split)
   if _has_array_record(builder):  # Random access; no TensorFlow needed.
-    records = builder.as_data_source(split=tfds_split)
-    records = records.__getitems__(range(len(records)))
-    images = np.stack([r['image'] for r in records])
-    labels = np.array([r['label'] for r in records], np.int32)
-  else:  # tfrecord: one tf.data pass (imports TensorFlow).
-    import tensorflow_datasets as tfds
+    return in_memory(builder.as_data_source(split=tfds_split), 'image', np.uint8)
+  # tfrecord: one tf.data pass (imports TensorFlow).
+  import tensorflow_datasets as tfds
 
-    chunks = list(tfds.as_numpy(builder.as_dataset(split=tfds_split).batch(4096)))
-    images = np.concatenate([c['image'] for c in chunks])
-    labels = np.concatenate([c['label'] for c in chunks]).astype(np.int32)
-  return ArraySource(inputs=np.asarray(images, np.uint8), labels=labels)
+  chunks = list(tfds.as_numpy(builder.as_dataset(split=tfds_split).batch(4096)))
+  return ArraySource(
+    inputs=np.concatenate([c['image'] for c in chunks]).astype(np.uint8, copy=False),
+    labels=np.concatenate([c['label'] for c in chunks]).astype(np.int32),
+  )
 
 
 def imagenet2012(split: str, data_dir: str | None) -> EncodedImageSource:

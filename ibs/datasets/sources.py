@@ -32,6 +32,15 @@ class ArraySource:
     return {'input': self.inputs[indices], 'label': self.labels[indices]}
 
 
+def in_memory(records: Sequence[Any], input_key: str, dtype: Any) -> ArraySource:
+  """Every record of a TFDS data source (array_record), read once into memory."""
+  records = records.__getitems__(range(len(records)))
+  return ArraySource(
+    inputs=np.stack([r[input_key] for r in records]).astype(dtype, copy=False),
+    labels=np.array([r['label'] for r in records], np.int32),
+  )
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class EncodedImageSource:
   """A TFDS data source (array_record) whose images stay JPEG bytes until preprocessing.
@@ -68,7 +77,7 @@ class FakeSource:
   split_seed: int
 
   _NOISE_FIELDS = 32
-  _MAX_PATTERN_FLOATS = 1 << 22  # class patterns longer than this repeat (tile)
+  _MAX_PATTERN_FLOATS = 1 << 22  # all classes' patterns together; longer ones tile
 
   def __len__(self) -> int:
     return self.num_examples

@@ -60,6 +60,8 @@ class GhostBatchNorm(nn.Module):
     momentum: running-average decay applied once per ghost batch.
     epsilon: added to the variance.
     dtype: computation dtype of the output (parameters and statistics stay float32).
+    use_scale: learn a scale; Inception-ResNet-V2 has none (a ReLU or a linear 1×1
+      follows). The offset, `bias`, is always learnt.
     scale_init: initialiser of the scale; `zeros` for the last BN of a residual block
       (Goyal et al. 2017).
   """
@@ -68,10 +70,8 @@ class GhostBatchNorm(nn.Module):
   momentum: float = 0.9
   epsilon: float = 1e-5
   dtype: Any = None
-  use_bias: bool = True
   use_scale: bool = True
   scale_init: Any = nn.initializers.ones
-  bias_init: Any = nn.initializers.zeros
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
@@ -102,6 +102,5 @@ class GhostBatchNorm(nn.Module):
       )
     if self.use_scale:
       y = y * self.param('scale', self.scale_init, (features,), jnp.float32)
-    if self.use_bias:
-      y = y + self.param('bias', self.bias_init, (features,), jnp.float32)
+    y = y + self.param('bias', nn.initializers.zeros, (features,), jnp.float32)
     return y.astype(self.dtype or x.dtype)

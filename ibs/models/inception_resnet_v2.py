@@ -59,8 +59,8 @@ class ConvBN(nn.Module):
 class InceptionResNetBlock(nn.Module):
   """x + scale · up(concat(branches(x))), then ReLU unless `activation` is False.
 
-  `kind` is 'block35', 'block17' or 'block8'; `branches` lists each branch as
-  (features, kernel) convolutions, already scaled by the width multiplier.
+  `branches` lists each branch as (features, kernel) convolutions, already scaled by the
+  width multiplier: it alone makes the block a block35, block17 or block8.
   """
 
   branches: tuple[tuple[tuple[int, tuple[int, int]], ...], ...]
@@ -103,7 +103,8 @@ class InceptionResNetV2(nn.Module):
 
   Attributes:
     num_classes: classifier outputs.
-    ghost_batch_size: examples per batch-norm group (64 in the paper's Fig. 7).
+    ghost_batch_size: examples per batch-norm group (32 in the paper's Fig. 6, 64 in
+      Fig. 7).
     repeats: number of block35, block17 and block8 blocks; (10, 20, 10) published.
       The last block8 (no activation, scale 1) counts among the third number.
     width_multiplier: scales every convolution's channel count; e.g. 1/8 for tests.
@@ -129,7 +130,10 @@ class InceptionResNetV2(nn.Module):
         'its stem and reductions use valid padding. Resize the input.'
       )
     if self.repeats[2] < 1:
-      raise ValueError('InceptionResNetV2 needs repeats[2] >= 1 (the last block8).')
+      raise ValueError(
+        f'InceptionResNetV2 needs repeats[2] >= 1 for its last block8, got repeats='
+        f'{self.repeats}. Set config.model_kwargs.repeats=(a, b, c) with c >= 1.'
+      )
 
     def width(channels: int) -> int:
       return max(1, round(channels * self.width_multiplier))

@@ -41,8 +41,8 @@ def ghost_batch_norm(owner: nn.Module, **kwargs: Any) -> GhostBatchNorm:
   The image models and their blocks each carry `ghost_batch_size`, `bn_momentum`,
   `bn_epsilon` and `dtype`, and every batch norm in them must use exactly those (the
   ghost batch size is what makes gradient accumulation exact); reading them here keeps
-  one place that passes them. `kwargs` go to `GhostBatchNorm` (e.g. `name`,
-  `scale_init`, `use_scale`).
+  one place that passes them. `kwargs` go to `GhostBatchNorm` (`name`, `scale_init`,
+  `use_scale`).
   """
   return GhostBatchNorm(
     owner.ghost_batch_size,

@@ -79,7 +79,7 @@ class ResNet(nn.Module):
     width: channels of the stem and the first stage (64 published); stage i has
       width·2^i, times 4 at a bottleneck's output. 8 gives a tiny CPU variant.
     zero_init_last_bn_scale: start each residual branch's last BN scale at zero.
-    bn_momentum, bn_epsilon: batch norm, as in the flax/TF references (0.9, 1e-5).
+    bn_momentum, bn_epsilon: batch norm, as in the flax and TPU references (0.9, 1e-5).
     dtype: computation dtype; parameters stay float32.
   """
 
