@@ -1,0 +1,72 @@
+"""Every experiment config builds, validates, and counts the paper's parameter updates.
+
+References: the paper's statements (PAPER.md §5.1–5.3) and, for §5.1, the updates written
+out by hand as Σ epochs · N / B over the phases. No data is read: the schedule needs only
+the dataset's size.
+"""
+
+import importlib
+
+import pytest
+
+from ibs import clock, config_checks, schedules
+from ibs.datasets import catalog
+
+CIFAR_N = 50_000
+
+
+def _updates(module: str, arg: str = '') -> float:
+  config = importlib.import_module(f'configs.{module}').get_config(arg)
+  num_train = catalog.dataset_spec(config).num_train_examples
+  return sum(clock.nominal_updates(schedules.from_config(config, num_train)))
+
+
+@pytest.mark.parametrize(
+  ('arg', 'phases'),
+  [
+    # (epochs, B) per phase: ε decays ×5 at 60/120/160 of 200 epochs, or B grows ×5.
+    ('schedule=decaying_lr', [(200, 128)]),
+    ('schedule=increasing_batch', [(60, 128), (60, 640), (40, 3200), (40, 16000)]),
+    # Hybrid: B grows once to its cap 640, then ε decays.
+    ('schedule=hybrid', [(60, 128), (140, 640)]),
+  ],
+)
+def test_cifar10_section_5_1_updates_by_hand(arg, phases):
+  by_hand = sum(epochs * CIFAR_N / batch for epochs, batch in phases)
+  assert _updates('cifar10_wrn', arg) == pytest.approx(by_hand)
+
+
+@pytest.mark.parametrize(
+  ('module', 'arg', 'low', 'high'),
+  [
+    ('cifar10_wrn', 'schedule=decaying_lr', 75_000, 85_000),  # "≈80k"
+    ('cifar10_wrn', 'schedule=increasing_batch', 28_000, 30_000),  # "≈29k"
+    ('cifar10_wrn', 'schedule=increased_lr', 0, 6_500),  # "under 6,500"
+    ('cifar10_wrn', 'schedule=increased_momentum', 0, 2_500),  # "under 2,500"
+    ('imagenet_irv2', 'schedule=decaying_lr', 14_000, 14_500),  # "just over 14,000"
+    ('imagenet_irv2', '', 0, 6_000),  # "under 6,000"
+    ('imagenet_irv2', 'momentum=0.975', 0, 2_500),  # "under 2,500"
+  ],
+)
+def test_update_counts_match_the_paper(module, arg, low, high):
+  assert low < _updates(module, arg) < high
+
+
+@pytest.mark.parametrize(
+  ('module', 'arg', 'devices'),
+  [
+    ('default', '', 1),
+    ('mnist1d_study', 'schedule=increased_momentum', 1),
+    ('cifar10_wrn', 'schedule=increasing_batch', 1),
+    ('cifar10_wrn', 'data=fake', 1),
+    ('imagenet_irv2', '', 256),
+    ('imagenet_irv2', 'data=fake', 1),
+    ('resnet50_tpu', '', 32),
+    ('resnet50_tpu', 'fake', 1),
+  ],
+)
+def test_configs_pass_their_checks(module, arg, devices):
+  """Each config is valid on the hardware its docstring names (a TPU pod, or one CPU)."""
+  module = importlib.import_module(f'configs.{module}')
+  config = module.get_config(arg) if arg else module.get_config()
+  config_checks.check_config(config, num_devices=devices, process_count=1)
