@@ -77,6 +77,12 @@ def main():
     default='auto',
     help='accumulate in a Python loop (step.HostLoopStep); auto: XLA:CPU and convolutions',
   )
+  parser.add_argument(
+    '--steps_per_dispatch',
+    type=int,
+    default=1,
+    help='K updates per call (ibs.step.train_steps): K batches in the arguments',
+  )
   args = parser.parse_args()
 
   input_shape, ghost, kwargs = MODELS[args.model]
@@ -112,7 +118,8 @@ def main():
   num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(variables['params']))
   print(
     f'jax {jax.__version__}, {jax.device_count()} {jax.devices()[0].platform} device(s); '
-    f'{args.model} ({num_params:,} parameters), micro-batch b = {b} per device'
+    f'{args.model} ({num_params:,} parameters), micro-batch b = {b} per device, '
+    f'{args.steps_per_dispatch} step(s) per dispatch'
   )
   print(
     '| A | B | ibs step | ibs temp MiB | ibs arguments MiB | ibs output MiB '
@@ -124,7 +131,13 @@ def main():
     plan = step_lib.plan_micro_batches(batch, jax.device_count(), ghost, b)
     assert plan.micro_batch_size == b, plan
     (compiled,) = step_lib.compile_train_steps(
-      mesh, state, [plan], example, host_loop=host_loop
+      mesh,
+      state,
+      [plan],
+      example,
+      running_metrics=args.steps_per_dispatch > 1,
+      host_loop=host_loop,
+      steps_per_dispatch=args.steps_per_dispatch,
     ).values()
     form = (
       'host loop' if isinstance(compiled, step_lib.HostLoopStep) else 'one executable'
