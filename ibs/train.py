@@ -206,6 +206,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
     running_metrics=True,
     steps_per_dispatch=steps_per_dispatch,
   )
+  logging.info('%d update(s) per call of the compiled step.', steps_per_dispatch)
   for shape, executable in compiled.items():
     analysis = executable.memory_analysis()
     logging.info(
