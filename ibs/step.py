@@ -117,12 +117,15 @@ def make_mesh(devices: Any = None) -> jax.sharding.Mesh:
   )
 
 
+# Cached: the batch shardings are asked for on every dispatch (meshes are hashable).
+@functools.cache
 def train_batch_sharding(mesh, steps_per_dispatch: int = 1) -> NamedSharding:
   """(A, D·b, ...) sharded on its second axis; with K > 1 steps, (K, A, D·b, ...)."""
   leading = (None,) if steps_per_dispatch > 1 else ()
   return NamedSharding(mesh, P(*leading, None, DATA_AXIS))
 
 
+@functools.cache
 def eval_batch_sharding(mesh) -> NamedSharding:
   return NamedSharding(mesh, P(DATA_AXIS))
 
