@@ -62,6 +62,7 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   config.max_micro_batch_size = 1024  # per device; 16000 accumulates
   # Image batches are large: one step already outlasts the host's work per call.
   config.steps_per_dispatch = 1
+  config.gns.horizon_examples = 50_000  # one epoch of CIFAR-10
   config.eval_batch_size = 1000
   config.log_every_epochs = 1.0
   config.eval_every_epochs = 5.0

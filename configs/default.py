@@ -46,6 +46,11 @@ def get_config() -> ml_collections.ConfigDict:
   # fastest near 800 examples per micro-batch for this model)
   config.steps_per_dispatch = 8  # updates per call of the compiled step: at B = 32 a step
   # is ~0.6 ms on CPU and the host's work per call a visible share of it (BENCHMARKS.md)
+  # The gradient noise scale B_simple = tr(Σ)/|G|², measured in the step (ibs/gns.py):
+  # moving averages over a horizon of this many examples (here one epoch).
+  config.gns = ml_collections.ConfigDict(dict(enabled=True, horizon_examples=20_000))
+  config.nonfinite = 'stop'  # a non-finite loss or gradient: 'stop' the run, or 'skip'
+  # the update and go on (ibs/step.py)
   config.eval_batch_size = 1000
   config.log_every_epochs = 1.0
   config.eval_every_epochs = 5.0

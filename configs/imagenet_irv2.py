@@ -57,6 +57,7 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   config.max_micro_batch_size = 64  # per TPU core at 299×299
   # Image batches are large: one step already outlasts the host's work per call.
   config.steps_per_dispatch = 1
+  config.gns.horizon_examples = 320_000  # a quarter epoch of ImageNet
   config.eval_batch_size = 1024
   config.log_every_epochs = 0.1
   config.eval_every_epochs = 2.0

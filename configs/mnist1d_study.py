@@ -37,6 +37,7 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   args = variants.parse(arg, {'schedule': SCHEDULES, 'optimizer': OPTIMIZERS})
   config = default.get_config()
   config.mnist1d.num_train = 10_000
+  config.gns.horizon_examples = 10_000  # one epoch
   config.mnist1d.num_test = 5_000
   s = config.schedule
   s.num_epochs = 100.0

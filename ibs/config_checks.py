@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ibs import models, optim, schedules, step
+from ibs import models, optim, schedules, sharding, step
 from ibs.datasets import catalog
 
 
@@ -49,6 +49,7 @@ def check_config(
       f'config.steps_per_dispatch={config.steps_per_dispatch!r} must be an integer >= 1 '
       '(1: one update per call of the compiled step).'
     )
+  _check_step_options(config)
   if config.ghost_batch_size <= 0:
     raise ConfigError(
       f'config.ghost_batch_size={config.ghost_batch_size} must be positive.'
@@ -73,7 +74,7 @@ def check_config(
     )
   for phase in schedule.phases:
     try:
-      step.plan_micro_batches(
+      sharding.plan_micro_batches(
         phase.batch_size,
         num_devices,
         config.ghost_batch_size,
@@ -87,3 +88,20 @@ def check_config(
       f'{num_devices} devices; use a multiple of {num_devices}.'
     )
   return schedule
+
+
+def _check_step_options(config: Any) -> None:
+  """The measured noise scale and the non-finite policy (ibs/step.py)."""
+  if not isinstance(config.gns.enabled, bool):
+    raise ConfigError(f'config.gns.enabled={config.gns.enabled!r} must be True or False.')
+  horizon = config.gns.horizon_examples
+  if isinstance(horizon, bool) or not isinstance(horizon, int | float) or not horizon > 0:
+    raise ConfigError(
+      f'config.gns.horizon_examples={horizon!r} must be a positive number of examples '
+      '(the horizon of the noise-scale moving averages; one epoch is a good start).'
+    )
+  if config.nonfinite not in step.NONFINITE_POLICIES:
+    raise ConfigError(
+      f'config.nonfinite={config.nonfinite!r} must be one of {step.NONFINITE_POLICIES}: '
+      "'stop' ends the run at a non-finite loss or gradient, 'skip' drops such updates."
+    )

@@ -1,34 +1,47 @@
-"""The train and eval steps: exact gradient accumulation, sharded over a `data` mesh axis.
+"""The train step: per-device accumulation, one gradient reduction, the noise scale measured.
 
-Global batch B = devices × A × b (DESIGN.md decision 3): b, the per-device micro-batch,
-is a multiple of the ghost batch size and at most `max_micro_batch_size`; the
-accumulation count A grows with the phase. With ghost batch norm the loss of the batch is
-the mean of its ghost-batch losses, so the mean of the A micro-batch gradients *is* the
-gradient of the whole batch, and memory does not grow with A (`lax.scan`; a batch that
-fits, A = 1, runs without the loop; on XLA:CPU a model with convolutions loops in Python
-instead, see `HostLoopStep`).
+Every compiled train step is called one way, `step(state, local_batches, metrics) →
+(state, metrics)`, with 1 ≤ n ≤ K host batches (this process's slices of n consecutive
+global batches): the step lays them out on the mesh (ibs/sharding.py), runs n updates in
+one dispatch and merges their metrics into the running ones.
 
-Sharding is jit + NamedSharding (DESIGN.md decision 6): parameters replicated, batches
-split over the `data` axis. A training batch has shape (A, devices·b, ...); device d
-holds a contiguous run of A·b stream positions, so process p's share of each global
-batch is one contiguous slice of positions (see `global_train_batch`). Micro-batch a is
-the a-th chunk of every device, so the BN running statistics see the ghost batches in
-stream order unless both A > 1 and devices > 1; then in the order (a, device, ghost
-batch). Parameters do not depend on that order. XLA all-reduces the gradient once per
-micro-batch, inside the loop (docs/BENCHMARKS.md, "Train step").
+One update, per device (a `shard_map` over the mesh's `data` axis; docs/DESIGN.md
+decisions 3 and 10). Device d holds A micro-batches of b examples and sums their
+gradients itself; then
 
-Compilation (DESIGN.md decision 4): `compile_train_steps` compiles one executable per
-distinct batch shape ahead of time; ε and m are values in the optimizer state, so phases
-that share a shape share the executable, and an executable never recompiles.
+    G_B = mean_d G_d                          one all-reduce of the gradient per update
+    |G_b|² = mean_d |G_d|²,  b = A·b_micro    a scalar all-reduce (devices > 1), or
+    |G_b|² = mean_a |G_a|²,  b = b_micro      over micro-batches on one device (A > 1)
 
-Several steps per dispatch (`train_steps`): where a step lasts a few hundred
-microseconds (small models, small batches, a laptop CPU), the host's work per call is a
-visible share of it; K steps in one executable pay it once per K.
+and the two squared norms feed McCandlish et al.'s estimators and their moving averages
+(ibs/gns.py). One device with one micro-batch has only one batch size, so there the
+gradient comes from one forward pass and two backward passes over the two halves of the
+batch, split at a ghost-batch boundary (exact halves: ghost BN couples no examples across
+it) or, for a batch of one ghost batch, at its middle (the halves then share BN
+statistics, which biases tr(Σ) slightly); it costs the second backward pass, so
+`config.gns.enabled=False` turns it off.
+
+With ghost batch norm the loss of a batch is the mean of its ghost-batch losses, so the
+mean of the micro-batch gradients *is* the whole batch's gradient (docs/PAPER.md, "Batch
+norm"), and memory does not grow with A (`lax.scan`). The BN running averages move once
+per ghost batch, in order: for micro-batch a, device 0's ghost batches, then device
+1's, ... (ibs/models/ghost_batch_norm.py gathers those few floats; on one device this is
+stream order).
+
+Non-finite updates (docs/DESIGN.md decision 12): an update whose loss or gradient is not
+finite is never applied. With `nonfinite='stop'` the state then freezes (every later
+update is a no-op) and records the step; the loop stops and never checkpoints a
+non-finite state. With 'skip' the update is dropped, counted, and training goes on.
+
+Compilation (docs/DESIGN.md decision 4): `compile_train_steps` compiles one executable
+per distinct batch shape ahead of time; ε and m are values in the optimizer state, so
+phases that share a shape share the executable, and it never recompiles. The choice of
+K (updates per dispatch) and of the XLA:CPU host loop is made once, in
+`_loop_structure`.
 """
 
 import dataclasses
 import functools
-from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -36,170 +49,70 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import logging
-from clu import metrics
+from clu import metrics as clu_metrics
 from flax import struct
 from flax.training import train_state
-from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-DATA_AXIS = 'data'
+from ibs import gns as gns_lib
+from ibs import sharding
+from ibs.models import ghost_batch_norm
+
+NONFINITE_POLICIES = ('stop', 'skip')
 
 
 class TrainState(train_state.TrainState):
-  """Flax's TrainState plus the batch-norm running statistics."""
+  """Flax's TrainState plus BN statistics, the noise-scale averages and the guard.
+
+  `nonfinite_updates` counts updates that were not applied because their loss or
+  gradient was not finite; `halted_at_step` is the step of the first one under the
+  'stop' policy (−1 while training is healthy).
+  """
 
   batch_stats: Any
+  gns: gns_lib.GNSState
+  nonfinite_updates: jax.Array
+  halted_at_step: jax.Array
+
+  @classmethod
+  def create(cls, *, apply_fn, params, tx, batch_stats, **kwargs) -> 'TrainState':
+    return super().create(
+      apply_fn=apply_fn,
+      params=params,
+      tx=tx,
+      batch_stats=batch_stats,
+      gns=gns_lib.GNSState.empty(),
+      nonfinite_updates=jnp.zeros((), jnp.int32),
+      halted_at_step=jnp.full((), -1, jnp.int32),
+      **kwargs,
+    )
 
 
 @struct.dataclass
-class TrainMetrics(metrics.Collection):
-  loss: metrics.Average.from_output('loss')
-  accuracy: metrics.Average.from_output('accuracy')
+class Metrics(clu_metrics.Collection):
+  """Mean loss and accuracy, for training (running, per log period) and evaluation."""
 
-
-@struct.dataclass
-class EvalMetrics(metrics.Collection):
-  loss: metrics.Average.from_output('loss')
-  accuracy: metrics.Average.from_output('accuracy')
+  loss: clu_metrics.Average.from_output('loss')
+  accuracy: clu_metrics.Average.from_output('accuracy')
 
 
 @dataclasses.dataclass(frozen=True)
-class MicroBatchPlan:
-  """How a global batch is split: B = devices × accumulation × micro_batch_size."""
+class StepOptions:
+  """What a compiled step measures and guards; static, part of the executable.
 
-  batch_size: int
-  num_devices: int
-  accumulation: int  # A
-  micro_batch_size: int  # b, per device
-
-  @property
-  def shape(self) -> tuple[int, int]:
-    """Leading shape of the training batch array: (A, devices · b)."""
-    return (self.accumulation, self.num_devices * self.micro_batch_size)
-
-
-def plan_micro_batches(
-  batch_size: int, num_devices: int, ghost_batch_size: int, max_micro_batch_size: int
-) -> MicroBatchPlan:
-  """The fewest accumulation steps A whose per-device micro-batch b fits the cap.
-
-  b must divide B/devices and be a multiple of the ghost batch size; raises ValueError
-  naming the config field to change when no such split exists.
+  gns_horizon_examples: horizon H of the noise-scale averages; 0 turns the measurement
+    off (config.gns.enabled=False).
+  nonfinite: 'stop' or 'skip' (see the module docstring).
   """
-  if ghost_batch_size > max_micro_batch_size:
-    raise ValueError(
-      f'config.ghost_batch_size={ghost_batch_size} exceeds config.max_micro_batch_size='
-      f'{max_micro_batch_size}; raise the cap or lower the ghost batch size.'
-    )
-  unit = num_devices * ghost_batch_size
-  if batch_size % unit:
-    raise ValueError(
-      f'Batch size {batch_size} is not divisible by devices × ghost_batch_size = '
-      f'{num_devices} × {ghost_batch_size} = {unit}. Make every phase batch size a '
-      f'multiple of {unit} (config.schedule.batch_size and the factors that grow it), '
-      'or change config.ghost_batch_size.'
-    )
-  per_device = batch_size // num_devices
-  accumulation = -(-per_device // max_micro_batch_size)
-  while per_device % accumulation or (per_device // accumulation) % ghost_batch_size:
-    accumulation += 1
-  return MicroBatchPlan(batch_size, num_devices, accumulation, per_device // accumulation)
 
+  gns_horizon_examples: float = 0.0
+  nonfinite: str = 'stop'
 
-def make_mesh(devices: Any = None) -> jax.sharding.Mesh:
-  """A 1-D `data` mesh over all devices, with Auto axes (Explicit breaks optax's CE)."""
-  devices = jax.devices() if devices is None else devices
-  return jax.make_mesh(
-    (len(devices),),
-    (DATA_AXIS,),
-    axis_types=(jax.sharding.AxisType.Auto,),
-    devices=devices,
-  )
-
-
-# Cached: the batch shardings are asked for on every dispatch (meshes are hashable).
-@functools.cache
-def train_batch_sharding(mesh, steps_per_dispatch: int = 1) -> NamedSharding:
-  """(A, D·b, ...) sharded on its second axis; with K > 1 steps, (K, A, D·b, ...)."""
-  leading = (None,) if steps_per_dispatch > 1 else ()
-  return NamedSharding(mesh, P(*leading, None, DATA_AXIS))
-
-
-@functools.cache
-def eval_batch_sharding(mesh) -> NamedSharding:
-  return NamedSharding(mesh, P(DATA_AXIS))
-
-
-def replicated(mesh) -> NamedSharding:
-  return NamedSharding(mesh, P())
-
-
-def global_train_batch(local: dict[str, np.ndarray], plan: MicroBatchPlan, mesh) -> dict:
-  """This process's contiguous slice of a global batch → the sharded (A, D·b, ...) array."""
-  arranged = {k: _arrange(v, plan, leading_axes=0) for k, v in local.items()}
-  return _to_global(arranged, train_batch_sharding(mesh), axis=1)
-
-
-def global_train_batches(
-  local_batches: list[dict[str, np.ndarray]],
-  plan: MicroBatchPlan,
-  mesh,
-  steps_per_dispatch: int,
-) -> dict:
-  """n ≤ K consecutive local batches → one sharded (K, A, D·b, ...) array for `train_steps`.
-
-  Slots n…K−1 are zeros that the step never reads: one shape, so one executable, serves
-  a dispatch cut short by a phase end or a log, evaluation or checkpoint boundary.
-  """
-  n = len(local_batches)
-  if not 1 <= n <= steps_per_dispatch:
-    raise ValueError(f'{n} batches for a dispatch of at most {steps_per_dispatch} steps.')
-
-  def stack(key: str) -> np.ndarray:
-    arrays = [local[key] for local in local_batches]
-    padding = [np.zeros_like(arrays[0])] * (steps_per_dispatch - n)
-    return _arrange(np.stack(arrays + padding), plan, leading_axes=1)
-
-  sharding = train_batch_sharding(mesh, steps_per_dispatch)
-  return _to_global({k: stack(k) for k in local_batches[0]}, sharding, axis=2)
-
-
-def _arrange(x: np.ndarray, plan: MicroBatchPlan, leading_axes: int) -> np.ndarray:
-  """(..., local examples, ...) → (..., A, local devices · b, ...), for the mesh.
-
-  The process holds its local devices' positions in order: device-major, then A, then b.
-  Swapping those two axes puts micro-batch a of every device at index a.
-  """
-  local_devices = plan.num_devices // jax.process_count()
-  lead, rest = x.shape[:leading_axes], x.shape[leading_axes + 1 :]
-  x = x.reshape((*lead, local_devices, plan.accumulation, plan.micro_batch_size, *rest))
-  x = np.swapaxes(x, leading_axes, leading_axes + 1)
-  return x.reshape(
-    (*lead, plan.accumulation, local_devices * plan.micro_batch_size, *rest)
-  )
-
-
-def global_eval_batch(local: dict[str, np.ndarray], mesh) -> dict:
-  """This process's slice of an evaluation batch → the batch sharded over devices."""
-  return _to_global(local, eval_batch_sharding(mesh), axis=0)
-
-
-def _to_global(local: dict[str, np.ndarray], sharding: NamedSharding, axis: int) -> dict:
-  """Process-local arrays, concatenated over processes along `axis`, as global arrays."""
-  if jax.process_count() == 1:
-    # One transfer call for the whole batch: about half the host time per step of
-    # make_array_from_process_local_data per key, which matters at small batches. On
-    # one device, its own sharding (equivalent, accepted by the compiled step) is
-    # another 30 µs a batch cheaper than the NamedSharding.
-    if sharding.mesh.size == 1:
-      return jax.device_put(local, sharding.mesh.devices.flat[0])
-    return jax.device_put(local, sharding)
-
-  def to_global(x: np.ndarray) -> jax.Array:
-    shape = (*x.shape[:axis], x.shape[axis] * jax.process_count(), *x.shape[axis + 1 :])
-    return jax.make_array_from_process_local_data(sharding, x, shape)
-
-  return {k: to_global(v) for k, v in local.items()}
+  def __post_init__(self):
+    if self.nonfinite not in NONFINITE_POLICIES:
+      raise ValueError(
+        f'config.nonfinite={self.nonfinite!r}; choose one of {NONFINITE_POLICIES}.'
+      )
 
 
 def cross_entropy_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -207,362 +120,318 @@ def cross_entropy_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
   return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
 
 
-def micro_batch_gradients(
-  state: TrainState, batch_stats: Any, micro: dict[str, jax.Array]
-):
-  """Gradient of one micro-batch's mean loss, its BN statistics, losses and hits."""
+def _per_example_losses(state: TrainState, batch_stats: Any, micro: dict):
+  """params → per-example losses, with (BN statistics, logits) as aux."""
 
-  def loss_fn(params):
+  def losses(params):
     logits, updates = state.apply_fn(
       {'params': params, 'batch_stats': batch_stats},
       micro['input'],
       train=True,
       mutable=['batch_stats'],
     )
-    losses = cross_entropy_loss(logits, micro['label'])
-    return jnp.mean(losses), (updates['batch_stats'], losses, logits)
+    return cross_entropy_loss(logits, micro['label']), (updates['batch_stats'], logits)
 
-  (_, (batch_stats, losses, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-    state.params
+  return losses
+
+
+def micro_batch_gradients(state: TrainState, batch_stats: Any, micro: dict):
+  """Gradient of one micro-batch's mean loss, its BN statistics, losses and hits."""
+  losses_fn = _per_example_losses(state, batch_stats, micro)
+
+  def mean_loss(params):
+    losses, aux = losses_fn(params)
+    return jnp.mean(losses), (losses, aux)
+
+  (_, (losses, (batch_stats, logits))), grads = jax.value_and_grad(
+    mean_loss, has_aux=True
+  )(state.params)
+  return grads, batch_stats, losses, jnp.argmax(logits, -1) == micro['label']
+
+
+def split_point(batch_size: int, ghost_batch_size: int) -> int:
+  """Where a one-micro-batch step splits its batch for the noise scale.
+
+  At the ghost-batch boundary nearest the middle, so each half is a batch of its own
+  under ghost BN; a batch of one ghost batch splits at its middle.
+  """
+  ghosts = batch_size // ghost_batch_size
+  if ghosts >= 2:
+    return (ghosts // 2) * ghost_batch_size
+  return batch_size // 2
+
+
+def split_batch_gradients(state: TrainState, batch_stats: Any, micro: dict, split: int):
+  """The gradients of the batch's two halves, from one forward and two backward passes.
+
+  Returns (the whole batch's gradient, the halves' n-weighted mean squared norm, the
+  effective small batch n/2, BN statistics, losses, hits). With halves of n₁ and n₂
+  examples, E[(n₁|G₁|² + n₂|G₂|²)/n] = |G|² + tr(Σ)/(n/2): the pair is one estimate at
+  batch n/2, whatever the split.
+  """
+  losses, vjp, (batch_stats, logits) = jax.vjp(
+    _per_example_losses(state, batch_stats, micro), state.params, has_aux=True
   )
-  correct = jnp.argmax(logits, -1) == micro['label']
-  return grads, batch_stats, losses, correct
+  n = losses.shape[0]
+  first = jnp.arange(n) < split
+  cotangents = jnp.stack(
+    [jnp.where(first, 1.0 / split, 0.0), jnp.where(first, 0.0, 1.0 / (n - split))]
+  ).astype(losses.dtype)
+  (halves,) = jax.vmap(vjp)(cotangents)
+  weights = jnp.asarray([split / n, (n - split) / n], jnp.float32)
+  grads = jax.tree.map(lambda h: jnp.tensordot(weights, h, axes=1), halves)
+  squares = jnp.stack(
+    [_sq_norm(jax.tree.map(lambda h, i=i: h[i], halves)) for i in (0, 1)]
+  )
+  small_sq = jnp.dot(weights, squares)
+  hits = jnp.argmax(logits, -1) == micro['label']
+  return grads, small_sq, n / 2, batch_stats, losses, hits
 
 
-def _merged_metrics(
-  losses, correct, running_metrics: TrainMetrics | None
-) -> TrainMetrics:
-  # Float32 totals, the dtype of TrainMetrics.empty(): running metrics keep one signature.
-  batch_metrics = TrainMetrics.single_from_model_output(
+def _sq_norm(tree: Any) -> jax.Array:
+  return sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree))
+
+
+@struct.dataclass
+class _Accumulated:
+  """One device's sums over the micro-batches of an update."""
+
+  grad_sum: Any
+  small_sq_sum: jax.Array  # Σ_a |G_a|², for the one-device noise scale
+  metrics: Metrics  # this device's loss and accuracy sums
+
+
+def _local_metrics(losses, correct) -> Metrics:
+  # Float32 totals, the dtype of Metrics.empty(): running metrics keep one signature.
+  return Metrics.single_from_model_output(
     loss=losses, accuracy=correct.astype(jnp.float32)
   )
-  return (
-    batch_metrics if running_metrics is None else running_metrics.merge(batch_metrics)
+
+
+def _accumulate(state, batch_stats, acc: '_Accumulated | None', micro, measure: bool):
+  """Adds micro-batch `micro`'s gradient to `acc` (None: the first micro-batch)."""
+  grads, batch_stats, losses, correct = micro_batch_gradients(state, batch_stats, micro)
+  small_sq = _sq_norm(grads) if measure else jnp.zeros((), jnp.float32)
+  local = _Accumulated(grads, small_sq, _local_metrics(losses, correct))
+  if acc is None:
+    return batch_stats, local
+  return batch_stats, _Accumulated(
+    jax.tree.map(jnp.add, acc.grad_sum, local.grad_sum),
+    acc.small_sq_sum + local.small_sq_sum,
+    acc.metrics.merge(local.metrics),
   )
 
 
-def train_step(
+def _finish(
   state: TrainState,
-  batch: dict[str, jax.Array],
-  running_metrics: TrainMetrics | None = None,
-) -> tuple[TrainState, TrainMetrics]:
-  """One parameter update on a batch of shape (A, devices·b, ...).
+  acc: _Accumulated,
+  batch_stats: Any,
+  running: Metrics,
+  plan: sharding.MicroBatchPlan,
+  options: StepOptions,
+  split: tuple[jax.Array, float] | None = None,
+) -> tuple[TrainState, Metrics]:
+  """The one reduction over devices, the noise scale, the guard and the update.
 
-  Scans over the A micro-batches, threading the BN statistics through them in order and
-  summing gradients; the update uses their mean, the whole batch's gradient. The
-  micro-batch loss is the mean over all devices' examples, so under jit the gradient is
-  already all-reduced over the `data` axis: no explicit collective is written here.
-
-  Returns the new state and this batch's metrics, or, given `running_metrics`, those
-  merged with this batch's: one dispatch per step instead of a step and a merge.
+  `split` is (|G_b|², b) from `split_batch_gradients` when the batch was split.
   """
-  accumulation = batch['label'].shape[0]
-  if accumulation == 1:
-    # No loop for a batch that fits: the step is then exactly a plain jitted step.
-    grads, batch_stats, losses, correct = micro_batch_gradients(
-      state, state.batch_stats, jax.tree.map(lambda x: x[0], batch)
+  axis = sharding.DATA_AXIS
+  local_grads = jax.tree.map(lambda g: g / plan.accumulation, acc.grad_sum)
+  grads = jax.lax.pmean(local_grads, axis)  # The gradient's only all-reduce.
+  batch_metrics = jax.tree.map(lambda x: jax.lax.psum(x, axis), acc.metrics)
+  big_sq = _sq_norm(grads)
+  gns_state = state.gns
+  if options.gns_horizon_examples:
+    if plan.num_devices > 1:
+      small_sq = jax.lax.pmean(_sq_norm(local_grads), axis)
+      small_b = plan.accumulation * plan.micro_batch_size
+    elif plan.accumulation > 1:
+      small_sq = acc.small_sq_sum / plan.accumulation
+      small_b = plan.micro_batch_size
+    else:
+      small_sq, small_b = split
+    beta = gns_lib.decay(plan.batch_size, options.gns_horizon_examples)
+    gns_state = gns_lib.update(
+      gns_state, small_sq, big_sq, small_b, plan.batch_size, beta
     )
-  else:
 
-    def body(carry, micro):
-      grad_sum, batch_stats = carry
-      grads, batch_stats, losses, correct = micro_batch_gradients(
-        state, batch_stats, micro
+  finite = jnp.isfinite(big_sq) & jnp.isfinite(batch_metrics.loss.total)
+  healthy = state.halted_at_step < 0
+  apply = finite & healthy if options.nonfinite == 'stop' else finite
+  updated = state.apply_gradients(grads=grads, batch_stats=batch_stats, gns=gns_state)
+  # Not applied: everything as it was but the clock (step, and the optimizer's count so
+  # that ε and m stay on schedule), which must follow the data.
+  opt_state = state.opt_state
+  if isinstance(
+    opt_state, optax.InjectHyperparamsState | optax.InjectStatefulHyperparamsState
+  ):
+    opt_state = opt_state._replace(count=opt_state.count + 1)
+  dropped = state.replace(step=state.step + 1, opt_state=opt_state)
+  new_state = jax.tree.map(lambda new, old: jnp.where(apply, new, old), updated, dropped)
+  new_state = new_state.replace(
+    nonfinite_updates=state.nonfinite_updates + (~finite).astype(jnp.int32),
+    halted_at_step=jnp.where(healthy & ~finite, state.step, state.halted_at_step)
+    if options.nonfinite == 'stop'
+    else state.halted_at_step,
+  )
+  return new_state, running.merge(batch_metrics)
+
+
+def _update(
+  state: TrainState,
+  batch: dict,
+  running: Metrics,
+  plan: sharding.MicroBatchPlan,
+  options: StepOptions,
+  ghost_batch_size: int,
+) -> tuple[TrainState, Metrics]:
+  """One update on this device's (A, b, ...) share of a global batch."""
+  measure = bool(options.gns_horizon_examples)
+  if plan.accumulation == 1:
+    micro = jax.tree.map(lambda x: x[0], batch)
+    if measure and plan.num_devices == 1:
+      split = split_point(plan.micro_batch_size, ghost_batch_size)
+      grads, small_sq, small_b, batch_stats, losses, correct = split_batch_gradients(
+        state, state.batch_stats, micro, split
       )
-      return (jax.tree.map(jnp.add, grad_sum, grads), batch_stats), (losses, correct)
+      acc = _Accumulated(grads, small_sq, _local_metrics(losses, correct))
+      return _finish(
+        state, acc, batch_stats, running, plan, options, split=(small_sq, small_b)
+      )
+    # No loop for a batch that fits: the step is then a plain step.
+    batch_stats, acc = _accumulate(state, state.batch_stats, None, micro, measure)
+    return _finish(state, acc, batch_stats, running, plan, options)
 
-    zeros = jax.tree.map(jnp.zeros_like, state.params)
-    (grad_sum, batch_stats), (losses, correct) = jax.lax.scan(
-      body, (zeros, state.batch_stats), batch
-    )
-    grads = jax.tree.map(lambda g: g / accumulation, grad_sum)
-  new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
-  return new_state, _merged_metrics(losses, correct, running_metrics)
-
-
-def train_steps(
-  state: TrainState,
-  batches: dict[str, jax.Array],
-  running_metrics: TrainMetrics,
-  num_steps: jax.Array,
-) -> tuple[TrainState, TrainMetrics]:
-  """`num_steps` ≤ K updates, on batches[0], …, batches[num_steps − 1], in one dispatch.
-
-  `batches` has shape (K, A, devices·b, ...). Each iteration is `train_step`, so the
-  result is that of `num_steps` single steps; the trip count is a value, not a shape, so
-  the executable is the same for every count (`global_train_batches` pads).
-  """
+  def micro_batch(index):
+    return jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, index, 0, False), batch)
 
   def body(index, carry):
-    state, running_metrics = carry
-    batch = jax.tree.map(
-      lambda x: jax.lax.dynamic_index_in_dim(x, index, 0, False), batches
-    )
-    return train_step(state, batch, running_metrics)
+    batch_stats, acc = carry
+    return _accumulate(state, batch_stats, acc, micro_batch(index), measure)
 
-  return jax.lax.fori_loop(0, num_steps, body, (state, running_metrics))
+  # The first micro-batch starts the sums (no zeros to add to); the loop indexes the
+  # batch in place, so memory does not grow with A.
+  carry = _accumulate(state, state.batch_stats, None, micro_batch(0), measure)
+  batch_stats, acc = jax.lax.fori_loop(1, plan.accumulation, body, carry)
+  return _finish(state, acc, batch_stats, running, plan, options)
 
 
-class MultiStep:
-  """A compiled `train_steps` for K batches, called as `(state, batches, metrics, n)`.
+def _updates(state, batches, running, num_steps, *, plan, options, ghost_batch_size):
+  """`num_steps` ≤ K updates on this device's (K, A, b, ...) batches, in order.
 
-  Holds the step counts 1…K on the device, so a call transfers nothing but the batches.
+  The trip count is a value, not a shape: one executable serves every count (the
+  layout pads the unused slots). K = 1 runs its one update without a loop.
+  """
+  update = functools.partial(
+    _update, plan=plan, options=options, ghost_batch_size=ghost_batch_size
+  )
+  with ghost_batch_norm.running_statistics_across(sharding.DATA_AXIS):
+    if jax.tree.leaves(batches)[0].shape[0] == 1:
+      return update(state, jax.tree.map(lambda x: x[0], batches), running)
+
+    def body(index, carry):
+      batch = jax.tree.map(
+        lambda x: jax.lax.dynamic_index_in_dim(x, index, 0, False), batches
+      )
+      return update(*carry[:1], batch, carry[1])
+
+    return jax.lax.fori_loop(0, num_steps, body, (state, running))
+
+
+def _per_device(fn, mesh, in_specs, out_specs):
+  """`fn` as a shard_map over the data axis. Collectives are written out (pmean, psum,
+  all_gather), so the replication check is off: it would otherwise turn the gradient
+  with respect to the replicated parameters into an implicit all-reduce per micro-batch.
+  """
+  return jax.shard_map(
+    fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False
+  )
+
+
+class TrainStep:
+  """A compiled train step: `(state, local_batches, metrics) → (state, metrics)`.
+
+  Owns the host → device layout of its batches and holds the step counts 1…K on the
+  device, so a call transfers nothing but the batches. `memory_analysis()` is that of
+  the executable that runs per micro-batch or per dispatch.
   """
 
-  def __init__(self, compiled, steps_per_dispatch: int, mesh):
-    self._compiled = compiled
+  def __init__(self, run, plan, mesh, steps_per_dispatch: int, analysed):
+    self._run = run
+    self.host_loop = isinstance(run, _HostLoop)
+    self.plan = plan
+    self.mesh = mesh
     self.steps_per_dispatch = steps_per_dispatch
+    self._analysed = analysed
     self._counts = [
-      jax.device_put(np.int32(n), replicated(mesh)) for n in range(steps_per_dispatch + 1)
+      jax.device_put(np.int32(n), sharding.replicated(mesh))
+      for n in range(steps_per_dispatch + 1)
     ]
 
-  def __call__(self, state, batches, running_metrics, num_steps: int):
-    return self._compiled(state, batches, running_metrics, self._counts[num_steps])
+  def __call__(self, state, local_batches, running_metrics):
+    batches = sharding.train_batches_to_device(
+      local_batches, self.plan, self.mesh, self.steps_per_dispatch
+    )
+    return self._run(state, batches, running_metrics, self._counts[len(local_batches)])
 
   def memory_analysis(self):
-    return self._compiled.memory_analysis()
+    return self._analysed.memory_analysis()
 
 
-# The host-loop form of the same step, for XLA:CPU. XLA:CPU rewrites convolutions into
+# The host-loop form of the same update, for XLA:CPU. XLA:CPU rewrites convolutions into
 # the layouts its fast kernels take only in the entry computation, not inside a while
 # loop: in a `lax.scan` the gradient convolutions of a conv net fall back to a naive
 # loop nest, ~20x slower (WRN-10-1 on 2 cores: 0.1 s a step at A = 1, 2.1 s at A = 2;
 # docs/BENCHMARKS.md). Unrolling the scan would let memory grow with A. So on CPU a
 # model with convolutions accumulates in a Python loop over one compiled micro-batch
 # step, then one compiled update: A + 1 dispatches, the same arithmetic in the same
-# order, memory that does not grow with A. Matmul-only models (cnn1d, MLP) and other
-# backends keep the scan.
+# order, memory that does not grow with A. Each device's sums live between the calls
+# as arrays with a leading device axis, sharded over `data`.
 
 
-def accumulate_micro_batch(
-  state: TrainState,
-  batch_stats: Any,
-  grad_sum: Any,
-  running_metrics: TrainMetrics,
-  batch: dict[str, jax.Array],
-  index: jax.Array,
-):
-  """Micro-batch `index` of `batch`: its gradient added to `grad_sum` (reset at 0)."""
-  micro = jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, index, 0, False), batch)
-  grads, batch_stats, losses, correct = micro_batch_gradients(state, batch_stats, micro)
-  grad_sum = jax.tree.map(lambda s, g: jnp.where(index == 0, g, s + g), grad_sum, grads)
-  return batch_stats, grad_sum, _merged_metrics(losses, correct, running_metrics)
+def _host_loop_micro(state, batch_stats, acc, batch, index, *, measure):
+  micro = jax.tree.map(
+    lambda x: jax.lax.dynamic_index_in_dim(x[0], index, 0, False), batch
+  )
+  with ghost_batch_norm.running_statistics_across(sharding.DATA_AXIS):
+    batch_stats, fresh = _accumulate(state, batch_stats, None, micro, measure)
+  # Micro-batch 0 starts the sums afresh; the others add to them, as the scan does.
+  summed = jax.tree.map(
+    lambda old, new: jnp.where(index == 0, new, old[0] + new)[None], acc, fresh
+  )
+  return batch_stats, summed
 
 
-def apply_accumulated(
-  state: TrainState, grad_sum: Any, batch_stats: Any, accumulation: int
-):
-  """The update with the mean of the accumulated micro-batch gradients."""
-  grads = jax.tree.map(lambda g: g / accumulation, grad_sum)
-  return state.apply_gradients(grads=grads, batch_stats=batch_stats)
+def _host_loop_finish(state, acc, batch_stats, running, *, plan, options):
+  local = jax.tree.map(lambda x: x[0], acc)
+  return _finish(state, local, batch_stats, running, plan, options)
 
 
-class HostLoopStep:
-  """A compiled train step that loops over micro-batches in Python (see above).
+class _HostLoop:
+  """Runs A compiled micro-batch steps and one compiled update (see above)."""
 
-  Called like the compiled `train_step`: `(state, batch)` or, compiled with
-  running metrics, `(state, batch, running_metrics)`. Keeps one gradient-sum buffer
-  between calls, so it is not thread-safe; `memory_analysis()` is the micro-batch
-  step's, the part that runs A times.
-  """
-
-  def __init__(self, micro, update, plan: MicroBatchPlan, mesh, state, running_metrics):
-    self._micro, self._update = micro, update
-    self._running = running_metrics
-    self._mesh = mesh
+  def __init__(self, micro, finish, plan, mesh, acc):
+    self._micro, self._finish, self._acc = micro, finish, acc
     self._indices = [
-      jax.device_put(np.int32(a), replicated(mesh)) for a in range(plan.accumulation)
+      jax.device_put(np.int32(a), sharding.replicated(mesh))
+      for a in range(plan.accumulation)
     ]
-    self._grad_sum = jax.device_put(
-      jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), state.params), replicated(mesh)
-    )
 
-  def __call__(self, state, batch, running_metrics=None):
-    metrics = running_metrics if self._running else empty_train_metrics(self._mesh)
-    batch_stats, grad_sum = state.batch_stats, self._grad_sum
+  def __call__(self, state, batches, running, num_steps):
+    del num_steps  # Always 1: a loop around the host loop would be K dispatches anyway.
+    batch_stats, acc = state.batch_stats, self._acc
     for index in self._indices:
-      batch_stats, grad_sum, metrics = self._micro(
-        state, batch_stats, grad_sum, metrics, batch, index
-      )
-    self._grad_sum = grad_sum  # Not donated to the update: reused by the next step.
-    return self._update(state, grad_sum, batch_stats), metrics
-
-  def memory_analysis(self):
-    return self._micro.memory_analysis()
+      batch_stats, acc = self._micro(state, batch_stats, acc, batches, index)
+    self._acc = acc  # Not donated to the update: reused by the next step.
+    return self._finish(state, acc, batch_stats, running)
 
 
-def eval_step(state: TrainState, batch: dict[str, jax.Array]) -> EvalMetrics:
-  """Metrics summed over the real (mask = 1) examples of a padded batch."""
-  logits = state.apply_fn(
-    {'params': state.params, 'batch_stats': state.batch_stats},
-    batch['input'],
-    train=False,
-  )
-  return EvalMetrics.single_from_model_output(
-    loss=cross_entropy_loss(logits, batch['label']),
-    accuracy=jnp.argmax(logits, -1) == batch['label'],
-    mask=batch['mask'],
-  )
-
-
-def jit_train_step(mesh, running_metrics: bool = False, steps_per_dispatch: int = 1):
-  """train_step jitted for the mesh: state replicated (and donated), batch sharded.
-
-  With `running_metrics` the step takes the running TrainMetrics as a third argument
-  (replicated, donated) and returns them merged. With `steps_per_dispatch` K > 1 it is
-  `train_steps` (running metrics, a fourth argument: the number of steps).
-  """
-  rep, batch = replicated(mesh), train_batch_sharding(mesh, steps_per_dispatch)
-  if steps_per_dispatch > 1:
-    return jax.jit(
-      train_steps,
-      in_shardings=(rep, batch, rep, rep),
-      out_shardings=(rep, rep),
-      donate_argnums=(0, 2),
-    )
-  if running_metrics:
-    return jax.jit(
-      train_step,
-      in_shardings=(rep, batch, rep),
-      out_shardings=(rep, rep),
-      donate_argnums=(0, 2),
-    )
-  return jax.jit(
-    train_step,
-    in_shardings=(rep, batch),
-    out_shardings=(rep, rep),
-    donate_argnums=0,
-  )
-
-
-def empty_train_metrics(mesh) -> TrainMetrics:
-  """Zero running metrics on the mesh, to pass to a step compiled with running_metrics."""
-  return jax.device_put(TrainMetrics.empty(), replicated(mesh))
-
-
-def jit_eval_step(mesh) -> Callable:
-  return jax.jit(
-    eval_step,
-    in_shardings=(replicated(mesh), eval_batch_sharding(mesh)),
-    out_shardings=replicated(mesh),
-  )
-
-
-def batch_shapes(
-  plan: MicroBatchPlan, example: dict[str, np.ndarray], steps_per_dispatch: int = 1
-) -> dict:
-  """Abstract training batch of `plan`'s shape, for ahead-of-time compilation."""
-  leading = (steps_per_dispatch,) if steps_per_dispatch > 1 else ()
-  return {
-    k: jax.ShapeDtypeStruct((*leading, *plan.shape, *v.shape[1:]), v.dtype)
-    for k, v in example.items()
-  }
-
-
-def compile_train_steps(
-  mesh,
-  state: TrainState,
-  plans: list[MicroBatchPlan],
-  example: dict[str, np.ndarray],
-  *,
-  running_metrics: bool = False,
-  host_loop: bool | None = None,
-  steps_per_dispatch: int = 1,
-) -> dict[tuple[int, int], Any]:
-  """One ahead-of-time compiled step per distinct (A, devices·b) (DESIGN.md decision 4).
-
-  Compiling every phase's shape before training means a phase that cannot fit fails at
-  step 0, not at epoch 160, and a phase switch never stalls. Returns {shape: compiled}.
-  A compiled step never recompiles: called with another shape, dtype or sharding it
-  raises, so a phase switch cannot silently trigger a compilation. ε and m are values in
-  the optimizer state, so phases that differ only in them share one compiled step.
-  `state` may be concrete or abstract (`jax.eval_shape`); `example` is one example per
-  input key. With `running_metrics` see `jit_train_step`. `host_loop` (None: only on
-  XLA:CPU for a model with convolutions) compiles shapes with A > 1 as a HostLoopStep:
-  two executables, the micro-batch step and the update. `steps_per_dispatch` K > 1
-  compiles `train_steps` as a MultiStep (needs running metrics and no host loop; see
-  `resolve_steps_per_dispatch`).
-  """
-  rep = replicated(mesh)
-  state_shapes = _abstract(state, rep)
-  metric_shapes = _abstract(TrainMetrics.empty(), rep)
-  if steps_per_dispatch > 1:
-    if not running_metrics or host_loop:
-      raise ValueError(
-        'steps_per_dispatch > 1 needs running_metrics=True and no host loop.'
-      )
-    host_loop = False
-  jitted = jit_train_step(mesh, running_metrics, steps_per_dispatch)
-  accumulating = [plan for plan in plans if plan.accumulation > 1]
-  if host_loop is None:
-    host_loop = bool(accumulating) and _slow_in_a_loop(
-      state_shapes, accumulating[0], example
-    )
-  compiled = {}
-  for plan in plans:
-    if plan.shape in compiled:
-      continue
-    batch = batch_shapes(plan, example, steps_per_dispatch)
-    if steps_per_dispatch > 1:
-      count = jax.ShapeDtypeStruct((), jnp.int32, sharding=rep)
-      executable = jitted.lower(state_shapes, batch, metric_shapes, count).compile()
-      compiled[plan.shape] = MultiStep(executable, steps_per_dispatch, mesh)
-    elif host_loop and plan.accumulation > 1:
-      micro = jax.jit(
-        accumulate_micro_batch,
-        in_shardings=(rep, rep, rep, rep, train_batch_sharding(mesh), rep),
-        out_shardings=(rep, rep, rep),
-        donate_argnums=(2, 3),
-      ).lower(
-        state_shapes,
-        state_shapes.batch_stats,
-        state_shapes.params,
-        metric_shapes,
-        batch,
-        jax.ShapeDtypeStruct((), jnp.int32, sharding=rep),
-      )
-      update = jax.jit(
-        functools.partial(apply_accumulated, accumulation=plan.accumulation),
-        in_shardings=(rep, rep, rep),
-        out_shardings=rep,
-        donate_argnums=0,
-      ).lower(state_shapes, state_shapes.params, state_shapes.batch_stats)
-      compiled[plan.shape] = HostLoopStep(
-        micro.compile(), update.compile(), plan, mesh, state_shapes, running_metrics
-      )
-    else:
-      args = (
-        (state_shapes, batch, metric_shapes) if running_metrics else (state_shapes, batch)
-      )
-      compiled[plan.shape] = jitted.lower(*args).compile()
-  return compiled
-
-
-def resolve_steps_per_dispatch(
-  requested: int, state: Any, plans: list[MicroBatchPlan], example: dict[str, np.ndarray]
-) -> int:
-  """`requested`, or 1 where a loop around the step would be slow (see HostLoopStep).
-
-  K steps run in a loop; on XLA:CPU a model with convolutions is ~20× slower in one.
-  """
-  if requested > 1 and _slow_in_a_loop(_abstract(state, None), plans[0], example):
-    logging.warning(
-      'config.steps_per_dispatch=%d ignored: on XLA:CPU a convolutional model runs '
-      'much slower inside a loop; one step per dispatch instead.',
-      requested,
-    )
-    return 1
-  return requested
-
-
-def _slow_in_a_loop(
-  state: Any, plan: MicroBatchPlan, example: dict[str, np.ndarray]
-) -> bool:
-  """Whether the backend is XLA:CPU and the model convolves (see HostLoopStep)."""
+def _slow_in_a_loop(state: Any, plan: sharding.MicroBatchPlan, example: dict) -> bool:
+  """Whether the backend is XLA:CPU and the model convolves (see the host loop)."""
   if jax.default_backend() != 'cpu':
     return False
   micro = {
-    k: jax.ShapeDtypeStruct((plan.shape[1], *v.shape[1:]), v.dtype)
+    k: jax.ShapeDtypeStruct((plan.micro_batch_size, *v.shape[1:]), v.dtype)
     for k, v in example.items()
   }
   jaxpr = jax.make_jaxpr(micro_batch_gradients)(state, state.batch_stats, micro)
@@ -581,11 +450,160 @@ def _convolves(jaxpr) -> bool:
   return False
 
 
-def _abstract(tree: Any, sharding: NamedSharding | None) -> Any:
-  """Shapes and dtypes of `tree` (arrays, abstract values or Python scalars) on `sharding`."""
+def _loop_structure(
+  requested_k: int, host_loop: bool | None, state, plans, example
+) -> tuple[int, bool]:
+  """(K, host loop): the one place that decides how updates are looped.
+
+  K updates per dispatch run in a loop, and so do the micro-batches of an accumulated
+  update; on XLA:CPU a convolutional model is ~20× slower inside one. There, K falls
+  back to 1 and accumulation to the host loop. `host_loop` forces the choice (tests).
+  """
+  if host_loop is None:
+    host_loop = bool(plans) and _slow_in_a_loop(state, plans[0], example)
+  if host_loop and requested_k > 1:
+    logging.warning(
+      'config.steps_per_dispatch=%d ignored: on XLA:CPU a convolutional model runs '
+      'much slower inside a loop; one step per dispatch instead.',
+      requested_k,
+    )
+  return (1 if host_loop else requested_k), host_loop
+
+
+def batch_shapes(
+  plan: sharding.MicroBatchPlan, example: dict, steps_per_dispatch: int
+) -> dict:
+  """Abstract (K, A, D·b, ...) training batches of `plan`, for ahead-of-time compilation."""
+  return {
+    k: jax.ShapeDtypeStruct((steps_per_dispatch, *plan.shape, *v.shape[1:]), v.dtype)
+    for k, v in example.items()
+  }
+
+
+def compile_train_steps(
+  mesh,
+  state: TrainState,
+  plans: list[sharding.MicroBatchPlan],
+  example: dict[str, np.ndarray],
+  *,
+  ghost_batch_size: int,
+  steps_per_dispatch: int = 1,
+  options: StepOptions = StepOptions(),
+  host_loop: bool | None = None,
+) -> dict[tuple[int, int], TrainStep]:
+  """One ahead-of-time compiled TrainStep per distinct (A, devices·b) (decision 4).
+
+  Compiling every phase's shape before training means a phase that cannot fit fails at
+  step 0, not at epoch 160, and a phase switch never stalls. A compiled step never
+  recompiles: called with another shape, dtype or sharding it raises. `state` may be
+  concrete or abstract (`jax.eval_shape`); `example` is one example per input key.
+  """
+  rep = sharding.replicated(mesh)
+  state_shapes = _abstract(state, rep)
+  metric_shapes = _abstract(Metrics.empty(), rep)
+  count_shape = jax.ShapeDtypeStruct((), jnp.int32, sharding=rep)
+  accumulating = [plan for plan in plans if plan.accumulation > 1]
+  k, host_loop = _loop_structure(
+    steps_per_dispatch, host_loop, state_shapes, accumulating, example
+  )
+  batch_spec = P(None, None, sharding.DATA_AXIS)
+  compiled = {}
+  for plan in plans:
+    if plan.shape in compiled:
+      continue
+    batch = batch_shapes(plan, example, k)
+    if host_loop and plan.accumulation > 1:
+      compiled[plan.shape] = _compile_host_loop(
+        mesh, state_shapes, metric_shapes, batch, plan, options
+      )
+      continue
+    updates = functools.partial(
+      _updates, plan=plan, options=options, ghost_batch_size=ghost_batch_size
+    )
+    per_device = _per_device(updates, mesh, (P(), batch_spec, P(), P()), (P(), P()))
+    executable = (
+      jax.jit(per_device, donate_argnums=(0, 2))
+      .lower(state_shapes, batch, metric_shapes, count_shape)
+      .compile()
+    )
+    compiled[plan.shape] = TrainStep(executable, plan, mesh, k, executable)
+  return compiled
+
+
+def _compile_host_loop(mesh, state_shapes, metric_shapes, batch, plan, options):
+  measure = bool(options.gns_horizon_examples)
+  rep = sharding.replicated(mesh)
+  per_device_spec = P(sharding.DATA_AXIS)
+  local_acc = _Accumulated(
+    state_shapes.params, jnp.zeros((), jnp.float32), Metrics.empty()
+  )
+  acc = jax.tree.map(lambda x: np.zeros((plan.num_devices, *x.shape), x.dtype), local_acc)
+  acc = jax.device_put(acc, jax.sharding.NamedSharding(mesh, per_device_spec))
+  batch_spec = P(None, None, sharding.DATA_AXIS)
+  index_shape = jax.ShapeDtypeStruct((), jnp.int32, sharding=rep)
+  micro = _per_device(
+    functools.partial(_host_loop_micro, measure=measure),
+    mesh,
+    (P(), P(), per_device_spec, batch_spec, P()),
+    (P(), per_device_spec),
+  )
+  micro = (
+    jax.jit(micro, donate_argnums=(2,))
+    .lower(
+      state_shapes, state_shapes.batch_stats, _abstract(acc, None), batch, index_shape
+    )
+    .compile()
+  )
+  finish = _per_device(
+    functools.partial(_host_loop_finish, plan=plan, options=options),
+    mesh,
+    (P(), per_device_spec, P(), P()),
+    (P(), P()),
+  )
+  finish = (
+    jax.jit(finish, donate_argnums=(0, 3))
+    .lower(state_shapes, _abstract(acc, None), state_shapes.batch_stats, metric_shapes)
+    .compile()
+  )
+  return TrainStep(_HostLoop(micro, finish, plan, mesh, acc), plan, mesh, 1, micro)
+
+
+def empty_metrics(mesh) -> Metrics:
+  """Zero running metrics on the mesh, to start a log period."""
+  return jax.device_put(Metrics.empty(), sharding.replicated(mesh))
+
+
+def eval_step(state: TrainState, batch: dict[str, jax.Array]) -> Metrics:
+  """Metrics summed over the real (mask = 1) examples of a padded batch."""
+  logits = state.apply_fn(
+    {'params': state.params, 'batch_stats': state.batch_stats},
+    batch['input'],
+    train=False,
+  )
+  return Metrics.single_from_model_output(
+    loss=cross_entropy_loss(logits, batch['label']),
+    accuracy=jnp.argmax(logits, -1) == batch['label'],
+    mask=batch['mask'],
+  )
+
+
+def jit_eval_step(mesh):
+  return jax.jit(
+    eval_step,
+    in_shardings=(sharding.replicated(mesh), sharding.eval_batch_sharding(mesh)),
+    out_shardings=sharding.replicated(mesh),
+  )
+
+
+def _abstract(tree: Any, target: Any) -> Any:
+  """Shapes and dtypes of `tree` (arrays, abstract values or scalars) on `target`.
+
+  `target` None keeps each array's own sharding.
+  """
 
   def spec(x):
     x = x if hasattr(x, 'shape') else jnp.asarray(x)
-    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+    placed = target if target is not None else getattr(x, 'sharding', None)
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=placed)
 
   return jax.tree.map(spec, tree)

@@ -1,10 +1,9 @@
 """train_and_evaluate(config, workdir): the phase loop.
 
-Reads top to bottom (flax examples' style): validate → data → model and optimizer →
-restore → compile every phase's step → for each phase, for each step: batch, step, log,
-evaluate, checkpoint → summary. Everything is keyed to examples seen (DESIGN.md
-decision 1): logging, evaluation and checkpoints happen when the example count crosses a
-multiple of their period in epochs, whatever the batch size of the phase.
+Reads top to bottom (the flax examples' style): validate → data → init or restore →
+compile every phase's step → for each phase, for each dispatch: step, then the events
+that are due (log, evaluate, checkpoint) → summary. Everything is keyed to examples seen
+(docs/DESIGN.md decision 1, ibs/cadence.py), whatever the batch size of the phase.
 """
 
 from __future__ import annotations
@@ -22,17 +21,24 @@ from clu import metric_writers, periodic_actions
 from etils import epath
 
 from ibs import (
+  cadence,
   checkpoint,
   clock,
   config_checks,
+  gns,
   input_pipeline,
   models,
   noise_scale,
   optim,
   schedules,
+  sharding,
 )
 from ibs import step as step_lib
 from ibs.datasets import catalog
+
+
+class TrainingDiverged(RuntimeError):
+  """An update's loss or gradient was not finite (config.nonfinite='stop')."""
 
 
 def create_model(config: Any, num_classes: int):
@@ -69,18 +75,47 @@ def create_train_state(
       tx=tx,
     )
 
-  return jax.device_put(init(jax.random.key(config.seed)), step_lib.replicated(mesh))
+  return jax.device_put(init(jax.random.key(config.seed)), sharding.replicated(mesh))
 
 
-def _crossed(before: int, after: int, period: int) -> bool:
-  """Whether the example count passed a multiple of `period` going from before to after."""
-  return before // period < after // period
+def step_options(config: Any) -> step_lib.StepOptions:
+  return step_lib.StepOptions(
+    gns_horizon_examples=config.gns.horizon_examples if config.gns.enabled else 0.0,
+    nonfinite=config.nonfinite,
+  )
 
 
-def _steps_to_cross(examples: int, batch_size: int, period: int) -> int:
-  """Steps of `batch_size` from `examples` until the count passes a multiple of `period`."""
-  next_multiple = (examples // period + 1) * period
-  return -(-(next_multiple - examples) // batch_size)
+def compile_phases(config, mesh, state, plans, spans, start_step, example):
+  """Every remaining phase's step, compiled ahead of time, its memory logged."""
+  remaining = [
+    plan
+    for plan, span in zip(plans, spans, strict=True)
+    if span.first_step + span.num_steps > start_step and span.num_steps
+  ]
+  compiled = step_lib.compile_train_steps(
+    mesh,
+    state,
+    remaining,
+    example,
+    ghost_batch_size=config.ghost_batch_size,
+    steps_per_dispatch=config.steps_per_dispatch,
+    options=step_options(config),
+  )
+  for shape, train_step in compiled.items():
+    analysis = train_step.memory_analysis()
+    logging.info(
+      'Step for batch shape (accumulation, devices × micro-batch) = %s compiled, %d '
+      'update(s) per call; %s',
+      shape,
+      train_step.steps_per_dispatch,
+      analysis
+      if analysis is None
+      else (
+        f'temp {analysis.temp_size_in_bytes / 2**20:.1f} MiB, arguments '
+        f'{analysis.argument_size_in_bytes / 2**20:.1f} MiB'
+      ),
+    )
+  return compiled
 
 
 def evaluate(eval_step, state, source, preprocess, config, mesh) -> dict[str, float]:
@@ -93,21 +128,46 @@ def evaluate(eval_step, state, source, preprocess, config, mesh) -> dict[str, fl
     process_index=jax.process_index(),
     process_count=jax.process_count(),
   ):
-    batch_metrics = eval_step(state, step_lib.global_eval_batch(local, mesh))
+    batch_metrics = eval_step(state, sharding.eval_batch_to_device(local, mesh))
     total = batch_metrics if total is None else total.merge(batch_metrics)
   return {f'test_{k}': float(v) for k, v in total.compute().items()}
 
 
-def _phase_scalars(schedule, phase_index: int, lr: float) -> dict[str, float]:
-  phase = schedule.phases[phase_index]
-  n = schedule.num_train_examples
-  return {
+def hyperparameter_scalars(
+  state: step_lib.TrainState, config: Any, phase: schedules.Phase, n: int
+) -> dict[str, float]:
+  """ε and m of the last update (from the optimizer state), B, the paper's g, the
+  measured noise scale, and the count of updates that were not finite."""
+  hyperparams = state.opt_state.hyperparams
+  lr = float(hyperparams['learning_rate'])
+  momentum = float(hyperparams.get('momentum', 0.0))
+  scalars = {
     'learning_rate': lr,
-    'momentum': phase.momentum,
+    'momentum': momentum,
     'batch_size': phase.batch_size,
-    'noise_scale': noise_scale.noise_scale(lr, n, phase.batch_size, phase.momentum),
-    'phase': phase_index,
+    'noise_scale': noise_scale.noise_scale(lr, n, phase.batch_size, momentum),
+    'nonfinite_updates': int(state.nonfinite_updates),
   }
+  if config.gns.enabled:
+    scalars.update(gns.estimates(state.gns))
+  return scalars
+
+
+def check_finite(state, schedule, spans, n: int) -> None:
+  """Raises TrainingDiverged if the step halted on a non-finite update."""
+  halted = int(state.halted_at_step)
+  if halted < 0:
+    return
+  where = clock.position(schedule, halted)
+  phase = schedule.phases[where.phase]
+  raise TrainingDiverged(
+    f'Non-finite loss or gradient at step {halted} (phase {where.phase}, '
+    f'{where.examples_seen:,} examples seen, epoch {where.epoch:.3f}) with learning '
+    f'rate {phase.learning_rate:g} and batch size {phase.batch_size}. Training stopped '
+    'there; no checkpoint of a non-finite state was written. Lower '
+    "config.schedule.learning_rate, or set config.nonfinite='skip' to drop such "
+    'updates and go on.'
+  )
 
 
 def format_summary(summary: dict[str, Any], schedule) -> str:
@@ -134,12 +194,13 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
   that many parameter updates, as a preemption would.
   """
   wall_start = time.perf_counter()
-  mesh = step_lib.make_mesh()
   schedule = config_checks.check_config(config, jax.device_count(), jax.process_count())
+  mesh = sharding.make_mesh()
   spec = catalog.dataset_spec(config)
+  n = spec.num_train_examples
   spans = clock.phase_spans(schedule)
   plans = [
-    step_lib.plan_micro_batches(
+    sharding.plan_micro_batches(
       p.batch_size,
       jax.device_count(),
       config.ghost_batch_size,
@@ -165,11 +226,11 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
   restored = checkpoint.restore_latest(manager, state, fingerprint)
   if restored:
     state, position = restored
-    state = jax.device_put(state, step_lib.replicated(mesh))
+    state = jax.device_put(state, sharding.replicated(mesh))
     logging.info(
       'Resumed at step %d (%d examples seen).', position.step, position.examples_seen
     )
-  start_step = int(state.step)
+  step = start_step = int(state.step)
   total_steps = clock.num_steps(schedule)
 
   writer = metric_writers.create_default_writer(
@@ -190,52 +251,18 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
   example = preprocess(
     train_source.get(np.zeros(1, np.int64)), np.zeros(1, np.int64), True
   )
-  remaining = [
-    plan
-    for plan, span in zip(plans, spans, strict=True)
-    if span.first_step + span.num_steps > start_step and span.num_steps
-  ]
-  steps_per_dispatch = step_lib.resolve_steps_per_dispatch(
-    config.steps_per_dispatch, state, remaining or plans, example
-  )
-  compiled = step_lib.compile_train_steps(
-    mesh,
-    state,
-    remaining,
-    example,
-    running_metrics=True,
-    steps_per_dispatch=steps_per_dispatch,
-  )
-  logging.info('%d update(s) per call of the compiled step.', steps_per_dispatch)
-  for shape, executable in compiled.items():
-    analysis = executable.memory_analysis()
-    logging.info(
-      'Step for batch shape (accumulation, devices × micro-batch) = %s compiled; %s',
-      shape,
-      analysis
-      if analysis is None
-      else (
-        f'temp {analysis.temp_size_in_bytes / 2**20:.1f} MiB, arguments '
-        f'{analysis.argument_size_in_bytes / 2**20:.1f} MiB'
-      ),
-    )
+  compiled = compile_phases(config, mesh, state, plans, spans, start_step, example)
   eval_step = step_lib.jit_eval_step(mesh)
   compile_s = time.perf_counter() - compile_start
 
-  lr_fn = schedules.learning_rate_schedule(schedule)
-  n = spec.num_train_examples
-  log_every = max(1, round(config.log_every_epochs * n))
-  eval_every = max(1, round(config.eval_every_epochs * n))
-  checkpoint_every = max(1, round(config.checkpoint_every_epochs * n))
+  events = cadence.Cadence.from_config(config, n)
   stop_at = min(total_steps, config.stop_after_steps or total_steps)
   report_progress = periodic_actions.ReportProgress(
     num_train_steps=total_steps, writer=writer, every_secs=30.0
   )
   hooks = [report_progress] if jax.process_index() == 0 else []
-
-  train_metrics = step_lib.empty_train_metrics(mesh)
+  train_metrics = step_lib.empty_metrics(mesh)
   eval_results: dict[str, float] = {}
-  step = start_step
   with metric_writers.ensure_flushes(writer):
     for phase_index, (phase, span, plan) in enumerate(
       zip(schedule.phases, spans, plans, strict=True)
@@ -243,6 +270,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
       end = min(span.first_step + span.num_steps, stop_at)
       if step >= end:
         continue
+      train_step = compiled[plan.shape]
       logging.info(
         'Phase %d: batch %d = %d devices × %d accumulation × %d micro-batch, lr %g, '
         'momentum %g, steps %d–%d.',
@@ -256,7 +284,6 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
         step,
         end,
       )
-      train_step = compiled[plan.shape]
       examples = span.start_examples + (step - span.first_step) * phase.batch_size
       local_batches = input_pipeline.train_batches(
         train_source,
@@ -267,50 +294,49 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
         num_steps=end - step,
         process_index=jax.process_index(),
         process_count=jax.process_count(),
-        prefetch=2 * steps_per_dispatch,
+        prefetch=2 * train_step.steps_per_dispatch,
       )
       while step < end:
-        # Up to K steps in one dispatch, ending where a log, evaluation or checkpoint
-        # is due, so that those happen at the same steps whatever K is.
+        # Up to K updates in one dispatch, ending where an event is due, so that events
+        # happen at the same steps whatever K is.
         num_steps = min(
-          steps_per_dispatch,
+          train_step.steps_per_dispatch,
           end - step,
-          *(
-            _steps_to_cross(examples, phase.batch_size, period)
-            for period in (log_every, eval_every, checkpoint_every)
-          ),
+          events.steps_until_next(examples, phase.batch_size),
         )
         chunk = [next(local_batches) for _ in range(num_steps)]
-        if steps_per_dispatch == 1:
-          state, train_metrics = train_step(
-            state, step_lib.global_train_batch(chunk[0], plan, mesh), train_metrics
-          )
-        else:
-          batches = step_lib.global_train_batches(chunk, plan, mesh, steps_per_dispatch)
-          state, train_metrics = train_step(state, batches, train_metrics, num_steps)
-        before = examples
-        examples += num_steps * phase.batch_size
-        step += num_steps
+        state, train_metrics = train_step(state, chunk, train_metrics)
+        before, examples, step = (
+          examples,
+          examples + num_steps * phase.batch_size,
+          step + num_steps,
+        )
         for hook in hooks:
           hook(step)
         done = step == total_steps
+        due = {'log', 'eval', 'checkpoint'} if done else events.due(before, examples)
+        if step == stop_at:
+          due.add('checkpoint')
+        if not due:
+          continue
+        check_finite(state, schedule, spans, n)
         position = {
           'epoch': examples / n,
           'examples_seen': examples,
           'parameter_updates': step,
         }
-        if done or _crossed(before, examples, log_every):
+        if 'log' in due:
           scalars = {f'train_{k}': float(v) for k, v in train_metrics.compute().items()}
-          scalars.update(_phase_scalars(schedule, phase_index, float(lr_fn(step - 1))))
+          scalars.update(hyperparameter_scalars(state, config, phase, n))
           writer.write_scalars(step, {**scalars, **position})
-          train_metrics = step_lib.empty_train_metrics(mesh)
-        if done or _crossed(before, examples, eval_every):
+          train_metrics = step_lib.empty_metrics(mesh)
+        if 'eval' in due:
           with report_progress.timed('eval'):
             eval_results = evaluate(
               eval_step, state, test_source, preprocess, config, mesh
             )
           writer.write_scalars(step, {**eval_results, **position})
-        if done or step == stop_at or _crossed(before, examples, checkpoint_every):
+        if 'checkpoint' in due:
           checkpoint.save(
             manager,
             state,

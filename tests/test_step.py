@@ -15,7 +15,7 @@ import optax
 import pytest
 from flax import linen as nn
 
-from ibs import optim, schedules
+from ibs import optim, schedules, sharding
 from ibs import step as step_lib
 from ibs.models import small
 from ibs.models.ghost_batch_norm import GhostBatchNorm
@@ -64,18 +64,30 @@ def _state(params, batch_stats):
   )
 
 
-def _run_ibs(num_steps, max_micro_batch_size, host_loop=False):
-  """`num_steps` ibs steps on one device with the given cap; the final state + metrics."""
-  mesh = step_lib.make_mesh(jax.devices()[:1])
-  plan = step_lib.plan_micro_batches(BATCH, 1, GHOST, max_micro_batch_size)
-  state = jax.device_put(_state(*_initial_variables()), step_lib.replicated(mesh))
+def _compile(mesh, state, plans, host_loop=None, steps_per_dispatch=1, gns=True):
   example = {k: v[:1] for k, v in _data(1)[0].items()}
-  (step,) = step_lib.compile_train_steps(
-    mesh, state, [plan], example, host_loop=host_loop
-  ).values()
+  options = step_lib.StepOptions(gns_horizon_examples=1000.0 if gns else 0.0)
+  return step_lib.compile_train_steps(
+    mesh,
+    state,
+    plans,
+    example,
+    ghost_batch_size=GHOST,
+    steps_per_dispatch=steps_per_dispatch,
+    options=options,
+    host_loop=host_loop,
+  )
+
+
+def _run_ibs(num_steps, max_micro_batch_size, host_loop=False, gns=True):
+  """`num_steps` ibs steps on one device with the given cap; the final state + metrics."""
+  mesh = sharding.make_mesh(jax.devices()[:1])
+  plan = sharding.plan_micro_batches(BATCH, 1, GHOST, max_micro_batch_size)
+  state = jax.device_put(_state(*_initial_variables()), sharding.replicated(mesh))
+  (step,) = _compile(mesh, state, [plan], host_loop=host_loop, gns=gns).values()
   metrics = []
   for local in _data(num_steps):
-    state, m = step(state, step_lib.global_train_batch(local, plan, mesh))
+    state, m = step(state, [local], step_lib.empty_metrics(mesh))
     metrics.append({k: float(v) for k, v in m.compute().items()})
   return plan, state, metrics
 
@@ -150,13 +162,20 @@ def _assert_close(actual, expected, rtol=1e-5, atol=1e-6):
 
 
 @pytest.mark.parametrize(
-  'max_micro_batch_size, host_loop',
-  [(32, False), (8, False), (4, False), (8, True), (4, True)],
-  ids=['A1', 'A4', 'A8', 'A4-host-loop', 'A8-host-loop'],
+  'max_micro_batch_size, host_loop, gns',
+  [
+    (32, False, True),
+    (32, False, False),
+    (8, False, True),
+    (4, False, True),
+    (8, True, True),
+    (4, True, False),
+  ],
+  ids=['A1-split', 'A1-no-gns', 'A4', 'A8', 'A4-host-loop', 'A8-host-loop-no-gns'],
 )
-def test_accumulated_step_equals_the_whole_batch(max_micro_batch_size, host_loop):
+def test_accumulated_step_equals_the_whole_batch(max_micro_batch_size, host_loop, gns):
   num_steps = 3
-  plan, state, metrics = _run_ibs(num_steps, max_micro_batch_size, host_loop)
+  plan, state, metrics = _run_ibs(num_steps, max_micro_batch_size, host_loop, gns)
   assert plan.accumulation == BATCH // max_micro_batch_size
   params, batch_stats, trace, expected_metrics = _reference(num_steps)
 
@@ -173,17 +192,14 @@ def test_accumulated_step_equals_the_whole_batch(max_micro_batch_size, host_loop
 
 @pytest.mark.parametrize('host_loop', [False, True], ids=['scan', 'host-loop'])
 def test_running_metrics_merge_inside_the_compiled_step(host_loop):
-  """compile_train_steps(..., running_metrics=True): one dispatch per step, same sums."""
-  mesh = step_lib.make_mesh(jax.devices()[:1])
-  plan = step_lib.plan_micro_batches(BATCH, 1, GHOST, 8)
-  state = jax.device_put(_state(*_initial_variables()), step_lib.replicated(mesh))
-  example = {k: v[:1] for k, v in _data(1)[0].items()}
-  (step,) = step_lib.compile_train_steps(
-    mesh, state, [plan], example, running_metrics=True, host_loop=host_loop
-  ).values()
-  running = step_lib.empty_train_metrics(mesh)
+  """The step merges each update's metrics into the running ones: the same sums."""
+  mesh = sharding.make_mesh(jax.devices()[:1])
+  plan = sharding.plan_micro_batches(BATCH, 1, GHOST, 8)
+  state = jax.device_put(_state(*_initial_variables()), sharding.replicated(mesh))
+  (step,) = _compile(mesh, state, [plan], host_loop=host_loop).values()
+  running = step_lib.empty_metrics(mesh)
   for local in _data(3):
-    state, running = step(state, step_lib.global_train_batch(local, plan, mesh), running)
+    state, running = step(state, [local], running)
   *_, expected = _reference(3)
   got = {k: float(v) for k, v in running.compute().items()}
   assert got['loss'] == pytest.approx(np.mean([m['loss'] for m in expected]), rel=1e-5)
@@ -197,20 +213,17 @@ def test_several_steps_per_dispatch_equal_single_steps(max_micro_batch_size):
   The padded slots of each dispatch are zeros: had a step read one, the parameters, the
   BN statistics (zeros shift them) or the metrics would leave the reference.
   """
-  mesh = step_lib.make_mesh(jax.devices()[:1])
-  plan = step_lib.plan_micro_batches(BATCH, 1, GHOST, max_micro_batch_size)
-  state = jax.device_put(_state(*_initial_variables()), step_lib.replicated(mesh))
-  example = {k: v[:1] for k, v in _data(1)[0].items()}
-  (step,) = step_lib.compile_train_steps(
-    mesh, state, [plan], example, running_metrics=True, steps_per_dispatch=4
-  ).values()
-  assert isinstance(step, step_lib.MultiStep)
-  running = step_lib.empty_train_metrics(mesh)
+  mesh = sharding.make_mesh(jax.devices()[:1])
+  plan = sharding.plan_micro_batches(BATCH, 1, GHOST, max_micro_batch_size)
+  state = jax.device_put(_state(*_initial_variables()), sharding.replicated(mesh))
+  (step,) = _compile(mesh, state, [plan], steps_per_dispatch=4).values()
+  assert step.steps_per_dispatch == 4
+  running = step_lib.empty_metrics(mesh)
   data = _data(5)
   for chunk in (data[:3], data[3:]):
-    batches = step_lib.global_train_batches(chunk, plan, mesh, steps_per_dispatch=4)
+    batches = sharding.train_batches_to_device(chunk, plan, mesh, steps_per_dispatch=4)
     assert batches['input'].shape == (4, *plan.shape, LENGTH)
-    state, running = step(state, batches, running, len(chunk))
+    state, running = step(state, chunk, running)
 
   params, batch_stats, trace, expected = _reference(5)
   assert int(state.step) == 5
@@ -222,11 +235,11 @@ def test_several_steps_per_dispatch_equal_single_steps(max_micro_batch_size):
   assert got['accuracy'] == pytest.approx(np.mean([m['accuracy'] for m in expected]))
 
 
-def test_global_train_batches_refuses_more_batches_than_the_dispatch_holds():
-  mesh = step_lib.make_mesh(jax.devices()[:1])
-  plan = step_lib.plan_micro_batches(BATCH, 1, GHOST, BATCH)
+def test_train_batches_to_device_refuses_more_batches_than_the_dispatch_holds():
+  mesh = sharding.make_mesh(jax.devices()[:1])
+  plan = sharding.plan_micro_batches(BATCH, 1, GHOST, BATCH)
   with pytest.raises(ValueError, match='5 batches for a dispatch of at most 4'):
-    step_lib.global_train_batches(_data(5), plan, mesh, steps_per_dispatch=4)
+    sharding.train_batches_to_device(_data(5), plan, mesh, steps_per_dispatch=4)
 
 
 def test_the_whole_batch_gradient_is_the_mean_of_ghost_batch_gradients():
@@ -262,7 +275,7 @@ def test_the_whole_batch_gradient_is_the_mean_of_ghost_batch_gradients():
   ],
 )
 def test_plan_micro_batches(batch, devices, ghost, cap, accumulation, micro):
-  plan = step_lib.plan_micro_batches(batch, devices, ghost, cap)
+  plan = sharding.plan_micro_batches(batch, devices, ghost, cap)
   assert (plan.accumulation, plan.micro_batch_size) == (accumulation, micro)
   assert plan.num_devices * plan.accumulation * plan.micro_batch_size == batch
   assert plan.shape == (accumulation, devices * micro)
@@ -270,35 +283,34 @@ def test_plan_micro_batches(batch, devices, ghost, cap, accumulation, micro):
 
 def test_plan_errors_name_the_config_field():
   with pytest.raises(ValueError, match='ghost_batch_size'):
-    step_lib.plan_micro_batches(100, 8, 4, 64)  # 100 is not a multiple of 8 × 4
+    sharding.plan_micro_batches(100, 8, 4, 64)  # 100 is not a multiple of 8 × 4
   with pytest.raises(ValueError, match='max_micro_batch_size'):
-    step_lib.plan_micro_batches(256, 1, 128, 64)
+    sharding.plan_micro_batches(256, 1, 128, 64)
 
 
-def test_global_train_batch_keeps_stream_order_on_one_device():
-  mesh = step_lib.make_mesh(jax.devices()[:1])
-  plan = step_lib.plan_micro_batches(32, 1, 4, 8)
+def test_batch_layout_keeps_stream_order_on_one_device():
+  mesh = sharding.make_mesh(jax.devices()[:1])
+  plan = sharding.plan_micro_batches(32, 1, 4, 8)
   positions = np.arange(32)
-  batch = step_lib.global_train_batch({'label': positions}, plan, mesh)
-  assert batch['label'].shape == (4, 8)
+  batch = sharding.train_batches_to_device([{'label': positions}], plan, mesh, 1)
+  assert batch['label'].shape == (1, 4, 8)
   np.testing.assert_array_equal(np.asarray(batch['label']).reshape(-1), positions)
 
 
 @pytest.mark.parametrize('host_loop', [False, True], ids=['scan', 'host-loop'])
 def test_memory_does_not_grow_with_accumulation(host_loop):
   """Compiled temp memory at a fixed micro-batch is the same for A = 4 and A = 16."""
-  mesh = step_lib.make_mesh(jax.devices()[:1])
-  state = jax.device_put(_state(*_initial_variables()), step_lib.replicated(mesh))
-  example = {k: v[:1] for k, v in _data(1)[0].items()}
-  plans = [step_lib.plan_micro_batches(8 * a, 1, GHOST, 8) for a in (1, 4, 16)]
-  compiled = step_lib.compile_train_steps(
-    mesh, state, plans, example, host_loop=host_loop
-  )
-  temp = {
-    shape[0]: c.memory_analysis().temp_size_in_bytes for shape, c in compiled.items()
-  }
-  assert temp[16] <= temp[4] * 1.05 + 4096, temp
-  # A = 1 skips the loop and its gradient sum: no more than A = 4 needs.
+  mesh = sharding.make_mesh(jax.devices()[:1])
+  state = jax.device_put(_state(*_initial_variables()), sharding.replicated(mesh))
+  plans = [sharding.plan_micro_batches(8 * a, 1, GHOST, 8) for a in (1, 4, 16)]
+  for gns in (True, False):
+    compiled = _compile(mesh, state, plans, host_loop=host_loop, gns=gns)
+    temp = {
+      shape[0]: c.memory_analysis().temp_size_in_bytes for shape, c in compiled.items()
+    }
+    assert temp[16] <= temp[4] * 1.05 + 4096, (gns, temp)
+  # A = 1 skips the loop and its gradient sum: no more than A = 4 needs. (With the noise
+  # scale on, one device at A = 1 back-propagates both halves of its batch at once.)
   assert temp[1] <= temp[4] * 1.05 + 4096, temp
 
 
@@ -315,9 +327,8 @@ class _ConvNet(nn.Module):
 @pytest.mark.skipif(jax.default_backend() != 'cpu', reason='an XLA:CPU workaround')
 def test_on_cpu_convolutions_accumulate_in_a_host_loop():
   """XLA:CPU runs convolutions inside a while loop ~20x slower: no scan for them."""
-  mesh = step_lib.make_mesh(jax.devices()[:1])
-  example = {k: v[:1] for k, v in _data(1)[0].items()}
-  plans = [step_lib.plan_micro_batches(BATCH, 1, GHOST, cap) for cap in (32, 8)]
+  mesh = sharding.make_mesh(jax.devices()[:1])
+  plans = [sharding.plan_micro_batches(BATCH, 1, GHOST, cap) for cap in (32, 8)]
   for model, host_loop in ((_ConvNet(), True), (_model(), False)):
     variables = model.init(jax.random.key(0), jnp.zeros((GHOST, LENGTH)), train=False)
     state = step_lib.TrainState.create(
@@ -326,12 +337,12 @@ def test_on_cpu_convolutions_accumulate_in_a_host_loop():
       batch_stats=variables['batch_stats'],
       tx=optax.sgd(0.1),
     )
-    compiled = step_lib.compile_train_steps(mesh, state, plans, example)
-    assert isinstance(compiled[(4, 8)], step_lib.HostLoopStep) == host_loop
-    assert not isinstance(compiled[(1, 32)], step_lib.HostLoopStep)
+    compiled = _compile(mesh, state, plans, steps_per_dispatch=8)
+    assert compiled[(4, 8)].host_loop == host_loop
+    assert not compiled[(1, 32)].host_loop
     # Several steps per dispatch would loop around the convolutions too: refused.
     expected = 1 if host_loop else 8
-    assert step_lib.resolve_steps_per_dispatch(8, state, plans, example) == expected
+    assert {c.steps_per_dispatch for c in compiled.values()} == {expected}
 
 
 def _counting(fn, counter):
@@ -368,7 +379,7 @@ def test_one_compilation_per_distinct_phase_shape(tiny_config, tmp_path, monkeyp
   config.max_micro_batch_size = 64
 
   traces = []
-  monkeypatch.setattr(step_lib, 'train_step', _counting(step_lib.train_step, traces))
+  monkeypatch.setattr(step_lib, '_updates', _counting(step_lib._updates, traces))
   compiles_done = []
   compile_all = step_lib.compile_train_steps
 
@@ -393,5 +404,5 @@ def test_one_compilation_per_distinct_phase_shape(tiny_config, tmp_path, monkeyp
   assert summary['finished']
   assert compiles_done == [[(1, 32), (1, 64), (2, 64)]]
   assert len(traces) == 3
-  train_step_compiles = [after for name, after in events if 'train_step' in name]
+  train_step_compiles = [after for name, after in events if '_updates' in name]
   assert train_step_compiles == [False, False, False], events

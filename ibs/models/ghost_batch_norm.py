@@ -14,13 +14,48 @@ number of devices. Two consequences the rest of ibs relies on (PAPER.md, "Batch 
   in closed form: r_k = μ^k·r_0 + (1 − μ)·Σ_j μ^(k−j)·s_j.
 
 With `ghost_batch_size` equal to the batch size this is exactly `flax.linen.BatchNorm`.
+
+Under the per-device train step (ibs/step.py, a `shard_map` over the mesh's `data`
+axis) each device normalises its own ghost batches, which needs nothing from the others;
+only the running averages must see every device's ghost batches. The step traces the
+model inside `running_statistics_across('data')`, and the layer then gathers the
+per-ghost-batch means and variances of all devices (a few floats per feature, never a
+gradient) and applies the k·D updates in mesh order, so every device holds the same
+running averages: for micro-batch a, device 0's ghost batches, then device 1's, and so
+on. The axis is a property of how the step runs the model, not of the model, hence a
+context rather than a layer attribute threaded through every model.
 """
 
+import contextlib
+import contextvars
+from collections.abc import Iterator
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
+
+_STATISTICS_AXIS: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+  'ghost_batch_norm_statistics_axis', default=None
+)
+
+
+@contextlib.contextmanager
+def running_statistics_across(axis_name: str) -> Iterator[None]:
+  """Trace training-mode ghost BN so running averages see all devices on `axis_name`."""
+  token = _STATISTICS_AXIS.set(axis_name)
+  try:
+    yield
+  finally:
+    _STATISTICS_AXIS.reset(token)
+
+
+def _gathered(statistics: jax.Array) -> jax.Array:
+  """(k, F) per device → (D·k, F) over the statistics axis in mesh order, if one is set."""
+  axis_name = _STATISTICS_AXIS.get()
+  if axis_name is None:
+    return statistics
+  return jax.lax.all_gather(jax.lax.stop_gradient(statistics), axis_name, tiled=True)
 
 
 def ghost_statistics(x: jax.Array, ghost_batch_size: int) -> tuple[jax.Array, jax.Array]:
@@ -86,10 +121,10 @@ class GhostBatchNorm(nn.Module):
       mean, variance = ghost_statistics(x, self.ghost_batch_size)
       if not self.is_initializing():
         running_mean.value = sequential_moving_average(
-          running_mean.value, mean, self.momentum
+          running_mean.value, _gathered(mean), self.momentum
         )
         running_var.value = sequential_moving_average(
-          running_var.value, variance, self.momentum
+          running_var.value, _gathered(variance), self.momentum
         )
       groups = x.astype(jnp.float32).reshape((mean.shape[0], -1, features))
       normalized = (groups - mean[:, None, :]) * jax.lax.rsqrt(
