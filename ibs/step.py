@@ -377,6 +377,10 @@ class TrainStep:
   def memory_analysis(self):
     return self._analysed.memory_analysis()
 
+  def as_text(self) -> str:
+    """The HLO of the executable that `memory_analysis` describes."""
+    return self._analysed.as_text()
+
 
 # The host-loop form of the same update, for XLA:CPU. XLA:CPU rewrites convolutions into
 # the layouts its fast kernels take only in the entry computation, not inside a while

@@ -29,7 +29,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from configs import default
-from ibs import optim, schedules
+from ibs import hlo, optim, schedules, sharding
 from ibs import step as step_lib
 from ibs.models import small
 
@@ -106,22 +106,32 @@ def _batches():
   ]
 
 
-def _run_steps(max_micro_batch_size, order=None, host_loop=False):
-  """NUM_STEPS ibs steps on all devices; `order` permutes each batch's examples."""
-  mesh = step_lib.make_mesh()
-  plan = step_lib.plan_micro_batches(
-    BATCH, jax.device_count(), GHOST, max_micro_batch_size
-  )
-  state = jax.device_put(_state(), step_lib.replicated(mesh))
+def _compile(mesh, plan, host_loop=False):
+  state = jax.device_put(_state(), sharding.replicated(mesh))
   example = {k: v[:1] for k, v in _batches()[0].items()}
   (step,) = step_lib.compile_train_steps(
-    mesh, state, [plan], example, host_loop=host_loop
+    mesh,
+    state,
+    [plan],
+    example,
+    ghost_batch_size=GHOST,
+    options=step_lib.StepOptions(gns_horizon_examples=1000.0),
+    host_loop=host_loop,
   ).values()
+  return state, step
+
+
+def _run_steps(max_micro_batch_size, order=None, host_loop=False, devices=None):
+  """NUM_STEPS ibs steps on all devices (a mesh in the order of `devices` if given);
+  `order` permutes each batch's examples."""
+  mesh = sharding.make_mesh(devices)
+  plan = sharding.plan_micro_batches(BATCH, mesh.size, GHOST, max_micro_batch_size)
+  state, step = _compile(mesh, plan, host_loop)
   losses = []
   for local in _batches():
     if order is not None:
       local = {k: v[order] for k, v in local.items()}
-    state, metrics = step(state, step_lib.global_train_batch(local, plan, mesh))
+    state, metrics = step(state, [local], step_lib.empty_metrics(mesh))
     losses.append(float(metrics.compute()['loss']))
   out = {'loss': np.array(losses), 'accumulation': plan.accumulation}
   for name in ('params', 'batch_stats'):
@@ -131,18 +141,35 @@ def _run_steps(max_micro_batch_size, order=None, host_loop=False):
 
 
 def sharded_steps_main(path):
-  """Entry point of the 8-device subprocess: three steps and the batch layout, to npz."""
+  """Entry point of the 8-device subprocess: steps, batch layouts and HLO counts, to npz."""
   assert jax.device_count() == DEVICES, jax.devices()
+  permuted = [jax.devices()[i] for i in (3, 0, 6, 1, 7, 2, 5, 4)]
   results = {}
-  for name, cap, host_loop in (('a1', 8, False), ('a2', 4, False), ('a2host', 4, True)):
-    for key, value in _run_steps(cap, host_loop=host_loop).items():
+  for name, cap, host_loop, devices in (
+    ('a1', 8, False, None),
+    ('a2', 4, False, None),
+    ('a2host', 4, True, None),
+    ('a2permuted', 4, False, permuted),
+  ):
+    for key, value in _run_steps(cap, host_loop=host_loop, devices=devices).items():
       results[f'{name}/{key}'] = value
-  # Which stream positions each device holds, for a plan with A = 2.
-  mesh = step_lib.make_mesh()
-  plan = step_lib.plan_micro_batches(BATCH, DEVICES, GHOST, 4)
-  batch = step_lib.global_train_batch({'label': np.arange(BATCH)}, plan, mesh)['label']
-  by_device = {shard.device: np.asarray(shard.data) for shard in batch.addressable_shards}
-  results['layout'] = np.stack([by_device[d] for d in mesh.devices.flat])
+  # Which stream positions each mesh position holds, for a plan with A = 2.
+  for name, devices in (('layout', None), ('layout_permuted', permuted)):
+    mesh = sharding.make_mesh(devices)
+    plan = sharding.plan_micro_batches(BATCH, DEVICES, GHOST, 4)
+    batch = sharding.train_batches_to_device(
+      [{'label': np.arange(BATCH)}], plan, mesh, 1
+    )['label']
+    by_device = {s.device: np.asarray(s.data)[0] for s in batch.addressable_shards}
+    results[name] = np.stack([by_device[d] for d in mesh.devices.flat])
+  # The all-reduces of a step with A = 4 on 8 devices: (bytes, inside a loop).
+  mesh = sharding.make_mesh()
+  plan = sharding.plan_micro_batches(2 * BATCH, DEVICES, GHOST, 4)
+  state, step = _compile(mesh, plan)
+  assert plan.accumulation == 4
+  found = hlo.collectives(step.as_text())
+  results['all_reduces'] = np.array([(c.bytes, c.in_loop) for c in found])
+  results['param_bytes'] = sum(x.nbytes for x in jax.tree.leaves(state.params))
   np.savez(path, **results)
 
 
@@ -185,9 +212,11 @@ def test_sharded_step_equals_single_device_step(tmp_path):
   )
   parallel = dict(np.load(path))
 
-  # Device d holds the contiguous positions [d·A·b, (d + 1)·A·b), as (A, b).
+  # Mesh position d holds the contiguous positions [d·A·b, (d + 1)·A·b), as (A, b),
+  # whatever device sits there.
   expected_layout = np.arange(BATCH).reshape(DEVICES, 2, 4)
   np.testing.assert_array_equal(parallel['layout'], expected_layout)
+  np.testing.assert_array_equal(parallel['layout_permuted'], expected_layout)
 
   # A = 1 on 8 devices: the stream order; the one device accumulates A = 4 of 16.
   assert parallel['a1/accumulation'] == 1
@@ -201,6 +230,18 @@ def test_sharded_step_equals_single_device_step(tmp_path):
   reference = _run_steps(BATCH, order=_visiting_order(2, 4))
   _assert_runs_equal(parallel, reference, 'a2')
   _assert_runs_equal(parallel, reference, 'a2host')
+  # A mesh built from a permuted device list: the layout follows the mesh, same run.
+  _assert_runs_equal(parallel, reference, 'a2permuted')
+
+  # One all-reduce of the gradient per update at A = 4, outside every loop (with it,
+  # XLA combines a few scalars: the metric sums and the noise-scale norm). Inside the
+  # micro-batch loop there is no all-reduce at all: BN statistics are all-gathered.
+  all_reduces = parallel['all_reduces']
+  param_bytes = int(parallel['param_bytes'])
+  assert not any(in_loop for _, in_loop in all_reduces), all_reduces
+  gradient = [b for b, _ in all_reduces if b >= param_bytes]
+  assert len(gradient) == 1, all_reduces
+  assert gradient[0] <= param_bytes + 64, all_reduces
 
 
 # ------------------------------------------------- training end to end, parallel vs one
@@ -315,7 +356,7 @@ def test_training_on_8_devices_equals_1_device(one_device_run, tmp_path):
     ['-m', 'ibs.main', f'--config={script}', f'--workdir={workdir}'], num_devices=DEVICES
   )
   _assert_states_equal(_final_state(str(workdir)), expected)
-  assert any('train_step' in name for name in os.listdir(cache)), os.listdir(cache)
+  assert any('_updates' in name for name in os.listdir(cache)), os.listdir(cache)
 
 
 def _free_port():
