@@ -42,6 +42,7 @@ K (updates per dispatch) and of the XLA:CPU host loop is made once, in
 
 import dataclasses
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -96,6 +97,11 @@ class Metrics(clu_metrics.Collection):
   accuracy: clu_metrics.Average.from_output('accuracy')
 
 
+def cross_entropy_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  """Per-example softmax cross-entropy with integer labels."""
+  return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+
+
 @dataclasses.dataclass(frozen=True)
 class StepOptions:
   """What a compiled step measures and guards; static, part of the executable.
@@ -103,10 +109,14 @@ class StepOptions:
   gns_horizon_examples: horizon H of the noise-scale averages; 0 turns the measurement
     off (config.gns.enabled=False).
   nonfinite: 'stop' or 'skip' (see the module docstring).
+  per_example_loss: (model output, labels) → per-example losses; cross-entropy with
+    integer labels for every ibs model (experiments/validate_gns.py passes a squared
+    error). Accuracy is counted as argmax(output) == label either way.
   """
 
   gns_horizon_examples: float = 0.0
   nonfinite: str = 'stop'
+  per_example_loss: Callable[[jax.Array, jax.Array], jax.Array] = cross_entropy_loss
 
   def __post_init__(self):
     if self.nonfinite not in NONFINITE_POLICIES:
@@ -115,12 +125,7 @@ class StepOptions:
       )
 
 
-def cross_entropy_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
-  """Per-example softmax cross-entropy with integer labels."""
-  return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-
-
-def _per_example_losses(state: TrainState, batch_stats: Any, micro: dict):
+def _per_example_losses(state: TrainState, batch_stats: Any, micro: dict, loss_fn):
   """params → per-example losses, with (BN statistics, logits) as aux."""
 
   def losses(params):
@@ -130,14 +135,17 @@ def _per_example_losses(state: TrainState, batch_stats: Any, micro: dict):
       train=True,
       mutable=['batch_stats'],
     )
-    return cross_entropy_loss(logits, micro['label']), (updates['batch_stats'], logits)
+    new_stats = updates.get('batch_stats', batch_stats)  # None for a model without BN
+    return loss_fn(logits, micro['label']), (new_stats, logits)
 
   return losses
 
 
-def micro_batch_gradients(state: TrainState, batch_stats: Any, micro: dict):
+def micro_batch_gradients(
+  state: TrainState, batch_stats: Any, micro: dict, loss_fn=cross_entropy_loss
+):
   """Gradient of one micro-batch's mean loss, its BN statistics, losses and hits."""
-  losses_fn = _per_example_losses(state, batch_stats, micro)
+  losses_fn = _per_example_losses(state, batch_stats, micro, loss_fn)
 
   def mean_loss(params):
     losses, aux = losses_fn(params)
@@ -161,7 +169,9 @@ def split_point(batch_size: int, ghost_batch_size: int) -> int:
   return batch_size // 2
 
 
-def split_batch_gradients(state: TrainState, batch_stats: Any, micro: dict, split: int):
+def split_batch_gradients(
+  state: TrainState, batch_stats: Any, micro: dict, split: int, loss_fn
+):
   """The gradients of the batch's two halves, from one forward and two backward passes.
 
   Returns (the whole batch's gradient, the halves' n-weighted mean squared norm, the
@@ -170,7 +180,7 @@ def split_batch_gradients(state: TrainState, batch_stats: Any, micro: dict, spli
   batch n/2, whatever the split.
   """
   losses, vjp, (batch_stats, logits) = jax.vjp(
-    _per_example_losses(state, batch_stats, micro), state.params, has_aux=True
+    _per_example_losses(state, batch_stats, micro, loss_fn), state.params, has_aux=True
   )
   n = losses.shape[0]
   first = jnp.arange(n) < split
@@ -208,9 +218,12 @@ def _local_metrics(losses, correct) -> Metrics:
   )
 
 
-def _accumulate(state, batch_stats, acc: '_Accumulated | None', micro, measure: bool):
+def _accumulate(state, batch_stats, acc: '_Accumulated | None', micro, options):
   """Adds micro-batch `micro`'s gradient to `acc` (None: the first micro-batch)."""
-  grads, batch_stats, losses, correct = micro_batch_gradients(state, batch_stats, micro)
+  grads, batch_stats, losses, correct = micro_batch_gradients(
+    state, batch_stats, micro, options.per_example_loss
+  )
+  measure = bool(options.gns_horizon_examples)
   small_sq = _sq_norm(grads) if measure else jnp.zeros((), jnp.float32)
   local = _Accumulated(grads, small_sq, _local_metrics(losses, correct))
   if acc is None:
@@ -292,14 +305,14 @@ def _update(
     if measure and plan.num_devices == 1:
       split = split_point(plan.micro_batch_size, ghost_batch_size)
       grads, small_sq, small_b, batch_stats, losses, correct = split_batch_gradients(
-        state, state.batch_stats, micro, split
+        state, state.batch_stats, micro, split, options.per_example_loss
       )
       acc = _Accumulated(grads, small_sq, _local_metrics(losses, correct))
       return _finish(
         state, acc, batch_stats, running, plan, options, split=(small_sq, small_b)
       )
     # No loop for a batch that fits: the step is then a plain step.
-    batch_stats, acc = _accumulate(state, state.batch_stats, None, micro, measure)
+    batch_stats, acc = _accumulate(state, state.batch_stats, None, micro, options)
     return _finish(state, acc, batch_stats, running, plan, options)
 
   def micro_batch(index):
@@ -307,11 +320,11 @@ def _update(
 
   def body(index, carry):
     batch_stats, acc = carry
-    return _accumulate(state, batch_stats, acc, micro_batch(index), measure)
+    return _accumulate(state, batch_stats, acc, micro_batch(index), options)
 
   # The first micro-batch starts the sums (no zeros to add to); the loop indexes the
   # batch in place, so memory does not grow with A.
-  carry = _accumulate(state, state.batch_stats, None, micro_batch(0), measure)
+  carry = _accumulate(state, state.batch_stats, None, micro_batch(0), options)
   batch_stats, acc = jax.lax.fori_loop(1, plan.accumulation, body, carry)
   return _finish(state, acc, batch_stats, running, plan, options)
 
@@ -393,12 +406,12 @@ class TrainStep:
 # as arrays with a leading device axis, sharded over `data`.
 
 
-def _host_loop_micro(state, batch_stats, acc, batch, index, *, measure):
+def _host_loop_micro(state, batch_stats, acc, batch, index, *, options):
   micro = jax.tree.map(
     lambda x: jax.lax.dynamic_index_in_dim(x[0], index, 0, False), batch
   )
   with ghost_batch_norm.running_statistics_across(sharding.DATA_AXIS):
-    batch_stats, fresh = _accumulate(state, batch_stats, None, micro, measure)
+    batch_stats, fresh = _accumulate(state, batch_stats, None, micro, options)
   # Micro-batch 0 starts the sums afresh; the others add to them, as the scan does.
   summed = jax.tree.map(
     lambda old, new: jnp.where(index == 0, new, old[0] + new)[None], acc, fresh
@@ -438,7 +451,14 @@ def _slow_in_a_loop(state: Any, plan: sharding.MicroBatchPlan, example: dict) ->
     k: jax.ShapeDtypeStruct((plan.micro_batch_size, *v.shape[1:]), v.dtype)
     for k, v in example.items()
   }
-  jaxpr = jax.make_jaxpr(micro_batch_gradients)(state, state.batch_stats, micro)
+
+  def any_loss(outputs, labels):  # The model's operations decide; the loss does not.
+    del labels
+    return jnp.sum(outputs.reshape(outputs.shape[0], -1), axis=1)
+
+  jaxpr = jax.make_jaxpr(functools.partial(micro_batch_gradients, loss_fn=any_loss))(
+    state, state.batch_stats, micro
+  )
   return _convolves(jaxpr.jaxpr)
 
 
@@ -535,7 +555,6 @@ def compile_train_steps(
 
 
 def _compile_host_loop(mesh, state_shapes, metric_shapes, batch, plan, options):
-  measure = bool(options.gns_horizon_examples)
   rep = sharding.replicated(mesh)
   per_device_spec = P(sharding.DATA_AXIS)
   local_acc = _Accumulated(
@@ -546,7 +565,7 @@ def _compile_host_loop(mesh, state_shapes, metric_shapes, batch, plan, options):
   batch_spec = P(None, None, sharding.DATA_AXIS)
   index_shape = jax.ShapeDtypeStruct((), jnp.int32, sharding=rep)
   micro = _per_device(
-    functools.partial(_host_loop_micro, measure=measure),
+    functools.partial(_host_loop_micro, options=options),
     mesh,
     (P(), P(), per_device_spec, batch_spec, P()),
     (P(), per_device_spec),

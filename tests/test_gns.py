@@ -1,0 +1,72 @@
+"""The measured noise scale: the estimators against numbers worked by hand, the moving
+averages against their definition, and the whole step against the closed form of a
+linear-regression problem (experiments/validate_gns.py, run as a subprocess)."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ibs import gns
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_estimators_recover_the_terms_of_their_expectations():
+  # E|G_b|² = |G|² + tr(Σ)/b exactly: the estimators must return |G|² and tr(Σ).
+  g2, trace, b, big_b = 2.0, 300.0, 16, 128
+  small, big = g2 + trace / b, g2 + trace / big_b
+  assert gns.grad_sq_norm(small, big, b, big_b) == pytest.approx(g2)
+  assert gns.trace_cov(small, big, b, big_b) == pytest.approx(trace)
+
+
+def test_moving_averages_are_bias_corrected_and_skip_non_finite_estimates():
+  rng = np.random.default_rng(0)
+  state = gns.GNSState.empty()
+  assert math.isnan(gns.estimates(state)['gns/b_simple'])
+  b, big_b, horizon = 8, 64, 640.0
+  beta = gns.decay(big_b, horizon)
+  assert beta == pytest.approx(math.exp(-0.1))
+  pairs = [(rng.uniform(5, 6), rng.uniform(1, 2)) for _ in range(5)]
+  for small, big in pairs:
+    state = gns.update(state, small, big, b, big_b, beta)
+  state_nan = gns.update(state, float('nan'), 1.0, b, big_b, beta)
+  # Reference: weights (1 − β)·β^(n−1−i), normalised.
+  weights = np.array(
+    [(1 - beta) * beta ** (len(pairs) - 1 - i) for i in range(len(pairs))]
+  )
+  g2 = [(big_b * big - b * small) / (big_b - b) for small, big in pairs]
+  trace = [(small - big) / (1 / b - 1 / big_b) for small, big in pairs]
+  expected_g2 = np.dot(weights, g2) / weights.sum()
+  expected_trace = np.dot(weights, trace) / weights.sum()
+  for s in (state, state_nan):
+    got = gns.estimates(s)
+    assert got['gns/grad_sq_norm'] == pytest.approx(expected_g2, rel=1e-5)
+    assert got['gns/trace_cov'] == pytest.approx(expected_trace, rel=1e-5)
+    assert got['gns/b_simple'] == pytest.approx(expected_trace / expected_g2, rel=1e-5)
+
+
+@pytest.mark.slow
+def test_validate_gns_within_ten_percent_of_the_closed_form():
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'JAX_NUM_CPU_DEVICES': '8'}
+  env.pop('XLA_FLAGS', None)
+  env['PYTHONPATH'] = os.pathsep.join([str(REPO), env.get('PYTHONPATH', '')])
+  result = subprocess.run(
+    [sys.executable, 'experiments/validate_gns.py'],
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
+    check=False,
+  )
+  assert result.returncode == 0, result.stderr[-4000:]
+  report = json.loads(result.stdout.strip().splitlines()[-1])
+  assert report['expected']['b_simple'] == pytest.approx(81.0)
+  assert len(report['layouts']) == 3
+  assert report['rel_error'] < 0.1, report
