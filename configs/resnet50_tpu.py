@@ -1,4 +1,4 @@
-r"""§5.4: ResNet-50 on ImageNet, batch 8192 → 16384, on a TPU pod (PAPER.md).
+r"""§5.4: ResNet-50 on ImageNet, batch 8192 → 16384, on a TPU pod (docs/PAPER.md).
 
 The recipe is inferred from the same group's public setup: 5-epoch linear warm-up to
 ε = 3.2 (0.1 per 256 examples, Goyal et al.), momentum 0.9, weight decay 1e-4 (not on BN

@@ -1,8 +1,8 @@
 """Every experiment config builds, validates, and counts the paper's parameter updates.
 
-References: the paper's statements (PAPER.md §5.1–5.3) and, for §5.1, the updates written
-out by hand as Σ epochs · N / B over the phases. No data is read: the schedule needs only
-the dataset's size.
+References: the paper's statements (§5.1–5.3, docs/PAPER.md) and, for §5.1, the updates
+written out by hand as Σ epochs · N / B over the phases. No data is read: the schedule
+needs only the dataset's size.
 """
 
 import importlib
