@@ -1,4 +1,4 @@
-r"""§5.1 and §5.2: Wide ResNet 16-4 on CIFAR-10 (PAPER.md).
+r"""§5.1 and §5.2: Wide ResNet 16-4 on CIFAR-10 (docs/PAPER.md).
 
 Ghost batch 128, L2 5e-4 (inferred), 200 epochs, milestones at epochs 60/120/160 with
 factor 5. Arguments (`--config=configs/cifar10_wrn.py:schedule=hybrid,optimizer=adam`):

@@ -45,7 +45,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.max_micro_batch_size = 800  # per-device cap; larger batches accumulate (CPU is
   # fastest near 800 examples per micro-batch for this model)
   config.steps_per_dispatch = 8  # updates per call of the compiled step: at B = 32 a step
-  # is ~0.6 ms on CPU and the host's work per call a visible share of it (BENCHMARKS.md)
+  # is ~0.6 ms on CPU and the host's work per call a visible share of it
+  # (docs/BENCHMARKS.md)
   # The gradient noise scale B_simple = tr(Σ)/|G|², measured in the step (ibs/gns.py):
   # moving averages over a horizon of this many examples (here one epoch).
   config.gns = ml_collections.ConfigDict(dict(enabled=True, horizon_examples=20_000))

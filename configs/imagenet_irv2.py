@@ -1,4 +1,4 @@
-r"""§5.3: Inception-ResNet-V2 on ImageNet, batch 8192 growing to 65536 (PAPER.md).
+r"""§5.3: Inception-ResNet-V2 on ImageNet, batch 8192 growing to 65536 (docs/PAPER.md).
 
 ε 3.0, momentum 0.9, 90 epochs, step decays ×10 at epochs 30/60/80 (inferred: it
 reproduces the reported "just over 14,000" updates for decaying LR and "under 6,000" for

@@ -12,12 +12,15 @@ import ml_collections
 def parse(arg: str, allowed: dict[str, tuple[str, ...]]) -> dict[str, str]:
   """{key: value} from 'k=v,k=v', each key and value checked against `allowed`.
 
-  Keys not given take the first allowed value (the default).
+  Keys not given take the first allowed value (the default). A bare value stands for
+  the one key that allows it: with data in ('cifar10', 'fake'), 'fake' is 'data=fake'.
   """
   chosen = {key: values[0] for key, values in allowed.items()}
   for item in filter(None, (part.strip() for part in arg.split(','))):
     key, sep, value = item.partition('=')
-    if not sep or key not in allowed:
+    if not sep:
+      key, value = _key_of(item, allowed), item
+    if key not in allowed:
       raise ValueError(
         f'Config argument {item!r} is not key=value with key in {sorted(allowed)}.'
       )
@@ -25,6 +28,21 @@ def parse(arg: str, allowed: dict[str, tuple[str, ...]]) -> dict[str, str]:
       raise ValueError(f'{key}={value!r}: choose one of {list(allowed[key])}.')
     chosen[key] = value
   return chosen
+
+
+def _key_of(value: str, allowed: dict[str, tuple[str, ...]]) -> str:
+  """The one key whose allowed values include the bare `value`."""
+  keys = [key for key, values in allowed.items() if value in values]
+  if not keys:
+    choices = '; '.join(f'{key}: {", ".join(values)}' for key, values in allowed.items())
+    raise ValueError(
+      f'Config argument {value!r} is not key=value or a value of ({choices}).'
+    )
+  if len(keys) > 1:
+    raise ValueError(
+      f'Config argument {value!r} is a value of {keys}; write key={value} to choose.'
+    )
+  return keys[0]
 
 
 def set_schedule(

@@ -1,4 +1,4 @@
-r"""Compiled memory of the train step against the accumulation count A (DESIGN.md decision 3).
+r"""Train-step memory against the accumulation count A (docs/DESIGN.md decision 3).
 
 At a fixed per-device micro-batch b the ibs step for A micro-batches scans over them
 (`lax.scan`), so its temporary memory — activations, gradients, the gradient sum — must

@@ -3,7 +3,7 @@
 An orbax CheckpointManager stores, per saved step, the TrainState (params, optimizer state
 with its injected hyperparameters and update count, BN statistics) and a small JSON record:
 examples seen, phase, data seed and a fingerprint of the config fields that determine
-the trajectory (DESIGN.md decision 8). Rerunning the same command with the same workdir
+the trajectory (docs/DESIGN.md decision 8). Rerunning the same command on the same workdir
 resumes exactly; rerunning a *different* config on that workdir is refused rather than
 silently mixing two runs (and nothing in the workdir is deleted).
 """

@@ -1,8 +1,8 @@
 """The training clock: parameter updates (steps) ↔ examples seen ↔ epochs.
 
-The clock is examples seen (DESIGN.md decision 1). A schedule's phases start at epochs,
-epochs become example counts, and steps are derived from those, all here and under one
-rounding rule:
+The clock is examples seen (docs/DESIGN.md decision 1). A schedule's phases start at
+epochs, epochs become example counts, and steps are derived from those, all here and
+under one rounding rule:
 
   Phase p is due to end at S_{p+1} = round(start_epoch_{p+1} · N) examples (the last
   phase at round(num_epochs · N); Python's round). It begins where the last batch of

@@ -1,6 +1,6 @@
 """Config validation: a config that cannot work fails here, before data or compilation.
 
-Every message names the field and says how to fix it (STYLE.md).
+Every message names the field and says how to fix it (docs/DESIGN.md decision 10).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Data order as a pure function of (seed, example position) (DESIGN.md decision 5).
+"""Data order as a pure function of (seed, example position) (docs/DESIGN.md decision 5).
 
 Training reads a single infinite stream of *positions* s = 0, 1, 2, … . Epoch e = s // N
 is a seeded permutation of the N training examples and position s holds example

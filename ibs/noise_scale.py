@@ -1,4 +1,4 @@
-"""The SGD noise scale g and the schedule calculator (PAPER.md, "The idea in four lines").
+"""The SGD noise scale g and the schedule calculator (docs/PAPER.md, "The idea").
 
     g = ε (N/B − 1) / (1 − m)   ≈   ε N / (B (1 − m))      (B ≪ N)
 

@@ -1,12 +1,12 @@
 """optax chains for plain SGD, heavy-ball momentum, Nesterov momentum and Adam.
 
 The learning rate and momentum are *injected hyperparameters* (init2winit's habit,
-DESIGN.md decision 2): `optax.inject_hyperparams` evaluates the step → value schedules of
+docs/DESIGN.md decision 2): `optax.inject_hyperparams` evaluates the schedules of
 ibs.schedules from the optimizer's own update count and keeps the values in the optimizer
 state, so a phase that changes ε or m but not the batch shape reuses the compiled step,
 and the values in use can be read back (`opt_state.hyperparams`).
 
-Momentum is TensorFlow's heavy-ball form, as in the paper (PAPER.md, "Momentum form"):
+Momentum is the paper's TensorFlow heavy-ball form (docs/PAPER.md, "Momentum form"):
     A ← m·A + ĝ ;   ω ← ω − ε·A
 which is `optax.trace(decay=m)` followed by a scale of −ε; a change of ε acts at once,
 with no momentum correction. Weight decay is L2 added to the gradient (ĝ ← ĝ + λω, the

@@ -2,10 +2,10 @@
 
 A schedule is a tuple of phases, each starting at an epoch with its own batch size B,
 learning rate ε and momentum m, over a dataset of N training examples. The clock is
-examples seen (DESIGN.md decision 1): steps are derived from examples by ibs.clock, whose
+examples seen (docs/DESIGN.md decision 1): steps are derived by ibs.clock, whose
 docstring states the rounding rule.
 
-Conversions (PAPER.md, "The idea" and "The cap"): wherever a step-decay recipe divides ε by
+Conversions (docs/PAPER.md, "The idea", "The cap"): where a step-decay recipe divides ε by
 α, the increasing-batch schedule multiplies B by α instead; the hybrid does so up to B_max
 and then decays ε, so that ε/B, and with it the noise scale g ≈ εN/(B(1 − m)), falls by
 exactly α at every milestone. Scaling rules (§4, §5.2) change the initial ε or m and scale
@@ -174,7 +174,7 @@ def increasing_batch(recipe: StepDecay) -> tuple[Phase, ...]:
 
 
 def hybrid(recipe: StepDecay, max_batch_size: int | None) -> tuple[Phase, ...]:
-  """Increase B up to `max_batch_size`, then decay ε (PAPER.md, "The cap"; §5.1, §5.3).
+  """Increase B up to `max_batch_size`, then decay ε (docs/PAPER.md, "The cap").
 
   At a milestone dividing ε by α:
       if B·α ≤ B_max:  B ← B·α                          (ε unchanged)

@@ -4,9 +4,9 @@ import os
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
-import pytest  # noqa: E402
+import pytest
 
-from configs import default  # noqa: E402
+from configs import default
 
 
 @pytest.fixture(scope='session')

@@ -1,14 +1,16 @@
 """Every experiment config builds, validates, and counts the paper's parameter updates.
 
-References: the paper's statements (PAPER.md §5.1–5.3) and, for §5.1, the updates written
-out by hand as Σ epochs · N / B over the phases. No data is read: the schedule needs only
-the dataset's size.
+References: the paper's statements (§5.1–5.3, docs/PAPER.md) and, for §5.1, the updates
+written out by hand as Σ epochs · N / B over the phases. No data is read: the schedule
+needs only the dataset's size.
 """
 
 import importlib
+import re
 
 import pytest
 
+from configs import resnet50_tpu, variants
 from ibs import clock, config_checks, schedules
 from ibs.datasets import catalog
 
@@ -70,3 +72,38 @@ def test_configs_pass_their_checks(module, arg, devices):
   module = importlib.import_module(f'configs.{module}')
   config = module.get_config(arg) if arg else module.get_config()
   config_checks.check_config(config, num_devices=devices, process_count=1)
+
+
+@pytest.mark.parametrize(
+  ('bare', 'spelled_out'),
+  [
+    ('decaying_lr', 'schedule=decaying_lr'),
+    ('fake', 'data=fake'),
+    ('fake,decaying_lr', 'data=fake,schedule=decaying_lr'),
+    ('', 'schedule=increasing_batch,data=imagenet2012'),
+  ],
+)
+def test_resnet50_tpu_bare_variants_name_their_key(bare, spelled_out):
+  assert resnet50_tpu.get_config(bare) == resnet50_tpu.get_config(spelled_out)
+
+
+def test_resnet50_tpu_variants_are_the_recipe_and_its_baseline():
+  assert resnet50_tpu.get_config('').schedule.kind == 'hybrid'
+  assert resnet50_tpu.get_config('decaying_lr').schedule.kind == 'decaying_lr'
+  fake = resnet50_tpu.get_config('schedule=decaying_lr,data=fake')
+  assert (fake.dataset, fake.schedule.kind) == ('fake', 'decaying_lr')
+  config_checks.check_config(fake, num_devices=1, process_count=1)
+
+
+@pytest.mark.parametrize(
+  ('arg', 'message'),
+  [
+    ('bogus', 'is not key=value or a value of'),
+    ('schedule=bogus', "choose one of ['a', 'b']"),
+    ('b', 'is a value of'),
+    ('colour=a', 'is not key=value with key in'),
+  ],
+)
+def test_variants_parse_rejects_what_it_cannot_place(arg, message):
+  with pytest.raises(ValueError, match=re.escape(message)):
+    variants.parse(arg, {'schedule': ('a', 'b'), 'other': ('b', 'c')})

@@ -1,7 +1,7 @@
-"""Data order (DESIGN.md decision 5): epochs are permutations, positions resume, shards tile.
+"""Data order: epochs are permutations, positions resume, shards tile.
 
-Pure numpy; the pipeline-level versions of these properties (through train_batches and
-eval_batches) are in test_input_pipeline.py.
+docs/DESIGN.md decision 5. Pure numpy; the pipeline-level versions of these properties
+(through train_batches and eval_batches) are in test_input_pipeline.py.
 """
 
 import numpy as np

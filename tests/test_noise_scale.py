@@ -1,8 +1,8 @@
 """The noise scale g and the calculator CLI, against the paper's numbers.
 
-§5.1/§5.2 (PAPER.md): N = 50,000, ε 0.1, m 0.9, B 128 start at g ≈ εN/(B(1 − m)) =
-390.625; the schedules then need 78,125 (decaying LR), 34,375 (hybrid, B_max 640) and
-28,875 (increasing batch) parameter updates.
+§5.1/§5.2 (docs/PAPER.md): N = 50,000, ε 0.1, m 0.9, B 128 start at
+g ≈ εN/(B(1 − m)) = 390.625; the schedules then need 78,125 (decaying LR), 34,375
+(hybrid, B_max 640) and 28,875 (increasing batch) parameter updates.
 """
 
 import json

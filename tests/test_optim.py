@@ -2,8 +2,8 @@
 
 Each chain runs six updates of a two-phase schedule (ε and m change after step 3, the
 batch size does not) on fixed random gradients; the reference applies the paper's
-formulas (PAPER.md, "Momentum form") in float64 with the per-step ε and m typed in by
-hand. The same jitted update serves both phases: the hyperparameters are inputs.
+formulas (docs/PAPER.md, "Momentum form") in float64 with the per-step ε and m typed in
+by hand. The same jitted update serves both phases: the hyperparameters are inputs.
 """
 
 import jax

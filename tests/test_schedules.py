@@ -1,7 +1,7 @@
 """Schedules and the training clock against the paper's numbers, by hand and by property.
 
-The expected numbers come from PAPER.md (the paper's reported update counts) or are
-worked out by hand in the comments, never from the code under test.
+The expected numbers come from the paper (its reported update counts, docs/PAPER.md) or
+are worked out by hand in the comments, never from the code under test.
 """
 
 import fractions

@@ -2,7 +2,7 @@
 
 Every random choice of position s comes from `data_order.position_uniform(seed, s)`, so
 an example's augmentation is the same whatever the batch size, the number of processes
-or a restart (DESIGN.md decision 5). Evaluation is deterministic.
+or a restart (docs/DESIGN.md decision 5). Evaluation is deterministic.
 
 CIFAR-10 (the WRN recipe of Zagoruyko & Komodakis, used in the paper's §5.1): per-channel
 normalisation, then a random 32×32 crop of the image padded by 4 pixels (zeros after

@@ -1,7 +1,8 @@
 """Random-access sources: `len(source)` and `source.get(indices)` → dict of numpy arrays.
 
-The input pipeline only ever asks a source for examples by index (DESIGN.md decision 5),
-so any of these can be read in any order, resumed anywhere and sharded over hosts.
+The input pipeline only ever asks a source for examples by index (docs/DESIGN.md
+decision 5), so any of these can be read in any order, resumed anywhere and sharded over
+hosts.
 """
 
 from __future__ import annotations

@@ -2,14 +2,15 @@
 
 Batch statistics are computed over fixed-size *ghost batches* of `ghost_batch_size`
 consecutive examples, whatever the global batch, the gradient-accumulation count or the
-number of devices. Two consequences the rest of ibs relies on (PAPER.md, "Batch norm"):
+number of devices. Two consequences the rest of ibs relies on (docs/PAPER.md,
+"Batch norm"):
 
 * The loss of a batch of k·G examples is the mean of the k ghost-batch losses, so its
   gradient is the mean of the ghost-batch gradients: accumulating gradients over
   micro-batches that are multiples of G is *exact*, not an approximation.
 * The running averages are updated once per ghost batch, in order, so their time
   constant measured in epochs is the same at batch 128 and at batch 16000
-  (DESIGN.md decision 7). A batch of k ghost batches applies k successive updates
+  (docs/DESIGN.md decision 7). A batch of k ghost batches applies k successive updates
       r ← μ·r + (1 − μ)·s_j,  j = 1..k
   in closed form: r_k = μ^k·r_0 + (1 − μ)·Σ_j μ^(k−j)·s_j.
 

@@ -1,4 +1,4 @@
-"""Inception-ResNet-V2 (Szegedy et al. 2016), the ImageNet network of PAPER.md §5.3.
+"""Inception-ResNet-V2 (Szegedy et al. 2016), the ImageNet network of the paper's §5.3.
 
 Layer for layer the TF-slim / `keras.applications` network on 299×299 inputs: a stem to
 35×35×192, mixed 5b (320 channels), 10× block35 (residual scale 0.17), reduction A

@@ -1,4 +1,4 @@
-"""ResNet v1.5 for ImageNet (He et al. 2016), the network of PAPER.md §5.4.
+"""ResNet v1.5 for ImageNet (He et al. 2016), the network of the paper's §5.4.
 
 "v1.5" puts the stride of a downsampling bottleneck in its 3×3 convolution, not its
 first 1×1 (as torchvision, the flax ImageNet example and the MLPerf/TPU reference do);

@@ -1,4 +1,4 @@
-"""Wide ResNet (Zagoruyko & Komodakis 2016), the CIFAR-10 network of PAPER.md §5.1–5.2.
+"""Wide ResNet (Zagoruyko & Komodakis 2016), the CIFAR-10 network of §5.1–5.2.
 
 Pre-activation basic blocks (BN-ReLU-conv3x3, BN-ReLU-conv3x3), no dropout, ghost batch
 norm everywhere. WRN-d-k has (d − 4)/6 blocks in each of three groups of 16k, 32k and 64k
