@@ -16,7 +16,7 @@ import numpy as np
 import optax
 import pytest
 
-from configs import default
+from configs import default, mnist1d_study
 from ibs import config_checks, noise_scale, optim, schedules
 from ibs.schedules import Phase, Schedule, ScheduleError, StepDecay
 
@@ -258,8 +258,21 @@ def test_meaningless_combinations_name_the_field(overrides, message):
     config_checks.check_config(config, num_devices=1)
 
 
-def test_study_configs_pass_their_checks():
-  config = default.get_config()
-  config.optimizer = 'adam'
-  config.schedule.kind = 'seesaw'
-  config_checks.check_config(config, num_devices=1)
+@pytest.mark.parametrize(
+  'arg',
+  [
+    'optimizer=adam,schedule=sqrt_scaling',
+    'optimizer=adam,schedule=seesaw',
+    'optimizer=adamw,schedule=decaying_lr',
+    'optimizer=adamw,schedule=increasing_batch,weight_decay=scaled',
+  ],
+)
+def test_study_configs_pass_their_checks(arg):
+  schedule = config_checks.check_config(mnist1d_study.get_config(arg), num_devices=1)
+  assert sum(p.batch_size for p in schedule.phases) in (4 * 32, 32 + 160 + 800 + 4000)
+
+
+def test_study_refuses_seesaw_with_momentum():
+  config = mnist1d_study.get_config('optimizer=momentum,schedule=seesaw')
+  with pytest.raises(config_checks.ConfigError, match='ε/√B'):
+    config_checks.check_config(config, num_devices=1)
