@@ -63,12 +63,12 @@ EXPERIMENTS = {
     optimizer=('adamw',),
     schedule=('decaying_lr', 'increasing_batch'),
   )
-  + [
-    (
-      'configs/mnist1d_study.py',
-      'optimizer=adamw,schedule=increasing_batch,weight_decay=scaled',
-    )
-  ],
+  + _grid(  # τ = B/(ελN) held constant (scale_weight_decay), under both schedules.
+    'configs/mnist1d_study.py',
+    optimizer=('adamw',),
+    schedule=('increasing_batch', 'decaying_lr'),
+    weight_decay=('scaled',),
+  ),
   # The paper's own experiments (accelerators and prepared datasets).
   'cifar10_5_1': _grid(
     'configs/cifar10_wrn.py',
