@@ -12,7 +12,7 @@ Arguments (`--config=configs/mnist1d_study.py:schedule=hybrid,optimizer=nesterov
              B 160), increased_momentum (ε 0.5, m 0.98, B 800).
              Adam only (ibs.schedules): seesaw (B as increasing_batch, ε ÷ √5 per
              milestone), sqrt_scaling (seesaw's B and ε with the square-root rule's β2
-             and ε̂; β1 kept at 0.9, since 1 − κ(1 − β1) < 0 for κ = 125).
+             and ε̂; β1 kept at 0.9: the rule needs κ(1 − β1) < 1, and κ = 125).
   optimizer  momentum (m 0.9), nesterov (m 0.9), sgd (ε 1.0, no momentum: same g),
              adam (ε 1e-3, β1 0.9, L2 5e-4), adamw (ε 1e-3, β1 0.9, decoupled λ 0.1:
              τ = B/(ελN) = 32 epochs at B 32).
