@@ -10,8 +10,14 @@ Arguments (`--config=configs/mnist1d_study.py:schedule=hybrid,optimizer=nesterov
              §5.2 (B_max ≈ N/10: 1024):
              original (= decaying_lr), increasing_batch_capped, increased_lr (ε 0.5,
              B 160), increased_momentum (ε 0.5, m 0.98, B 800).
+             Adam only (ibs.schedules): seesaw (B as increasing_batch, ε ÷ √5 per
+             milestone), sqrt_scaling (seesaw's B and ε with the square-root rule's β2
+             and ε̂; β1 kept at 0.9: the rule needs κ(1 − β1) < 1, and κ = 125).
   optimizer  momentum (m 0.9), nesterov (m 0.9), sgd (ε 1.0, no momentum: same g),
-             adam (ε 1e-3, β1 0.9).
+             adam (ε 1e-3, β1 0.9, L2 5e-4), adamw (ε 1e-3, β1 0.9, decoupled λ 0.1:
+             τ = B/(ελN) = 32 epochs at B 32).
+  weight_decay  constant (λ fixed), scaled (λ per phase keeping τ constant:
+             config.schedule.scale_weight_decay; needs adamw).
 
   python -m ibs.main --config=configs/mnist1d_study.py:schedule=hybrid --workdir=/tmp/h
   python experiments/reproduce.py --experiment=mnist1d_5_1     # the whole grid
@@ -29,12 +35,18 @@ SCHEDULES = (
   'increasing_batch_capped',
   'increased_lr',
   'increased_momentum',
+  'sqrt_scaling',
+  'seesaw',
 )
-OPTIMIZERS = ('momentum', 'nesterov', 'sgd', 'adam')
+OPTIMIZERS = ('momentum', 'nesterov', 'sgd', 'adam', 'adamw')
+WEIGHT_DECAY = ('constant', 'scaled')
 
 
 def get_config(arg: str = '') -> ml_collections.ConfigDict:
-  args = variants.parse(arg, {'schedule': SCHEDULES, 'optimizer': OPTIMIZERS})
+  args = variants.parse(
+    arg,
+    {'schedule': SCHEDULES, 'optimizer': OPTIMIZERS, 'weight_decay': WEIGHT_DECAY},
+  )
   config = default.get_config()
   config.mnist1d.num_train = 10_000
   config.gns.horizon_examples = 10_000  # one epoch
@@ -48,6 +60,8 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
     s, args['schedule'], hybrid_max_batch_size=160, capped_max_batch_size=1024
   )
   variants.set_optimizer(config, args['optimizer'])
+  if args['weight_decay'] == 'scaled':
+    s.scale_weight_decay = True
   config.max_micro_batch_size = 800
   config.eval_every_epochs = 2.0
   config.checkpoint_every_epochs = 50.0

@@ -55,7 +55,8 @@ def set_schedule(
   """Sets `s.kind` and the batch caps of a §5.1 or §5.2 schedule, in place.
 
   §5.1: decaying_lr (= §5.2's original), hybrid (the batch grows to
-  `hybrid_max_batch_size`, then ε decays) and increasing_batch. Any other name is a
+  `hybrid_max_batch_size`, then ε decays) and increasing_batch; for Adam also seesaw and
+  sqrt_scaling (ibs.schedules; β1 kept, see below). Any other name is a
   §5.2 schedule, all capped at B_max = `capped_max_batch_size`: increasing batch, or
   the same with the initial B scaled up by a larger ε (increased_lr) and also by a
   larger momentum (increased_momentum). `s` must already hold the §5.1 ε, B and m.
@@ -64,8 +65,12 @@ def set_schedule(
     s.kind = 'decaying_lr'
   elif schedule == 'hybrid':
     s.kind, s.max_batch_size = 'hybrid', hybrid_max_batch_size
-  elif schedule == 'increasing_batch':
-    s.kind = 'increasing_batch'
+  elif schedule in ('increasing_batch', 'seesaw'):
+    s.kind = schedule
+  elif schedule == 'sqrt_scaling':
+    # Malladi et al.'s rule sets 1 − β1 ← κ(1 − β1); over the three ×5 milestones κ = 125
+    # and β1 = 0.9 would become negative, so β1 stays and only β2 and ε̂ follow the rule.
+    s.kind, s.sqrt_scaling_b1 = 'sqrt_scaling', False
   else:  # §5.2
     s.kind, s.max_batch_size = 'hybrid', capped_max_batch_size
     if schedule == 'increased_lr':
@@ -75,15 +80,20 @@ def set_schedule(
       s.scale_batch_with_momentum = 0.98  # B ∝ 1/(1 − m): B ×5 again
 
 
-def set_optimizer(config: ml_collections.ConfigDict, optimizer: str) -> None:
+def set_optimizer(
+  config: ml_collections.ConfigDict, optimizer: str, adamw_weight_decay: float = 0.1
+) -> None:
   """Sets `config.optimizer` and adapts the §5.1 ε of `config.schedule` to it, in place.
 
   sgd keeps the noise scale g = εN/(B(1 − m)) of momentum m by taking ε/(1 − m) and no
-  momentum; adam takes its usual ε 1e-3; momentum and nesterov keep ε and m.
+  momentum; adam takes its usual ε 1e-3; adamw is adam with decoupled weight decay
+  λ = `adamw_weight_decay`; momentum and nesterov keep ε and m.
   """
-  config.optimizer = optimizer
+  config.optimizer = 'adam' if optimizer == 'adamw' else optimizer
   s = config.schedule
   if optimizer == 'sgd':
     s.learning_rate, s.momentum = s.learning_rate / (1 - s.momentum), 0.0
-  elif optimizer == 'adam':
+  elif optimizer in ('adam', 'adamw'):
     s.learning_rate = 1e-3
+  if optimizer == 'adamw':
+    config.decoupled_weight_decay, config.weight_decay = True, adamw_weight_decay

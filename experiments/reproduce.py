@@ -51,6 +51,24 @@ EXPERIMENTS = {
       'increased_momentum',
     ),
   ),
+  # Optimizer-aware conversions for Adam (ibs.schedules): shares its optimizer=adam
+  # decaying_lr and increasing_batch runs with mnist1d_5_1.
+  'mnist1d_adam': _grid(
+    'configs/mnist1d_study.py',
+    optimizer=('adam',),
+    schedule=('decaying_lr', 'increasing_batch', 'sqrt_scaling', 'seesaw'),
+  )
+  + _grid(
+    'configs/mnist1d_study.py',
+    optimizer=('adamw',),
+    schedule=('decaying_lr', 'increasing_batch'),
+  )
+  + _grid(  # τ = B/(ελN) held constant (scale_weight_decay), under both schedules.
+    'configs/mnist1d_study.py',
+    optimizer=('adamw',),
+    schedule=('increasing_batch', 'decaying_lr'),
+    weight_decay=('scaled',),
+  ),
   # The paper's own experiments (accelerators and prepared datasets).
   'cifar10_5_1': _grid(
     'configs/cifar10_wrn.py',

@@ -55,6 +55,7 @@ def check_config(
       f'config.ghost_batch_size={config.ghost_batch_size} must be positive.'
     )
 
+  check_optimizer_rules(config)
   spec = catalog.dataset_spec(config)
   try:
     schedule = schedules.from_config(config, spec.num_train_examples)
@@ -105,3 +106,41 @@ def _check_step_options(config: Any) -> None:
       f'config.nonfinite={config.nonfinite!r} must be one of {step.NONFINITE_POLICIES}: '
       "'stop' ends the run at a non-finite loss or gradient, 'skip' drops such updates."
     )
+
+
+def check_optimizer_rules(config: Any) -> None:
+  """Refuses the optimizer-aware schedule rules where their theory does not apply.
+
+  sqrt_scaling and seesaw keep Adam's ε/√B falling as the decay does (ibs.schedules);
+  with SGD, heavy-ball or Nesterov momentum the quantity to keep is ε/B (the paper's
+  conversion), and Seesaw would lower it by α^1.5 per milestone instead of α.
+  scale_weight_decay keeps τ = B/(ε·λ·N) of *decoupled* decay; L2 decay goes through the
+  momentum or Adam's normalisation, and has no such timescale.
+  """
+  s = config.schedule
+  if s.kind in schedules.ADAM_KINDS and config.optimizer != 'adam':
+    raise ConfigError(
+      f'config.schedule.kind={s.kind!r} converts the recipe for Adam, whose noise falls '
+      f'with ε/√B; with config.optimizer={config.optimizer!r} the noise scale is '
+      "g = εN/(B(1 − m)) and the paper's conversion keeps it: use "
+      "kind='increasing_batch' (or 'hybrid'), or optimizer 'adam'."
+    )
+  for field in ('adam_b2', 'adam_eps', 'sqrt_scaling_b1'):
+    if s.get(field) is not None and s.kind != 'sqrt_scaling':
+      raise ConfigError(
+        f"config.schedule.{field} is read only by kind='sqrt_scaling', not "
+        f'{s.kind!r}; remove it.'
+      )
+  if s.get('scale_weight_decay'):
+    if not config.decoupled_weight_decay:
+      raise ConfigError(
+        'config.schedule.scale_weight_decay keeps the timescale τ = B/(ε·λ·N) of '
+        'decoupled weight decay, but config.decoupled_weight_decay is False (L2 decay). '
+        'Set config.decoupled_weight_decay=True (AdamW, SGDW) or drop '
+        'scale_weight_decay.'
+      )
+    if not config.weight_decay > 0:
+      raise ConfigError(
+        'config.schedule.scale_weight_decay scales λ from config.weight_decay, which is '
+        f'{config.weight_decay}; set it > 0 or drop scale_weight_decay.'
+      )

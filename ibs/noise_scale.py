@@ -13,11 +13,19 @@ Run as a calculator:
 It prints one row per phase and the totals; `--baseline` compares with the decaying-LR
 version of the same recipe (before any scaling rule), and `--plot` draws ε, B and g
 against epochs (the paper's Figure 1). It never imports TensorFlow.
+
+Where the phases carry them it also prints the decoupled weight decay λ and AdamW's
+timescale τ = B/(ε·λ·N) in epochs (`scale_weight_decay`), and Adam's β2 and epsilon term
+ε̂ (`sqrt_scaling`). With config.optimizer 'adam' the g columns are headed as the SGD
+formula they are, and a column ε·√(N/B) is added: Adam's update is normalised, so its noise
+falls with ε/√B (Malladi et al. 2022), the quantity `sqrt_scaling` and `seesaw` lower by α
+at each milestone as decaying ε does.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -34,6 +42,23 @@ def noise_scale(learning_rate, num_train_examples, batch_size, momentum):
 def approximate_noise_scale(learning_rate, num_train_examples, batch_size, momentum):
   """g ≈ ε N / (B (1 − m)), valid for B ≪ N (the paper's working form, §2 and §4)."""
   return learning_rate * num_train_examples / (batch_size * (1 - momentum))
+
+
+def adam_noise(learning_rate, num_train_examples, batch_size):
+  """ε·√(N/B): what Adam's noise is proportional to under the square-root rule.
+
+  Not a noise scale with a derivation like g's: a batch κB with ε√κ leaves it unchanged
+  (Malladi et al. 2022), and decaying ε by α lowers it by α, as Seesaw's B·α with ε/√α
+  does (Meterez et al. 2025). Compare it between schedules, not with g.
+  """
+  return learning_rate * np.sqrt(num_train_examples / batch_size)
+
+
+def timescale(learning_rate, num_train_examples, batch_size, weight_decay):
+  """AdamW's τ = B/(ε·λ·N) in epochs (Wang & Aitchison 2024); inf without decay."""
+  if not weight_decay:
+    return np.inf
+  return batch_size / (learning_rate * weight_decay * num_train_examples)
 
 
 def noise_scale_schedule(
@@ -63,6 +88,11 @@ class PhaseRow:
   updates: float  # fractional, as the paper counts them
   cumulative_updates: float
   steps: int  # integer steps the trainer takes (ibs.clock's rounding rule)
+  adam_noise: float = math.nan  # ε·√(N/B)
+  weight_decay: float | None = None  # per phase, where the schedule carries λ
+  timescale: float | None = None  # τ = B/(ε·λ·N) epochs, with λ
+  adam_b2: float | None = None
+  adam_eps: float | None = None
 
 
 def phase_table(schedule: schedules.Schedule) -> list[PhaseRow]:
@@ -93,27 +123,50 @@ def phase_table(schedule: schedules.Schedule) -> list[PhaseRow]:
         updates=updates,
         cumulative_updates=total,
         steps=span.num_steps,
+        adam_noise=float(adam_noise(lr, n, b)),
+        weight_decay=phase.weight_decay,
+        timescale=None
+        if phase.weight_decay is None
+        else timescale(lr, n, b, phase.weight_decay),
+        adam_b2=phase.adam_b2,
+        adam_eps=phase.adam_eps,
       )
     )
   return rows
 
 
-def format_table(schedule: schedules.Schedule, title: str = '') -> str:
-  """A fixed-width table of the phases and their totals, for logs and the CLI."""
-  header = (
-    f'{"phase":>5} {"epochs":>11} {"lr":>9} {"momentum":>8} {"batch":>7} '
-    f'{"g":>8} {"g approx":>8} {"updates":>10} {"cumulative":>10} {"steps":>8}'
-  )
+def format_table(
+  schedule: schedules.Schedule, title: str = '', optimizer: str | None = None
+) -> str:
+  """A fixed-width table of the phases and their totals, for logs and the CLI.
+
+  Columns for λ and τ, and for Adam's β2 and ε̂, appear where the phases carry them; with
+  `optimizer` 'adam' the g columns say they are the SGD formula, and ε·√(N/B) is added.
+  """
+  rows = phase_table(schedule)
+  adam = optimizer == 'adam'
+  decay = rows[0].weight_decay is not None
+  betas = rows[0].adam_b2 is not None
+  g_names = ('g SGD', 'g≈ SGD') if adam else ('g', 'g approx')
+  header = f'{"phase":>5} {"epochs":>11} {"lr":>9} {"momentum":>8} {"batch":>7} '
+  header += f'{"λ":>9} {"τ epochs":>9} ' if decay else ''
+  header += f'{"beta2":>8} {"adam eps":>9} ' if betas else ''
+  header += f'{g_names[0]:>8} {g_names[1]:>8} '
+  header += f'{"ε√(N/B)":>9} ' if adam else ''
+  header += f'{"updates":>10} {"cumulative":>10} {"steps":>8}'
   lines = [title] if title else []
   lines += [header, '-' * len(header)]
-  rows = phase_table(schedule)
   for r in rows:
-    lines.append(
+    line = (
       f'{r.phase:>5} {f"{r.start_epoch:g}–{r.end_epoch:g}":>11} {r.learning_rate:>9.4g} '
-      f'{r.momentum:>8.4g} {r.batch_size:>7d} {r.noise_scale:>8.4g} '
-      f'{r.approximate_noise_scale:>8.4g} {r.updates:>10,.1f} '
-      f'{r.cumulative_updates:>10,.1f} {r.steps:>8,d}'
+      f'{r.momentum:>8.4g} {r.batch_size:>7d} '
     )
+    line += f'{r.weight_decay:>9.4g} {r.timescale:>9.4g} ' if decay else ''
+    line += f'{r.adam_b2:>8.4g} {r.adam_eps:>9.3g} ' if betas else ''
+    line += f'{r.noise_scale:>8.4g} {r.approximate_noise_scale:>8.4g} '
+    line += f'{r.adam_noise:>9.4g} ' if adam else ''
+    line += f'{r.updates:>10,.1f} {r.cumulative_updates:>10,.1f} {r.steps:>8,d}'
+    lines.append(line)
   lines.append('-' * len(header))
   lines.append(
     f'total: {rows[-1].cumulative_updates:,.1f} parameter updates over '
@@ -129,6 +182,17 @@ def format_table(schedule: schedules.Schedule, title: str = '') -> str:
       f'linear warm-up over the first {schedule.warmup_epochs:g} epochs '
       '(lr and g above are after warm-up)'
     )
+  if adam:
+    lines += [
+      "g SGD: the SGD noise scale εN/(B(1 − m)), not Adam's. Adam's update is normalised;",
+      'its noise falls with ε√(N/B) (square-root rule, Malladi et al. 2022), which',
+      'sqrt_scaling and seesaw lower by α per milestone, as decaying ε does.',
+    ]
+  if decay:
+    lines += [
+      'λ: decoupled weight decay per phase; τ = B/(ε·λ·N): the epochs over which it',
+      'shrinks the weights by a factor e (Wang & Aitchison 2024).',
+    ]
   return '\n'.join(lines)
 
 
@@ -141,14 +205,22 @@ def baseline_schedule(config: Any, num_train_examples: int) -> schedules.Schedul
   if config.schedule.kind == 'explicit':
     raise schedules.ScheduleError(
       '--baseline needs a step-decay recipe (config.schedule.kind decaying_lr, '
-      'increasing_batch or hybrid), not an explicit phase list.'
+      'increasing_batch, hybrid, sqrt_scaling or seesaw), not an explicit phase list.'
     )
-  return schedules.from_step_decay(
+  baseline = schedules.from_step_decay(
     schedules.recipe_from_config(config),
     'decaying_lr',
     num_train_examples,
     warmup_epochs=float(config.schedule.get('warmup_epochs') or 0.0),
   )
+  if config.schedule.get('scale_weight_decay'):
+    # Decaying LR with the constant λ of the recipe, to show its τ beside the scaled one.
+    phases = tuple(
+      dataclasses.replace(p, weight_decay=float(config.weight_decay))
+      for p in baseline.phases
+    )
+    baseline = dataclasses.replace(baseline, phases=phases)
+  return baseline
 
 
 def format_comparison(schedule: schedules.Schedule, baseline: schedules.Schedule) -> str:
@@ -224,12 +296,20 @@ def report(config: Any, baseline: bool = False, plot: str | None = None) -> str:
 
   n = catalog.dataset_spec(config).num_train_examples
   schedule = schedules.from_config(config, n)
+  optimizer = config.get('optimizer')
   title = f'{config.schedule.kind} schedule on {config.dataset}'
-  parts = [format_table(schedule, title=title)]
+  if optimizer:
+    decoupled = optimizer == 'adam' and config.get('decoupled_weight_decay')
+    title += f' ({"adamw" if decoupled else optimizer})'
+  parts = [format_table(schedule, title=title, optimizer=optimizer)]
   reference = None
   if baseline:
     reference = baseline_schedule(config, n)
-    parts += [format_table(reference, title='baseline: decaying learning rate')]
+    parts += [
+      format_table(
+        reference, title='baseline: decaying learning rate', optimizer=optimizer
+      )
+    ]
     parts += [format_comparison(schedule, reference)]
   if plot:
     plot_schedule(schedule, plot, reference, title=title)

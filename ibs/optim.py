@@ -27,12 +27,11 @@ import optax
 from ibs import schedules
 
 
-def _weight_decay(weight_decay: float, mask: Any) -> optax.GradientTransformation:
-  return (
-    optax.add_decayed_weights(weight_decay, mask=mask)
-    if weight_decay
-    else optax.identity()
-  )
+def _weight_decay(weight_decay: Any, mask: Any) -> optax.GradientTransformation:
+  """λω added to the update; λ a number, or an injected (array) value per phase."""
+  if isinstance(weight_decay, int | float) and not weight_decay:
+    return optax.identity()
+  return optax.add_decayed_weights(weight_decay, mask=mask)
 
 
 def _decayed(statistics, learning_rate, weight_decay, decoupled, mask):
@@ -95,7 +94,9 @@ def create_optimizer(
   """The optimizer `name` following `schedule`'s ε and m, with injected hyperparameters.
 
   For 'adam' m is Adam's β1. 'sgd' has no momentum and ignores m (ibs.config_checks
-  rejects a config that sets m ≠ 0 with it).
+  rejects a config that sets m ≠ 0 with it). Where the phases carry λ
+  (schedules.scale_weight_decay) it is injected per phase too and `weight_decay` is
+  ignored; where they carry Adam's β2 and ε̂ (schedules.sqrt_scaling), so are those.
   """
   if name not in OPTIMIZERS:
     raise ValueError(
@@ -104,9 +105,22 @@ def create_optimizer(
   hyperparams = {'learning_rate': schedules.learning_rate_schedule(schedule)}
   if name != 'sgd':
     hyperparams['momentum'] = schedules.momentum_schedule(schedule)
+  first = schedule.phases[0]
+  if first.weight_decay is not None:
+    weight_decay = schedules.weight_decay_schedule(schedule)
+  if first.adam_b2 is not None or first.adam_eps is not None:
+    if name != 'adam':
+      raise ValueError(
+        f"The schedule sets Adam's β2 and epsilon per phase, but the optimizer is {name!r}."
+      )
+    hyperparams['b2'] = schedules.adam_b2_schedule(schedule)
+    hyperparams['eps'] = schedules.adam_eps_schedule(schedule)
   # Static: these choose the chain's shape (and the mask may be a function of the params);
-  # otherwise optax would inject them as traced values or call the mask with the step.
-  static = ('weight_decay', 'decoupled', 'mask')
+  # otherwise optax would inject them as traced values or call the mask with the step. A
+  # per-phase λ is injected like ε and m.
+  static = ('decoupled', 'mask')
+  if not callable(weight_decay):
+    static = ('weight_decay', *static)
   return optax.inject_hyperparams(_FACTORIES[name], static_args=static)(
     **hyperparams,
     weight_decay=weight_decay,

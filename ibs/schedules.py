@@ -11,12 +11,21 @@ and then decays ε, so that ε/B, and with it the noise scale g ≈ εN/(B(1 −
 exactly α at every milestone. Scaling rules (§4, §5.2) change the initial ε or m and scale
 B with them so that g stays the same: B ∝ ε and B ∝ 1/(1 − m).
 
+Optimizer-aware rules beside the paper's (each function's docstring holds its equation):
+`sqrt_scaling` and `seesaw` convert a recipe for Adam, whose normalised update makes
+ε/√B, not ε/B, the quantity a decay lowers (Malladi et al. 2022; Meterez et al. 2025);
+`scale_weight_decay` makes the decoupled weight decay λ a per-phase value that keeps AdamW's
+timescale τ = B/(ε·λ·N) constant (Wang & Aitchison 2024; Bergsma et al. 2025).
+
 In a user's own optax loop:
 
     tx = optax.inject_hyperparams(optax.sgd)(
         learning_rate=schedules.learning_rate_schedule(schedule),
         momentum=schedules.momentum_schedule(schedule))
     batch_size = schedules.batch_size_schedule(schedule)  # step → B for the data loader
+
+and, where the phases carry λ (`scale_weight_decay`), `weight_decay_schedule(schedule)` goes
+to `optax.inject_hyperparams(optax.adamw)(..., weight_decay=...)` the same way.
 
 JAX is imported only when one of these step → value functions is built, so the schedule
 arithmetic (and the `python -m ibs.noise_scale` calculator) starts in a fraction of a second.
@@ -33,7 +42,17 @@ import numpy as np
 
 from ibs import clock
 
-SCHEDULE_KINDS = ('decaying_lr', 'increasing_batch', 'hybrid', 'explicit')
+SCHEDULE_KINDS = (
+  'decaying_lr',
+  'increasing_batch',
+  'hybrid',
+  'sqrt_scaling',
+  'seesaw',
+  'explicit',
+)
+# Kinds whose conversion follows Adam's ε/√B rather than SGD's ε/B (ibs.config_checks refuses
+# them with other optimizers).
+ADAM_KINDS = ('sqrt_scaling', 'seesaw')
 
 
 class ScheduleError(ValueError):
@@ -42,12 +61,21 @@ class ScheduleError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Phase:
-  """A stretch of training with fixed batch size, learning rate and momentum."""
+  """A stretch of training with fixed batch size, learning rate and momentum.
+
+  The optional fields are per-phase values of hyperparameters that are otherwise constant
+  (None: the optimizer's own value applies): the decoupled weight decay λ
+  (`scale_weight_decay`), and Adam's β2 and its epsilon term ε̂ (`sqrt_scaling`). For Adam
+  the momentum m is β1.
+  """
 
   start_epoch: float
   batch_size: int
   learning_rate: float
   momentum: float
+  weight_decay: float | None = None
+  adam_b2: float | None = None
+  adam_eps: float | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,6 +169,15 @@ def validate(schedule: Schedule) -> None:
       raise ScheduleError(
         f'{where}: momentum={phase.momentum!r} must be in [0, 1); use 0 for plain SGD.'
       )
+    for field, (low, high) in _OPTIONAL_RANGES.items():
+      value = getattr(phase, field)
+      if (value is None) != (getattr(schedule.phases[0], field) is None):
+        raise ScheduleError(
+          f'{where}: {field}={value!r}, but phase 0 has {field}='
+          f'{getattr(schedule.phases[0], field)!r}; set it in every phase or in none.'
+        )
+      if value is not None and not (math.isfinite(value) and low <= value < high):
+        raise ScheduleError(f'{where}: {field}={value!r} must be in [{low}, {high}).')
   for i, span in enumerate(clock.phase_spans(schedule)):
     if span.num_steps:
       continue
@@ -155,6 +192,13 @@ def validate(schedule: Schedule) -> None:
       f'{schedule.phases[i - 1].batch_size} examples already reaches past it, so it '
       'would get no steps. Move its milestones apart or lower the batch size.'
     )
+
+
+_OPTIONAL_RANGES = {
+  'weight_decay': (0.0, math.inf),
+  'adam_b2': (0.0, 1.0),
+  'adam_eps': (0.0, math.inf),
+}
 
 
 def decaying_lr(recipe: StepDecay) -> tuple[Phase, ...]:
@@ -219,10 +263,138 @@ def _integer_batch_size(value: float, what: str) -> int:
   return int(rounded)
 
 
-def convert(
-  recipe: StepDecay, kind: str, max_batch_size: int | None = None
+def seesaw(recipe: StepDecay) -> tuple[Phase, ...]:
+  """Seesaw (Meterez et al. 2025): B ← B·α and ε ← ε/√α where the recipe divides ε by α.
+
+  For Adam. Its update is normalised, so in the variance-dominated regime a step's noise
+  scales as ε/√B rather than SGD's ε/B; Seesaw lowers ε/√B by exactly α at each milestone,
+  as the decay does:
+      ε_{k+1}/√B_{k+1} = (ε_k/√α)/√(α·B_k) = (ε_k/√B_k)/α.
+  Meterez et al. prove the equivalence for normalised SGD (their proxy for Adam). For plain
+  SGD the equivalence they prove needs ε/B to fall by α, which the paper's conversion does
+  and Seesaw does not (ε/B falls by α^1.5), so ibs.config_checks refuses Seesaw with
+  optimizers other than Adam. Same batch sizes, hence updates, as `increasing_batch`.
+  """
+  phases = [Phase(0.0, recipe.batch_size, recipe.learning_rate, recipe.momentum)]
+  for epoch, factor in zip(recipe.milestones, recipe.factors, strict=True):
+    last = phases[-1]
+    batch = _integer_batch_size(
+      last.batch_size * factor,
+      f'Seesaw: increasing the batch ×{factor:g} at epoch {epoch:g}',
+    )
+    lr = last.learning_rate / math.sqrt(factor)
+    phases.append(Phase(float(epoch), batch, lr, last.momentum))
+  return tuple(phases)
+
+
+def sqrt_scaling(
+  recipe: StepDecay,
+  adam_b2: float = 0.999,
+  adam_eps: float = 1e-8,
+  scale_b1: bool = True,
 ) -> tuple[Phase, ...]:
-  """The phases of `recipe` as `kind`: 'decaying_lr', 'increasing_batch' or 'hybrid'."""
+  """Increasing batch under Adam's square-root scaling rule (Malladi et al. 2022).
+
+  The rule (their square-root scaling rule for Adam and RMSprop, from the SDE of Adam):
+  a run with batch κ·B follows the same SDE as one with batch B when
+      ε ← √κ·ε,   1 − β1 ← κ(1 − β1),   1 − β2 ← κ(1 − β2),   ε̂ ← ε̂/√κ
+  (ε̂ Adam's epsilon term, β1 the schedule's momentum m). Where the recipe divides ε by α,
+  this conversion takes the decayed phase (ε/α, B) and maps it by the rule with κ = α:
+      B ← α·B,   ε ← ε·√α/α = ε/√α,   1 − β1 ← α(1 − β1),   1 − β2 ← α(1 − β2),
+      ε̂ ← ε̂/√α.
+  B and ε are Seesaw's (same batch sizes and updates as `increasing_batch`); the β1, β2
+  and ε̂ adjustments are the rule's. The rule needs κ(1 − β) < 1: over milestones the
+  factors multiply, so β1 = 0.9 (1 − β1 = 0.1) takes at most a total κ < 10. With
+  `scale_b1=False` β1 stays the recipe's momentum and only β2 and ε̂ follow the rule.
+  `adam_b2` and `adam_eps` are the recipe's β2 and ε̂ (optax's defaults).
+  """
+  phases = [
+    Phase(
+      0.0,
+      recipe.batch_size,
+      recipe.learning_rate,
+      recipe.momentum,
+      adam_b2=adam_b2,
+      adam_eps=adam_eps,
+    )
+  ]
+  kappa = 1.0
+  for epoch, factor in zip(recipe.milestones, recipe.factors, strict=True):
+    last = phases[-1]
+    kappa *= factor
+    batch = _integer_batch_size(
+      last.batch_size * factor,
+      f'sqrt_scaling: increasing the batch ×{factor:g} at epoch {epoch:g}',
+    )
+    momentum = last.momentum
+    if scale_b1:
+      momentum = 1 - factor * (1 - last.momentum)
+      if not momentum > 0:
+        raise ScheduleError(
+          f'sqrt_scaling at epoch {epoch:g}: the square-root rule sets 1 − β1 ← '
+          f'κ(1 − β1) = {kappa:g} × {1 - recipe.momentum:g} = '
+          f'{kappa * (1 - recipe.momentum):g}, so β1 = {momentum:g} is not in (0, 1); '
+          'the rule holds only while κ(1 − β1) < 1. Use fewer or smaller decay factors, '
+          'or keep β1 with config.schedule.sqrt_scaling_b1=False.'
+        )
+    b2 = 1 - factor * (1 - last.adam_b2)
+    if not b2 > 0:
+      raise ScheduleError(
+        f'sqrt_scaling at epoch {epoch:g}: the square-root rule sets 1 − β2 ← κ(1 − β2) '
+        f'= {kappa * (1 - adam_b2):g}, so β2 = {b2:g} is not in (0, 1). Use a β2 closer '
+        'to 1 (config.schedule.adam_b2) or fewer or smaller decay factors.'
+      )
+    phases.append(
+      Phase(
+        float(epoch),
+        batch,
+        last.learning_rate / math.sqrt(factor),
+        momentum,
+        adam_b2=b2,
+        adam_eps=last.adam_eps / math.sqrt(factor),
+      )
+    )
+  return tuple(phases)
+
+
+def scale_weight_decay(phases: Sequence[Phase], weight_decay: float) -> tuple[Phase, ...]:
+  """λ per phase keeping AdamW's timescale τ = B/(ε·λ·N) constant (in epochs).
+
+  Decoupled weight decay shrinks ω by ε·λ per step and there are N/B steps per epoch, so
+  the weights forget their past over τ = B/(ε·λ·N) epochs (Wang & Aitchison 2024; Bergsma
+  et al. 2025, "Power Lines"). Phase 0 takes `weight_decay` = λ0; phase i takes
+      λ_i = λ0 · (B_i/B_0) · (ε_0/ε_i)
+  so that τ_i = τ_0. Under `increasing_batch` λ grows by α at each milestone; under
+  `decaying_lr` too (ε/α), whereas a constant λ there lets τ grow by α per milestone.
+  """
+  if not (math.isfinite(weight_decay) and weight_decay > 0):
+    raise ScheduleError(
+      f'scale_weight_decay needs a decoupled weight decay λ0 > 0 to scale, but '
+      f'config.weight_decay={weight_decay!r}.'
+    )
+  first = phases[0]
+  return tuple(
+    dataclasses.replace(
+      p,
+      weight_decay=weight_decay
+      * (p.batch_size / first.batch_size)
+      * (first.learning_rate / p.learning_rate),
+    )
+    for p in phases
+  )
+
+
+def convert(
+  recipe: StepDecay,
+  kind: str,
+  max_batch_size: int | None = None,
+  *,
+  adam_b2: float = 0.999,
+  adam_eps: float = 1e-8,
+  sqrt_scaling_b1: bool = True,
+) -> tuple[Phase, ...]:
+  """The phases of `recipe` as `kind`: decaying_lr, increasing_batch, hybrid,
+  sqrt_scaling (with Adam's β2 `adam_b2`, ε̂ `adam_eps`) or seesaw."""
   if kind == 'decaying_lr':
     return decaying_lr(recipe)
   if kind == 'increasing_batch':
@@ -231,8 +403,13 @@ def convert(
     if max_batch_size is None:
       raise _cap_error(max_batch_size, recipe.batch_size)
     return hybrid(recipe, max_batch_size)
+  if kind == 'sqrt_scaling':
+    return sqrt_scaling(recipe, adam_b2, adam_eps, scale_b1=sqrt_scaling_b1)
+  if kind == 'seesaw':
+    return seesaw(recipe)
   raise ScheduleError(
-    f'Unknown schedule kind {kind!r}; choose decaying_lr, increasing_batch or hybrid.'
+    f'Unknown schedule kind {kind!r}; choose decaying_lr, increasing_batch, hybrid, '
+    'sqrt_scaling or seesaw.'
   )
 
 
@@ -365,7 +542,8 @@ def from_config(config: Any, num_train_examples: int) -> Schedule:
   """Builds the Schedule that `config.schedule` describes, for N training examples.
 
   Fields of `config.schedule`:
-    kind: 'decaying_lr' | 'increasing_batch' | 'hybrid' | 'explicit'.
+    kind: 'decaying_lr' | 'increasing_batch' | 'hybrid' | 'sqrt_scaling' | 'seesaw' |
+      'explicit'.
     num_epochs, warmup_epochs (optional, default 0).
     learning_rate, batch_size, momentum, milestones, decay_factor (a number or one per
       milestone), max_batch_size (hybrid): the step-decay recipe to convert.
@@ -375,6 +553,10 @@ def from_config(config: Any, num_train_examples: int) -> Schedule:
       momentum to this and rescale its B before converting.
     phases: for 'explicit', a sequence of (start_epoch, batch_size, learning_rate,
       momentum).
+    adam_b2, adam_eps, sqrt_scaling_b1 (optional, defaults 0.999, 1e-8, True): Adam's β2
+      and epsilon term that 'sqrt_scaling' scales, and whether it scales β1 (= momentum).
+    scale_weight_decay (optional, default False): λ per phase from config.weight_decay,
+      keeping τ = B/(ε·λ·N) constant (`scale_weight_decay`).
   """
   s = config.schedule
   kind = s.kind
@@ -402,6 +584,7 @@ def from_config(config: Any, num_train_examples: int) -> Schedule:
       Phase(float(e), _config_integer(b, f'phases[{i}] batch size'), float(lr), float(m))
       for i, (e, b, lr, m) in enumerate(s.phases)
     )
+    phases = _weight_decay_rule(config, phases)
     return Schedule(phases, float(s.num_epochs), num_train_examples, warmup_epochs)
   recipe = recipe_from_config(config)
   if lr_factor != 1:
@@ -411,9 +594,27 @@ def from_config(config: Any, num_train_examples: int) -> Schedule:
   cap = s.get('max_batch_size') if kind == 'hybrid' else None
   if isinstance(cap, float) and cap.is_integer():
     cap = int(cap)
-  return from_step_decay(
-    recipe, kind, num_train_examples, max_batch_size=cap, warmup_epochs=warmup_epochs
+  phases = convert(
+    recipe,
+    kind,
+    cap,
+    adam_b2=float(s.get('adam_b2', 0.999)),
+    adam_eps=float(s.get('adam_eps', 1e-8)),
+    sqrt_scaling_b1=bool(s.get('sqrt_scaling_b1', True)),
   )
+  return Schedule(
+    _weight_decay_rule(config, phases),
+    float(recipe.num_epochs),
+    num_train_examples,
+    warmup_epochs,
+  )
+
+
+def _weight_decay_rule(config: Any, phases: tuple[Phase, ...]) -> tuple[Phase, ...]:
+  """`phases` with λ per phase if config.schedule.scale_weight_decay, else unchanged."""
+  if not config.schedule.get('scale_weight_decay'):
+    return phases
+  return scale_weight_decay(phases, float(config.get('weight_decay', 0.0)))
 
 
 def _phase_of_step(first_steps: np.ndarray, step: Any) -> Any:
@@ -468,6 +669,34 @@ def learning_rate_schedule(schedule: Schedule) -> Callable[[Any], Any]:
 def momentum_schedule(schedule: Schedule) -> Callable[[Any], Any]:
   """step → m, traceable under jit; use with `optax.inject_hyperparams`."""
   return _per_phase(schedule, [p.momentum for p in schedule.phases], np.float32)
+
+
+def weight_decay_schedule(schedule: Schedule) -> Callable[[Any], Any]:
+  """step → λ, traceable; for phases that carry λ (`scale_weight_decay`).
+
+  Use with `optax.inject_hyperparams(optax.adamw)(..., weight_decay=...)`, as ε and m.
+  """
+  return _per_phase(schedule, _optional_values(schedule, 'weight_decay'), np.float32)
+
+
+def adam_b2_schedule(schedule: Schedule) -> Callable[[Any], Any]:
+  """step → Adam's β2, traceable; for phases that carry it (`sqrt_scaling`)."""
+  return _per_phase(schedule, _optional_values(schedule, 'adam_b2'), np.float32)
+
+
+def adam_eps_schedule(schedule: Schedule) -> Callable[[Any], Any]:
+  """step → Adam's epsilon term ε̂, traceable; for phases that carry it (`sqrt_scaling`)."""
+  return _per_phase(schedule, _optional_values(schedule, 'adam_eps'), np.float32)
+
+
+def _optional_values(schedule: Schedule, field: str) -> list[float]:
+  values = [getattr(p, field) for p in schedule.phases]
+  if any(v is None for v in values):
+    raise ScheduleError(
+      f'The phases do not set {field} (it is constant); pass the constant to the '
+      'optimizer instead.'
+    )
+  return values
 
 
 def batch_size_schedule(schedule: Schedule) -> Callable[[Any], Any]:
