@@ -48,8 +48,12 @@ def get_config() -> ml_collections.ConfigDict:
   # is ~0.6 ms on CPU and the host's work per call a visible share of it
   # (docs/BENCHMARKS.md)
   # The gradient noise scale B_simple = tr(Σ)/|G|², measured in the step (ibs/gns.py):
-  # moving averages over a horizon of this many examples (here one epoch).
-  config.gns = ml_collections.ConfigDict(dict(enabled=True, horizon_examples=20_000))
+  # moving averages over a horizon of this many examples (here one epoch). One device
+  # with one micro-batch measures on every split_every-th update only (each costs a
+  # second backward pass; docs/BENCHMARKS.md).
+  config.gns = ml_collections.ConfigDict(
+    dict(enabled=True, horizon_examples=20_000, split_every=50)
+  )
   config.nonfinite = 'stop'  # a non-finite loss or gradient: 'stop' the run, or 'skip'
   # the update and go on (ibs/step.py)
   config.eval_batch_size = 1000

@@ -101,6 +101,12 @@ def _check_step_options(config: Any) -> None:
       f'config.gns.horizon_examples={horizon!r} must be a positive number of examples '
       '(the horizon of the noise-scale moving averages; one epoch is a good start).'
     )
+  every = config.gns.split_every
+  if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+    raise ConfigError(
+      f'config.gns.split_every={every!r} must be an integer >= 1 (on one device with one '
+      'micro-batch, measure the noise scale on every this-many-th update).'
+    )
   if config.nonfinite not in step.NONFINITE_POLICIES:
     raise ConfigError(
       f'config.nonfinite={config.nonfinite!r} must be one of {step.NONFINITE_POLICIES}: '

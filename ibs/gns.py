@@ -14,7 +14,7 @@ b < B give unbiased estimates of both terms (their Appendix A.1):
     |G|²  ≈ (B·|G_B|² − b·|G_b|²) / (B − b)
     tr(Σ) ≈ (|G_b|² − |G_B|²) / (1/b − 1/B)
 
-A data-parallel step has both for free (docs/DESIGN.md decision 10): |G_b|² is the mean
+A data-parallel step has both for free (docs/DESIGN.md decision 11): |G_b|² is the mean
 over devices of each device's squared gradient norm before the reduction, |G_B|² the
 squared norm of the reduced gradient. On one device the micro-batches of an accumulated
 step play the devices' part; a step with one micro-batch on one device splits its batch

@@ -6,7 +6,7 @@ global batches): the step lays them out on the mesh (ibs/sharding.py), runs n up
 one dispatch and merges their metrics into the running ones.
 
 One update, per device (a `shard_map` over the mesh's `data` axis; docs/DESIGN.md
-decisions 3 and 10). Device d holds A micro-batches of b examples and sums their
+decisions 3 and 11). Device d holds A micro-batches of b examples and sums their
 gradients itself; then
 
     G_B = mean_d G_d                          one all-reduce of the gradient per update
@@ -108,6 +108,8 @@ class StepOptions:
 
   gns_horizon_examples: horizon H of the noise-scale averages; 0 turns the measurement
     off (config.gns.enabled=False).
+  gns_split_every: on one device with one micro-batch, measure on every this-many-th
+    update only (config.gns.split_every): each measurement costs a second backward pass.
   nonfinite: 'stop' or 'skip' (see the module docstring).
   per_example_loss: (model output, labels) → per-example losses; cross-entropy with
     integer labels for every ibs model (experiments/validate_gns.py passes a squared
@@ -115,6 +117,7 @@ class StepOptions:
   """
 
   gns_horizon_examples: float = 0.0
+  gns_split_every: int = 1
   nonfinite: str = 'stop'
   per_example_loss: Callable[[jax.Array, jax.Array], jax.Array] = cross_entropy_loss
 
@@ -187,13 +190,11 @@ def split_batch_gradients(
   cotangents = jnp.stack(
     [jnp.where(first, 1.0 / split, 0.0), jnp.where(first, 0.0, 1.0 / (n - split))]
   ).astype(losses.dtype)
-  (halves,) = jax.vmap(vjp)(cotangents)
-  weights = jnp.asarray([split / n, (n - split) / n], jnp.float32)
-  grads = jax.tree.map(lambda h: jnp.tensordot(weights, h, axes=1), halves)
-  squares = jnp.stack(
-    [_sq_norm(jax.tree.map(lambda h, i=i: h[i], halves)) for i in (0, 1)]
-  )
-  small_sq = jnp.dot(weights, squares)
+  (first_half,) = vjp(cotangents[0])
+  (second_half,) = vjp(cotangents[1])
+  w1, w2 = split / n, (n - split) / n
+  grads = jax.tree.map(lambda a, b: w1 * a + w2 * b, first_half, second_half)
+  small_sq = w1 * _sq_norm(first_half) + w2 * _sq_norm(second_half)
   hits = jnp.argmax(logits, -1) == micro['label']
   return grads, small_sq, n / 2, batch_stats, losses, hits
 
@@ -263,7 +264,9 @@ def _finish(
       small_b = plan.micro_batch_size
     else:
       small_sq, small_b = split
-    beta = gns_lib.decay(plan.batch_size, options.gns_horizon_examples)
+    # A split measurement stands for the `gns_split_every` updates since the last one.
+    between = options.gns_split_every if split is not None else 1
+    beta = gns_lib.decay(plan.batch_size * between, options.gns_horizon_examples)
     gns_state = gns_lib.update(
       gns_state, small_sq, big_sq, small_b, plan.batch_size, beta
     )
@@ -303,14 +306,7 @@ def _update(
   if plan.accumulation == 1:
     micro = jax.tree.map(lambda x: x[0], batch)
     if measure and plan.num_devices == 1:
-      split = split_point(plan.micro_batch_size, ghost_batch_size)
-      grads, small_sq, small_b, batch_stats, losses, correct = split_batch_gradients(
-        state, state.batch_stats, micro, split, options.per_example_loss
-      )
-      acc = _Accumulated(grads, small_sq, _local_metrics(losses, correct))
-      return _finish(
-        state, acc, batch_stats, running, plan, options, split=(small_sq, small_b)
-      )
+      return _split_update(state, micro, running, plan, options, ghost_batch_size)
     # No loop for a batch that fits: the step is then a plain step.
     batch_stats, acc = _accumulate(state, state.batch_stats, None, micro, options)
     return _finish(state, acc, batch_stats, running, plan, options)
@@ -327,6 +323,40 @@ def _update(
   carry = _accumulate(state, state.batch_stats, None, micro_batch(0), options)
   batch_stats, acc = jax.lax.fori_loop(1, plan.accumulation, body, carry)
   return _finish(state, acc, batch_stats, running, plan, options)
+
+
+def _split_update(state, micro, running, plan, options, ghost_batch_size):
+  """One update of one device with one micro-batch, measuring every `split_every`-th.
+
+  The measurement back-propagates the batch's halves apart, a second backward pass
+  (about twice the step on XLA:CPU for the default model), so it runs on every
+  `options.gns_split_every`-th update only; the others are plain updates, and the
+  moving averages decay over the examples in between.
+  """
+  split = split_point(plan.micro_batch_size, ghost_batch_size)
+
+  def measured(state):
+    grads, small_sq, _, batch_stats, losses, correct = split_batch_gradients(
+      state, state.batch_stats, micro, split, options.per_example_loss
+    )
+    return grads, batch_stats, losses, correct, small_sq
+
+  def plain(state):
+    grads, batch_stats, losses, correct = micro_batch_gradients(
+      state, state.batch_stats, micro, options.per_example_loss
+    )
+    return grads, batch_stats, losses, correct, jnp.full((), jnp.nan, jnp.float32)
+
+  every = options.gns_split_every
+  if every == 1:
+    outputs = measured(state)
+  else:
+    outputs = jax.lax.cond(state.step % every == 0, measured, plain, state)
+  grads, batch_stats, losses, correct, small_sq = outputs
+  acc = _Accumulated(grads, small_sq, _local_metrics(losses, correct))
+  return _finish(
+    state, acc, batch_stats, running, plan, options, split=(small_sq, plan.batch_size / 2)
+  )
 
 
 def _updates(state, batches, running, num_steps, *, plan, options, ghost_batch_size):

@@ -81,6 +81,7 @@ def create_train_state(
 def step_options(config: Any) -> step_lib.StepOptions:
   return step_lib.StepOptions(
     gns_horizon_examples=config.gns.horizon_examples if config.gns.enabled else 0.0,
+    gns_split_every=config.gns.split_every,
     nonfinite=config.nonfinite,
   )
 
