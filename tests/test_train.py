@@ -42,6 +42,28 @@ def test_default_config_trains_end_to_end(tiny_config, tmp_path):
   assert glob.glob(os.path.join(workdir, 'events.out.tfevents.*'))
   step, _ = _final_params(workdir)
   assert step == steps
+  # The measured noise scale is logged beside the paper's g at every log.
+  tags = _logged_tags(workdir)
+  for tag in ('gns/b_simple', 'gns/grad_sq_norm', 'gns/trace_cov', 'noise_scale'):
+    assert tag in tags, sorted(tags)
+  b_simple = tags['gns/b_simple']
+  assert len(b_simple) == len(tags['batch_size'])
+  assert all(np.isfinite(b_simple)) and all(v > 0 for v in b_simple), b_simple
+
+
+def _logged_tags(workdir):
+  """{tag: [values in step order]} of the scalars in `workdir`'s event files."""
+  import tensorflow as tf
+
+  tags = {}
+  for path in sorted(glob.glob(os.path.join(workdir, 'events.out.tfevents.*'))):
+    for event in tf.compat.v1.train.summary_iterator(path):
+      for value in event.summary.value:
+        if value.HasField('tensor') and not value.tensor.string_val:
+          array = tf.make_ndarray(value.tensor)
+          if array.ndim == 0:  # a scalar (hparams summaries are not)
+            tags.setdefault(value.tag, []).append(float(array))
+  return tags
 
 
 _CREATE_WRITER = train.metric_writers.create_default_writer
