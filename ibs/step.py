@@ -52,9 +52,31 @@ class TrainState(train_state.TrainState):
 
 
 @struct.dataclass
+class NonFiniteCount(metrics.Metric):
+  """[issue16] Updates whose loss or gradient was NaN or inf, summed (a float32)."""
+
+  total: jax.Array
+
+  @classmethod
+  def empty(cls) -> 'NonFiniteCount':
+    return cls(total=jnp.array(0, jnp.float32))
+
+  @classmethod
+  def from_model_output(cls, *, nonfinite: jax.Array, **_) -> 'NonFiniteCount':
+    return cls(total=jnp.sum(nonfinite).astype(jnp.float32))
+
+  def merge(self, other: 'NonFiniteCount') -> 'NonFiniteCount':
+    return type(self)(total=self.total + other.total)
+
+  def compute(self) -> jax.Array:
+    return self.total
+
+
+@struct.dataclass
 class TrainMetrics(metrics.Collection):
   loss: metrics.Average.from_output('loss')
   accuracy: metrics.Average.from_output('accuracy')
+  nonfinite: NonFiniteCount  # [issue16]
 
 
 @struct.dataclass
@@ -230,21 +252,39 @@ def micro_batch_gradients(
 
 
 def _merged_metrics(
-  losses, correct, running_metrics: TrainMetrics | None
+  losses, correct, running_metrics: TrainMetrics | None, nonfinite=False
 ) -> TrainMetrics:
   # Float32 totals, the dtype of TrainMetrics.empty(): running metrics keep one signature.
   batch_metrics = TrainMetrics.single_from_model_output(
-    loss=losses, accuracy=correct.astype(jnp.float32)
+    loss=losses,
+    accuracy=correct.astype(jnp.float32),
+    nonfinite=jnp.asarray(nonfinite, jnp.float32),
   )
   return (
     batch_metrics if running_metrics is None else running_metrics.merge(batch_metrics)
   )
 
 
+def _nonfinite_guard(state, new_state, grads, losses, skip_nonfinite: bool):
+  """[issue16] Whether the update's loss or gradient is not finite; with
+  `skip_nonfinite`, such an update leaves params, BN statistics and optimizer state as
+  they were (the step counter still advances)."""
+  bad = ~(jnp.all(jnp.isfinite(losses)) & jnp.isfinite(optax.global_norm(grads)))
+  if skip_nonfinite:
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(bad, o, n), new, old)  # noqa: E731
+    new_state = new_state.replace(
+      params=keep(new_state.params, state.params),
+      opt_state=keep(new_state.opt_state, state.opt_state),
+      batch_stats=keep(new_state.batch_stats, state.batch_stats),
+    )
+  return new_state, bad
+
+
 def train_step(
   state: TrainState,
   batch: dict[str, jax.Array],
   running_metrics: TrainMetrics | None = None,
+  skip_nonfinite: bool = False,
 ) -> tuple[TrainState, TrainMetrics]:
   """One parameter update on a batch of shape (A, devices·b, ...).
 
@@ -277,7 +317,8 @@ def train_step(
     )
     grads = jax.tree.map(lambda g: g / accumulation, grad_sum)
   new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
-  return new_state, _merged_metrics(losses, correct, running_metrics)
+  new_state, bad = _nonfinite_guard(state, new_state, grads, losses, skip_nonfinite)
+  return new_state, _merged_metrics(losses, correct, running_metrics, bad)
 
 
 def train_steps(
@@ -285,6 +326,7 @@ def train_steps(
   batches: dict[str, jax.Array],
   running_metrics: TrainMetrics,
   num_steps: jax.Array,
+  skip_nonfinite: bool = False,
 ) -> tuple[TrainState, TrainMetrics]:
   """`num_steps` ≤ K updates, on batches[0], …, batches[num_steps − 1], in one dispatch.
 
@@ -298,7 +340,7 @@ def train_steps(
     batch = jax.tree.map(
       lambda x: jax.lax.dynamic_index_in_dim(x, index, 0, False), batches
     )
-    return train_step(state, batch, running_metrics)
+    return train_step(state, batch, running_metrics, skip_nonfinite)
 
   return jax.lax.fori_loop(0, num_steps, body, (state, running_metrics))
 
@@ -350,11 +392,29 @@ def accumulate_micro_batch(
 
 
 def apply_accumulated(
-  state: TrainState, grad_sum: Any, batch_stats: Any, accumulation: int
+  state: TrainState,
+  grad_sum: Any,
+  batch_stats: Any,
+  running_metrics: TrainMetrics,
+  accumulation: int,
+  skip_nonfinite: bool = False,
 ):
-  """The update with the mean of the accumulated micro-batch gradients."""
+  """The update with the mean of the accumulated micro-batch gradients.
+
+  [issue16] Also counts it in `running_metrics.nonfinite` when the gradient is not
+  finite (a non-finite loss makes a non-finite gradient).
+  """
   grads = jax.tree.map(lambda g: g / accumulation, grad_sum)
-  return state.apply_gradients(grads=grads, batch_stats=batch_stats)
+  new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+  new_state, bad = _nonfinite_guard(
+    state, new_state, grads, jnp.zeros(()), skip_nonfinite
+  )
+  counted = running_metrics.replace(
+    nonfinite=running_metrics.nonfinite.merge(
+      NonFiniteCount.from_model_output(nonfinite=bad)
+    )
+  )
+  return new_state, counted
 
 
 class HostLoopStep:
@@ -385,7 +445,7 @@ class HostLoopStep:
         state, batch_stats, grad_sum, metrics, batch, index
       )
     self._grad_sum = grad_sum  # Not donated to the update: reused by the next step.
-    return self._update(state, grad_sum, batch_stats), metrics
+    return self._update(state, grad_sum, batch_stats, metrics)
 
   def memory_analysis(self):
     return self._micro.memory_analysis()
@@ -405,7 +465,12 @@ def eval_step(state: TrainState, batch: dict[str, jax.Array]) -> EvalMetrics:
   )
 
 
-def jit_train_step(mesh, running_metrics: bool = False, steps_per_dispatch: int = 1):
+def jit_train_step(
+  mesh,
+  running_metrics: bool = False,
+  steps_per_dispatch: int = 1,
+  skip_nonfinite: bool = False,
+):
   """train_step jitted for the mesh: state replicated (and donated), batch sharded.
 
   With `running_metrics` the step takes the running TrainMetrics as a third argument
@@ -413,22 +478,23 @@ def jit_train_step(mesh, running_metrics: bool = False, steps_per_dispatch: int 
   `train_steps` (running metrics, a fourth argument: the number of steps).
   """
   rep, batch = replicated(mesh), train_batch_sharding(mesh, steps_per_dispatch)
+  skip = {'skip_nonfinite': skip_nonfinite}  # [issue16]
   if steps_per_dispatch > 1:
     return jax.jit(
-      train_steps,
+      functools.partial(train_steps, **skip),
       in_shardings=(rep, batch, rep, rep),
       out_shardings=(rep, rep),
       donate_argnums=(0, 2),
     )
   if running_metrics:
     return jax.jit(
-      train_step,
+      functools.partial(train_step, **skip),
       in_shardings=(rep, batch, rep),
       out_shardings=(rep, rep),
       donate_argnums=(0, 2),
     )
   return jax.jit(
-    train_step,
+    functools.partial(train_step, **skip),
     in_shardings=(rep, batch),
     out_shardings=(rep, rep),
     donate_argnums=0,
@@ -468,6 +534,7 @@ def compile_train_steps(
   running_metrics: bool = False,
   host_loop: bool | None = None,
   steps_per_dispatch: int = 1,
+  skip_nonfinite: bool = False,
 ) -> dict[tuple[int, int], Any]:
   """One ahead-of-time compiled step per distinct (A, devices·b) (DESIGN.md decision 4).
 
@@ -492,7 +559,7 @@ def compile_train_steps(
         'steps_per_dispatch > 1 needs running_metrics=True and no host loop.'
       )
     host_loop = False
-  jitted = jit_train_step(mesh, running_metrics, steps_per_dispatch)
+  jitted = jit_train_step(mesh, running_metrics, steps_per_dispatch, skip_nonfinite)
   accumulating = [plan for plan in plans if plan.accumulation > 1]
   if host_loop is None:
     host_loop = bool(accumulating) and _slow_in_a_loop(
@@ -522,11 +589,15 @@ def compile_train_steps(
         jax.ShapeDtypeStruct((), jnp.int32, sharding=rep),
       )
       update = jax.jit(
-        functools.partial(apply_accumulated, accumulation=plan.accumulation),
-        in_shardings=(rep, rep, rep),
-        out_shardings=rep,
-        donate_argnums=0,
-      ).lower(state_shapes, state_shapes.params, state_shapes.batch_stats)
+        functools.partial(
+          apply_accumulated,
+          accumulation=plan.accumulation,
+          skip_nonfinite=skip_nonfinite,
+        ),
+        in_shardings=(rep, rep, rep, rep),
+        out_shardings=(rep, rep),
+        donate_argnums=(0, 3),
+      ).lower(state_shapes, state_shapes.params, state_shapes.batch_stats, metric_shapes)
       compiled[plan.shape] = HostLoopStep(
         micro.compile(), update.compile(), plan, mesh, state_shapes, running_metrics
       )

@@ -9,6 +9,7 @@ multiple of their period in epochs, whatever the batch size of the phase.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -25,10 +26,13 @@ from ibs import (
   checkpoint,
   clock,
   config_checks,
+  divergence,
   input_pipeline,
+  lock,
   models,
   noise_scale,
   optim,
+  preemption,
   schedules,
 )
 from ibs import step as step_lib
@@ -131,8 +135,23 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
 
   The summary holds the final test metrics, parameter updates, examples seen, epoch and
   wall-clock. When `config.stop_after_steps` > 0 training stops (with a checkpoint) after
-  that many parameter updates, as a preemption would.
+  that many parameter updates, as a preemption would. SIGTERM or SIGINT does the same
+  at the end of the dispatch in flight (summary['preempted']; docs/RELIABILITY.md).
   """
+  # [issue16] Validation including the workdir; one run per workdir; signal handling.
+  config_checks.check_config(
+    config, jax.device_count(), jax.process_count(), workdir=workdir
+  )
+  workdir_lock = (
+    lock.WorkdirLock(workdir) if jax.process_index() == 0 else contextlib.nullcontext()
+  )
+  with workdir_lock, preemption.PreemptionHandler(jax.process_count()) as preempt:
+    return _train_and_evaluate(config, workdir, preempt)
+
+
+def _train_and_evaluate(
+  config: Any, workdir: str, preempt: preemption.PreemptionHandler
+) -> dict[str, Any]:
   wall_start = time.perf_counter()
   mesh = step_lib.make_mesh()
   schedule = config_checks.check_config(config, jax.device_count(), jax.process_count())
@@ -163,8 +182,10 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
   manager = checkpoint.create_manager(workdir)
   fingerprint = checkpoint.config_fingerprint(config)
   restored = checkpoint.restore_latest(manager, state, fingerprint)
+  skipped = 0  # [issue16] updates skipped as non-finite (config.nonfinite = 'skip')
   if restored:
     state, position = restored
+    skipped = position.skipped_updates
     state = jax.device_put(state, step_lib.replicated(mesh))
     logging.info(
       'Resumed at step %d (%d examples seen).', position.step, position.examples_seen
@@ -205,6 +226,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
     example,
     running_metrics=True,
     steps_per_dispatch=steps_per_dispatch,
+    skip_nonfinite=config.nonfinite == 'skip',  # [issue16]
   )
   logging.info('%d update(s) per call of the compiled step.', steps_per_dispatch)
   for shape, executable in compiled.items():
@@ -236,6 +258,9 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
   train_metrics = step_lib.empty_train_metrics(mesh)
   eval_results: dict[str, float] = {}
   step = start_step
+  # [issue16] Dispatches so far (the preemption sync counter), non-finite updates seen
+  # in the running metrics, the step of the last checkpoint saved, preempted or not.
+  dispatch, nonfinite_seen, saved_step, preempted = 0, 0, None, False
   with metric_writers.ensure_flushes(writer):
     for phase_index, (phase, span, plan) in enumerate(
       zip(schedule.phases, spans, plans, strict=True)
@@ -291,6 +316,27 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
         before = examples
         examples += num_steps * phase.batch_size
         step += num_steps
+        # [issue16] Divergence guard and background-save errors, after every dispatch.
+        dispatch += 1
+        nonfinite = divergence.nonfinite_total(train_metrics) - nonfinite_seen
+        nonfinite_seen += nonfinite
+        if nonfinite and config.nonfinite == 'stop':
+          manager.wait_until_finished()
+          raise divergence.Diverged(
+            divergence.message(
+              first_step=step - num_steps + 1,
+              last_step=step,
+              count=nonfinite,
+              phase_index=phase_index,
+              examples_seen=examples,
+              epoch=examples / n,
+              learning_rate=float(lr_fn(step - 1)),
+              batch_size=phase.batch_size,
+              last_good=checkpoint.last_good(manager),
+            )
+          )
+        skipped += nonfinite
+        checkpoint.check_save_errors(manager, saved_step)
         for hook in hooks:
           hook(step)
         done = step == total_steps
@@ -299,27 +345,56 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
           'examples_seen': examples,
           'parameter_updates': step,
         }
+        if config.nonfinite == 'skip':  # [issue16]
+          position['skipped_updates'] = skipped
         if done or _crossed(before, examples, log_every):
           scalars = {f'train_{k}': float(v) for k, v in train_metrics.compute().items()}
           scalars.update(_phase_scalars(schedule, phase_index, float(lr_fn(step - 1))))
           writer.write_scalars(step, {**scalars, **position})
           train_metrics = step_lib.empty_train_metrics(mesh)
+          nonfinite_seen = 0  # [issue16]
         if done or _crossed(before, examples, eval_every):
           with report_progress.timed('eval'):
             eval_results = evaluate(
               eval_step, state, test_source, preprocess, config, mesh
             )
           writer.write_scalars(step, {**eval_results, **position})
-        if done or step == stop_at or _crossed(before, examples, checkpoint_every):
+        # [issue16] A preemption saves the step reached, like a checkpoint period.
+        preempted = preempt.should_stop(dispatch)
+        if (
+          done
+          or step == stop_at
+          or _crossed(before, examples, checkpoint_every)
+          or preempted
+        ):
           checkpoint.save(
             manager,
             state,
             checkpoint.Position(
-              step, examples, phase_index, config.data_seed, fingerprint
+              step,
+              examples,
+              phase_index,
+              config.data_seed,
+              fingerprint,
+              skipped_updates=skipped,
             ),
           )
-  manager.wait_until_finished()
+          saved_step = step
+        if preempted:
+          break
+      if preempted:
+        break
+  try:  # [issue16] A failed background save, in one line.
+    manager.wait_until_finished()
+  except Exception as e:  # noqa: BLE001
+    raise checkpoint.save_error(manager, saved_step, e) from None
   manager.close()
+  if preempted:  # [issue16]
+    logging.warning(
+      '%s: stopped at step %d with a checkpoint of it; rerun the same command to resume.',
+      preempt.signal_name,
+      step,
+    )
   if step == total_steps and not eval_results:  # Rerun of a finished workdir.
     eval_results = evaluate(eval_step, state, test_source, preprocess, config, mesh)
 
@@ -333,6 +408,8 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
     'wall_clock_s': time.perf_counter() - wall_start,
     'compile_s': compile_s,
     'finished': step == total_steps,
+    'preempted': preempted,  # [issue16]
+    'skipped_updates': skipped,  # [issue16]
   }
   if summary['finished'] and jax.process_index() == 0:
     print(format_summary(summary, schedule), flush=True)
