@@ -122,7 +122,10 @@ def _scalars(workdir):
         if v.tag in TIME_SCALARS:
           continue
         if v.HasField('tensor'):
-          value = float(tf.make_ndarray(v.tensor))
+          array = tf.make_ndarray(v.tensor)
+          if array.size != 1 or array.dtype.kind not in 'fiu':
+            continue  # Hyperparameters, text.
+          value = float(array.reshape(()))
         elif v.HasField('simple_value'):
           value = v.simple_value
         else:

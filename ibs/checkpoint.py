@@ -10,6 +10,7 @@ silently mixing two runs (and nothing in the workdir is deleted).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -208,11 +209,18 @@ def save_error(
 
 
 def check_save_errors(manager: ocp.CheckpointManager, step: int | None) -> None:
-  """Raises CheckpointError at once if the last background save failed."""
+  """Raises CheckpointError at once if the last background save failed.
+
+  The manager is closed first (its threads would otherwise report the error again, with
+  tracebacks, at interpreter exit).
+  """
   try:
     manager.check_for_errors()
   except Exception as e:  # noqa: BLE001
-    raise save_error(manager, step if step is not None else -1, e) from None
+    error = save_error(manager, step if step is not None else -1, e)
+    with contextlib.suppress(Exception):
+      manager.close()
+    raise error from None
 
 
 # ----------------------------------------------------------------------- restoring

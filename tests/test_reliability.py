@@ -184,6 +184,36 @@ def test_a_second_run_on_the_workdir_is_refused(tiny_config, tmp_path):
     train.train_and_evaluate(tiny_config, str(tmp_path))
 
 
+def test_a_failed_background_save_is_reported_at_once_in_one_line(
+  tiny_config, tmp_path, monkeypatch
+):
+  """The disk fills during the save of step 63 (the first period): the next dispatch
+  stops the run with the cause and the last good checkpoint, not 20 tracebacks later."""
+  config = tiny_config.copy_and_resolve_references()
+  config.checkpoint_every_epochs = 1.0
+  create = checkpoint.create_manager
+
+  def failing_manager(*args, **kwargs):
+    manager = create(*args, **kwargs)
+    check = manager.check_for_errors
+
+    def check_for_errors():
+      check()
+      if 63 in manager.all_steps():
+        raise OSError(28, 'No space left on device')
+
+    manager.check_for_errors = check_for_errors
+    return manager
+
+  monkeypatch.setattr(checkpoint, 'create_manager', failing_manager)
+  with pytest.raises(checkpoint.CheckpointError) as info:
+    train.train_and_evaluate(config, str(tmp_path))
+  message = str(info.value)
+  assert '\n' not in message
+  assert 'checkpoint of step 63 failed: [Errno 28] No space left on device' in message
+  assert 'last good checkpoint is none' in message
+
+
 # ------------------------------------------------------------------------ divergence
 
 
