@@ -15,7 +15,7 @@ import dataclasses
 import hashlib
 import json
 import os
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -60,11 +60,20 @@ class Position:
   checksum: str = ''
   # Updates skipped as non-finite so far (config.nonfinite = 'skip').
   skipped_updates: int = 0
+  # Whether the running train metrics (since the last log) were saved beside the state,
+  # so that a resume between two logs logs what an uninterrupted run logs.
+  with_metrics: bool = False
 
   @classmethod
   def from_record(cls, record: dict[str, Any]) -> Position:
     names = {f.name for f in dataclasses.fields(cls)}
     return cls(**{k: v for k, v in record.items() if k in names})
+
+
+class Restored(NamedTuple):
+  state: Any
+  position: Position
+  metrics: Any  # the running train metrics, or None when not saved
 
 
 class CheckpointError(RuntimeError):
@@ -151,28 +160,35 @@ def checkpoints_dir(workdir: str) -> str:
   return os.path.join(os.path.abspath(workdir), 'checkpoints')
 
 
-def save(manager: ocp.CheckpointManager, state: Any, position: Position) -> Position:
+def save(
+  manager: ocp.CheckpointManager, state: Any, position: Position, metrics: Any = None
+) -> Position:
   """Saves asynchronously, with the state's checksum; returns the position recorded.
+
+  `metrics`, the running train metrics, are saved beside the state and covered by the
+  checksum too.
 
   Raises CheckpointError, writing nothing, when the state is not finite. A save that
   fails in the background surfaces at the next `check_save_errors`; call
   `manager.wait_until_finished()` before exiting.
   """
-  checksum, finite = state_checksum(state)
+  checksum, finite = state_checksum(state if metrics is None else (state, metrics))
   if not finite:
     raise CheckpointError(
       f'Refusing to checkpoint step {position.step}: the state holds NaN or inf. '
       f'The last good checkpoint is {last_good(manager)}.'
     )
-  position = dataclasses.replace(position, checksum=checksum)
+  position = dataclasses.replace(
+    position, checksum=checksum, with_metrics=metrics is not None
+  )
+  items = {
+    'state': ocp.args.StandardSave(state),
+    'position': ocp.args.JsonSave(dataclasses.asdict(position)),
+  }
+  if metrics is not None:
+    items['train_metrics'] = ocp.args.StandardSave(metrics)
   try:
-    manager.save(
-      position.step,
-      args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state),
-        position=ocp.args.JsonSave(dataclasses.asdict(position)),
-      ),
-    )
+    manager.save(position.step, args=ocp.args.Composite(**items))
   except Exception as e:  # noqa: BLE001 - any failure is reported the same way
     raise save_error(manager, position.step, e) from None
   return position
@@ -227,9 +243,15 @@ def check_save_errors(manager: ocp.CheckpointManager, step: int | None) -> None:
 
 
 def restore_latest(
-  manager: ocp.CheckpointManager, abstract_state: Any, fingerprint: str
-) -> tuple[Any, Position] | None:
-  """The newest intact (state, position), or None for a fresh workdir.
+  manager: ocp.CheckpointManager,
+  abstract_state: Any,
+  fingerprint: str,
+  abstract_metrics: Any = None,
+) -> Restored | None:
+  """The newest intact (state, position, metrics), or None for a fresh workdir.
+
+  `metrics` are restored (like `abstract_metrics`) when the checkpoint holds them and
+  `abstract_metrics` is given, else None.
 
   Checkpoints are tried newest first. One that cannot be read, is incomplete, or whose
   state does not match its recorded checksum is skipped with a warning naming it and
@@ -257,15 +279,17 @@ def restore_latest(
         'resume it. Use a new --workdir, or restore the original config. The '
         'checkpoint was left untouched.'
       )
+    items = {'state': ocp.args.StandardRestore(abstract_state)}
+    if position.with_metrics:
+      items['train_metrics'] = ocp.args.StandardRestore(abstract_metrics)
     try:
-      state = manager.restore(
-        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
-      )['state']
+      restored = manager.restore(step, args=ocp.args.Composite(**items))
     except Exception as e:  # noqa: BLE001
       damaged.append((step, f'state unreadable: {_cause(e)}'))
       continue
+    state, metrics = restored['state'], restored.get('train_metrics')
     if position.checksum:
-      checksum, _ = state_checksum(state)
+      checksum, _ = state_checksum(state if metrics is None else (state, metrics))
       if checksum != position.checksum:
         damaged.append(
           (step, f'checksum mismatch (recorded {position.checksum}, read {checksum})')
@@ -277,7 +301,7 @@ def restore_latest(
         'one); restored unverified.',
         step,
       )
-    result = state, position
+    result = Restored(state, position, metrics if abstract_metrics is not None else None)
     break
   if damaged:
     _quarantine(manager, damaged)

@@ -181,10 +181,14 @@ def _train_and_evaluate(
   state = create_train_state(config, model, schedule, spec.input_shape, mesh)
   manager = checkpoint.create_manager(workdir)
   fingerprint = checkpoint.config_fingerprint(config)
-  restored = checkpoint.restore_latest(manager, state, fingerprint)
-  skipped = 0  # [issue16] updates skipped as non-finite (config.nonfinite = 'skip')
+  # [issue16] The running train metrics are checkpointed too (a resume between logs
+  # logs what an uninterrupted run logs), and the skipped updates counted.
+  restored = checkpoint.restore_latest(
+    manager, state, fingerprint, step_lib.empty_train_metrics(mesh)
+  )
+  skipped, restored_metrics = 0, None
   if restored:
-    state, position = restored
+    state, position, restored_metrics = restored
     skipped = position.skipped_updates
     state = jax.device_put(state, step_lib.replicated(mesh))
     logging.info(
@@ -256,11 +260,14 @@ def _train_and_evaluate(
   hooks = [report_progress] if jax.process_index() == 0 else []
 
   train_metrics = step_lib.empty_train_metrics(mesh)
+  if restored_metrics is not None:  # [issue16]
+    train_metrics = jax.device_put(restored_metrics, step_lib.replicated(mesh))
   eval_results: dict[str, float] = {}
   step = start_step
   # [issue16] Dispatches so far (the preemption sync counter), non-finite updates seen
   # in the running metrics, the step of the last checkpoint saved, preempted or not.
-  dispatch, nonfinite_seen, saved_step, preempted = 0, 0, None, False
+  dispatch, saved_step, preempted = 0, None, False
+  nonfinite_seen = divergence.nonfinite_total(train_metrics)
   with metric_writers.ensure_flushes(writer):
     for phase_index, (phase, span, plan) in enumerate(
       zip(schedule.phases, spans, plans, strict=True)
@@ -378,6 +385,7 @@ def _train_and_evaluate(
               fingerprint,
               skipped_updates=skipped,
             ),
+            metrics=train_metrics,  # [issue16]
           )
           saved_step = step
         if preempted:

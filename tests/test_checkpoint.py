@@ -88,7 +88,7 @@ def _empty(d):
 
 
 def test_intact_checkpoints_restore_verified(workdir):
-  state, position = _restore(workdir)
+  state, position, _ = _restore(workdir)
   assert position.step == 30 and len(position.checksum) == 16
   jax.tree.map(np.testing.assert_array_equal, state, _state(30))
   assert not os.path.exists(os.path.join(workdir, 'damaged_checkpoints'))
@@ -124,7 +124,7 @@ def test_damaged_newest_checkpoint_falls_back(workdir, damage, reason, caplog):
     # the checksum, so nothing was lost.
     jax.tree.map(np.testing.assert_array_equal, restored[0], _state(30))
     return
-  state, position = restored
+  state, position, _ = restored
   assert position.step == 20
   jax.tree.map(np.testing.assert_array_equal, state, _state(20))
   warnings = [r.getMessage() for r in caplog.records if 'damaged checkpoint' in r.message]
@@ -139,7 +139,7 @@ def test_damaged_newest_checkpoint_falls_back(workdir, damage, reason, caplog):
 def test_stray_empty_higher_step_dir_is_skipped(workdir, caplog):
   os.mkdir(_step_dir(workdir, 99999))
   with caplog.at_level(logging.WARNING):
-    _, position = _restore(workdir)
+    _, position, _ = _restore(workdir)
   assert position.step == 30
   assert os.path.isdir(os.path.join(workdir, 'damaged_checkpoints', '99999'))
 
@@ -152,7 +152,7 @@ def test_half_copied_higher_step_dir_is_skipped(workdir):
   )[::2]:
     if os.path.isfile(path):
       os.remove(path)
-  _, position = _restore(workdir)
+  _, position, _ = _restore(workdir)
   assert position.step == 30
   assert os.path.isdir(os.path.join(workdir, 'damaged_checkpoints', '40'))
 
@@ -192,3 +192,23 @@ def test_non_finite_state_is_never_saved(tmp_path):
   manager.wait_until_finished()
   manager.close()
   assert not os.listdir(os.path.join(tmp_path, 'checkpoints'))
+
+
+def test_running_metrics_are_saved_verified_and_restored(tmp_path):
+  manager = checkpoint.create_manager(str(tmp_path))
+  metrics = {'loss_total': jnp.float32(12.5), 'count': jnp.float32(40.0)}
+  checkpoint.save(
+    manager,
+    _state(5),
+    checkpoint.Position(5, 160, 0, 0, FINGERPRINT),
+    metrics=metrics,
+  )
+  manager.wait_until_finished()
+  empty = jax.tree.map(jnp.zeros_like, metrics)
+  state, position, restored = checkpoint.restore_latest(
+    manager, _state(0), FINGERPRINT, empty
+  )
+  manager.close()
+  assert position.with_metrics
+  jax.tree.map(np.testing.assert_array_equal, restored, metrics)
+  jax.tree.map(np.testing.assert_array_equal, state, _state(5))
