@@ -183,7 +183,7 @@ def soak(args):
     shutil.rmtree(workdir, ignore_errors=True)
     process = _start(workdir, root, SHORT, os.path.join(root, f'trial{trial}.log'))
     started = _wait_for(process, r'Phase 0:')
-    delay = rng.uniform(0.0, window * 1.1)
+    delay = rng.uniform(0.0, window * 0.9)
     time.sleep(delay)
     sent = time.monotonic()
     process.send_signal(signal.SIGKILL if kind == 'kill9' else signal.SIGTERM)
