@@ -72,8 +72,8 @@ def main(argv):
   preemption.start_peer_watchdog()
   try:
     summary = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  except Exception:
-    preemption.await_peer_watchdog()  # Exits with one line if a peer was lost.
+  except Exception as e:
+    preemption.await_peer_watchdog(e)  # Exits with one line if a peer was lost.
     raise
   finally:
     preemption.stop_peer_watchdog()

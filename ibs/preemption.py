@@ -19,11 +19,13 @@ coordination service, which tells every process). The loop asks
 count; the runtime picks a count every process reaches, so every process saves the same
 step. SIGINT is forwarded to the runtime as SIGTERM (a second SIGINT exits at once).
 
-A lost peer: a watchdog thread asks the coordination service for the live processes
-once a second (`get_live_nodes`, a barrier of the watchdogs); when one is missing it
-prints one line naming it and exits 76, before the runtime's heartbeat timeout would
-abort the process with a C++ stack dump. A collective that fails because its peer is
-gone (gloo: "Connection reset by peer") is reported the same way by main.
+A lost peer: a watchdog thread in every process bumps a counter in the coordination
+service's key-value store once a second and reads the others'; a peer whose counter
+stands still for PEER_TIMEOUT_S (30 s; IBS_PEER_TIMEOUT_S) is lost: the watchdog prints
+one line naming it and exits 76, before the runtime's heartbeat timeout (100 s) would
+abort the process with a C++ stack dump (its Python callback for that cannot be used:
+jaxlib cannot pass it the status). A collective that fails because its peer is gone
+(gloo: "Connection reset by peer") waits for the watchdog's verdict (main).
 """
 
 from __future__ import annotations
@@ -104,7 +106,16 @@ class PreemptionHandler:
 # ----------------------------------------------------------------------- lost peers
 
 
+# A peer silent this long is lost. JAX's runtime declares a task dead after its heartbeat
+# timeout (jax.distributed.initialize's default: 100 s; seen at 0.65 of it) and then
+# aborts the survivors with a C++ stack dump: this must come well before.
+PEER_TIMEOUT_S = float(os.environ.get('IBS_PEER_TIMEOUT_S', '30'))
+
+
 class _Watchdog:
+  """Each process bumps a counter in the coordination service's key-value store every
+  `period_s`; a peer whose counter stands still for PEER_TIMEOUT_S is lost."""
+
   def __init__(self, process_index: int, process_count: int, period_s: float):
     self.index, self.count, self.period_s = process_index, process_count, period_s
     self.stopped = threading.Event()
@@ -114,19 +125,36 @@ class _Watchdog:
 
   def _run(self) -> None:
     client = _client()
-    everyone = list(range(self.count))
+    peers = [p for p in range(self.count) if p != self.index]
+    last: dict[int, tuple[str | None, float]] = {
+      p: (None, time.monotonic()) for p in peers
+    }
+    beat = 0
     while not self.stopped.wait(self.period_s):
+      beat += 1
       try:
-        live = set(client.get_live_nodes(everyone))
+        client.key_value_set(
+          f'ibs/heartbeat/{self.index}', str(beat), allow_overwrite=True
+        )
       except Exception as e:  # noqa: BLE001 - the coordinator itself is gone
         if self.stopped.is_set():
           return
-        exit_peer_lost({0}, f'the coordination service is unreachable ({_short(e)})')
-      lost = set(everyone) - live
+        exit_peer_lost({0}, f'the coordination service is unreachable: {_short(e)}')
+      now = time.monotonic()
+      for p in peers:
+        try:
+          value = client.key_value_try_get(f'ibs/heartbeat/{p}')
+        except Exception:  # noqa: BLE001 - not written yet
+          value = None
+        if value != last[p][0]:
+          last[p] = (value, now)
+      lost = {
+        p
+        for p, (_, seen) in last.items()
+        if now - seen > PEER_TIMEOUT_S and not _finished(client, p)
+      }
       if lost and not self.stopped.is_set():
-        lost = {p for p in lost if not _finished(client, p)}
-        if lost:
-          exit_peer_lost(lost)
+        exit_peer_lost(lost, f'silent for over {PEER_TIMEOUT_S:g} s')
 
 
 _watchdog: _Watchdog | None = None
@@ -166,15 +194,19 @@ def _short(error: BaseException) -> str:
   return text if len(text) < 160 else text[:157] + '...'
 
 
-def await_peer_watchdog(grace_s: float = 3.0) -> None:
-  """After an error in a multi-process run: gives the watchdog time to name a lost peer.
+_PEER_FAILURE = ('gloo', 'connection reset', 'connection closed', 'unavailable', 'socket')
 
-  A collective whose peer died fails at once ("Connection reset by peer"); the watchdog
-  sees the peer gone within its period and exits the process with one line. Returns
-  (and the caller re-raises) when no peer was lost.
+
+def await_peer_watchdog(error: BaseException) -> None:
+  """After an error in a multi-process run: lets the watchdog name a lost peer first.
+
+  A collective whose peer died fails at once (gloo: "Connection reset by peer"), long
+  before the peer's heartbeats are missed: for such an error, wait for the watchdog's
+  verdict (it exits the process with one line). Returns, for the caller to re-raise,
+  when the error is another, or no peer was lost.
   """
-  if _watchdog is not None:
-    _watchdog.stopped.wait(grace_s)
+  if _watchdog is not None and any(k in str(error).lower() for k in _PEER_FAILURE):
+    _watchdog.stopped.wait(PEER_TIMEOUT_S + 5 * _watchdog.period_s)
 
 
 def exit_peer_lost(lost: set[int], why: str = '') -> None:

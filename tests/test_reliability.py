@@ -299,7 +299,7 @@ def test_elastic_resume_on_another_device_count(one_device_run, tmp_path, before
   _assert_states_equal(_final_state(str(workdir)), expected)
 
 
-def _launch(script, workdir, tmp_path, name, num_processes=2):
+def _launch(script, workdir, tmp_path, name, num_processes=2, **env):
   port = _free_port()
   processes = []
   for i in range(num_processes):
@@ -316,7 +316,7 @@ def _launch(script, workdir, tmp_path, name, num_processes=2):
         f'--process_id={i}',
       ],
       cwd=REPO,
-      env=_cpu_env(2),
+      env=_cpu_env(2, **env),
       stdout=log,
       stderr=subprocess.STDOUT,
     )
@@ -362,10 +362,17 @@ def test_sigterm_to_one_of_two_processes_saves_the_same_step_on_both(
 @pytest.mark.slow
 @pytest.mark.multiprocess
 def test_a_lost_peer_ends_the_survivor_with_one_line(one_device_run, tmp_path):  # noqa: F811
+  """kill -9 of process 1: process 0 exits 76 naming it, with no stack dump."""
   config, _ = one_device_run
   config = config.copy_and_resolve_references()
   config.steps_per_dispatch = 1
-  processes = _launch(_train_script(config, tmp_path), tmp_path / 'run', tmp_path, 'k')
+  processes = _launch(
+    _train_script(config, tmp_path),
+    tmp_path / 'run',
+    tmp_path,
+    'k',
+    IBS_PEER_TIMEOUT_S='10',  # Well inside the runtime's 100 s heartbeat timeout.
+  )
   try:
     assert _wait_for(processes[0], r'Phase 0:')
     processes[1].kill()
