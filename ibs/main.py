@@ -7,7 +7,6 @@ ibs.train so notebooks and tests use the same code.
 """
 
 import os
-import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -78,7 +77,7 @@ def main(argv):
   finally:
     preemption.stop_peer_watchdog()
   if summary['preempted']:
-    sys.exit(preemption.EXIT_PREEMPTED)
+    preemption.exit_preempted()
 
 
 if __name__ == '__main__':
