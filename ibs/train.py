@@ -397,6 +397,7 @@ def _train_and_evaluate(
   except Exception as e:  # noqa: BLE001
     raise checkpoint.save_error(manager, saved_step, e) from None
   manager.close()
+  preempted = preempted and step < total_steps  # [issue16] At the end: just finished.
   if preempted:  # [issue16]
     logging.warning(
       '%s: stopped at step %d with a checkpoint of it; rerun the same command to resume.',
