@@ -61,6 +61,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval_every_epochs = 5.0
   config.checkpoint_every_epochs = 25.0
   config.stop_after_steps = 0  # > 0: stop (with a checkpoint) after this many updates
+  config.nonfinite = 'stop'  # NaN/inf loss or gradient: 'stop' the run, or 'skip' the
+  # update (parameters kept, skips counted); docs/RELIABILITY.md
 
   config.seed = 0  # parameter initialisation
   config.data_seed = 0  # data order and augmentation

@@ -10,13 +10,18 @@ silently mixing two runs (and nothing in the workdir is deleted).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import os
-from typing import Any
+from typing import Any, NamedTuple
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
 
 # Config fields that decide the parameters' trajectory. Logging, evaluation and
 # checkpoint cadence, the stop-after switch, steps per dispatch, the micro-batch cap
@@ -43,13 +48,39 @@ TRAJECTORY_FIELDS = (
 
 @dataclasses.dataclass(frozen=True)
 class Position:
-  """Where a checkpoint stands in training."""
+  """Where a checkpoint stands in training, and a checksum of the state saved with it."""
 
   step: int  # parameter updates done
   examples_seen: int
   phase: int
   data_seed: int
   config_fingerprint: str
+  # state_checksum() of the saved state; '' in checkpoints written before it existed
+  # (restored unverified).
+  checksum: str = ''
+  # Updates skipped as non-finite so far (config.nonfinite = 'skip').
+  skipped_updates: int = 0
+  # Whether the running train metrics (since the last log) were saved beside the state,
+  # so that a resume between two logs logs what an uninterrupted run logs.
+  with_metrics: bool = False
+
+  @classmethod
+  def from_record(cls, record: dict[str, Any]) -> Position:
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in record.items() if k in names})
+
+
+class Restored(NamedTuple):
+  state: Any
+  position: Position
+  metrics: Any  # the running train metrics, or None when not saved
+
+
+class CheckpointError(RuntimeError):
+  """A checkpoint that cannot be written, or no intact checkpoint to resume from.
+
+  The message is one line, meant to be printed as it is.
+  """
 
 
 def config_fingerprint(config: Any) -> str:
@@ -69,48 +100,246 @@ def _to_jsonable(value: Any) -> Any:
   return repr(value)
 
 
+# ----------------------------------------------------------------------- the checksum
+
+
+def _bits(x: jax.Array) -> jax.Array:
+  """The array's bits as a flat uint32 vector (one element per 1-, 2- or 4-byte item)."""
+  if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+    x = jax.random.key_data(x)
+  if x.dtype == jnp.bool_:
+    x = x.astype(jnp.uint8)
+  size = x.dtype.itemsize
+  unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}[size]
+  return jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32).reshape(-1)
+
+
+@jax.jit
+def _leaf_sums(tree: Any) -> tuple[jax.Array, jax.Array]:
+  """Per leaf, Σ bits_i · w_i mod 2³² with odd weights w_i; and whether all are finite.
+
+  Any change to a single element changes its leaf's sum (an odd weight is invertible
+  mod 2³²); moved elements change it too, the weights depending on the position.
+  """
+  sums, finite = [], jnp.array(True)
+  for leaf in jax.tree.leaves(tree):
+    bits = _bits(leaf)
+    index = jnp.arange(bits.size, dtype=jnp.uint32)
+    weights = (index * jnp.uint32(2654435761) + jnp.uint32(0x9E3779B9)) | jnp.uint32(1)
+    sums.append(jnp.sum(bits * weights, dtype=jnp.uint32))
+    if jnp.issubdtype(leaf.dtype, jnp.inexact):
+      finite = finite & jnp.all(jnp.isfinite(leaf))
+  return jnp.stack(sums) if sums else jnp.zeros(0, jnp.uint32), finite
+
+
+def _host(x: jax.Array) -> np.ndarray:
+  """A replicated (possibly multi-process) array's value, from this process's copy."""
+  return np.asarray(x.addressable_data(0)) if isinstance(x, jax.Array) else np.asarray(x)
+
+
+def state_checksum(state: Any) -> tuple[str, bool]:
+  """(checksum, all floats finite) of a state, computed on its devices in one dispatch.
+
+  The checksum does not depend on the devices or their number: integer sums are exact.
+  """
+  sums, finite = _leaf_sums(state)
+  return hashlib.sha256(_host(sums).tobytes()).hexdigest()[:16], bool(_host(finite))
+
+
+# ----------------------------------------------------------------------- saving
+
+
 def create_manager(workdir: str, max_to_keep: int = 3) -> ocp.CheckpointManager:
   return ocp.CheckpointManager(
-    os.path.join(os.path.abspath(workdir), 'checkpoints'),
+    checkpoints_dir(workdir),
     options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
   )
 
 
-def save(manager: ocp.CheckpointManager, state: Any, position: Position) -> None:
-  """Saves asynchronously; call `manager.wait_until_finished()` before exiting."""
-  manager.save(
-    position.step,
-    args=ocp.args.Composite(
-      state=ocp.args.StandardSave(state),
-      position=ocp.args.JsonSave(dataclasses.asdict(position)),
-    ),
+def checkpoints_dir(workdir: str) -> str:
+  return os.path.join(os.path.abspath(workdir), 'checkpoints')
+
+
+def save(
+  manager: ocp.CheckpointManager, state: Any, position: Position, metrics: Any = None
+) -> Position:
+  """Saves asynchronously, with the state's checksum; returns the position recorded.
+
+  `metrics`, the running train metrics, are saved beside the state and covered by the
+  checksum too.
+
+  Raises CheckpointError, writing nothing, when the state is not finite. A save that
+  fails in the background surfaces at the next `check_save_errors`; call
+  `manager.wait_until_finished()` before exiting.
+  """
+  checksum, finite = state_checksum(state if metrics is None else (state, metrics))
+  if not finite:
+    raise CheckpointError(
+      f'Refusing to checkpoint step {position.step}: the state holds NaN or inf. '
+      f'The last good checkpoint is {last_good(manager)}.'
+    )
+  position = dataclasses.replace(
+    position, checksum=checksum, with_metrics=metrics is not None
   )
+  items = {
+    'state': ocp.args.StandardSave(state),
+    'position': ocp.args.JsonSave(dataclasses.asdict(position)),
+  }
+  if metrics is not None:
+    items['train_metrics'] = ocp.args.StandardSave(metrics)
+  try:
+    manager.save(position.step, args=ocp.args.Composite(**items))
+  except Exception as e:  # noqa: BLE001 - any failure is reported the same way
+    raise save_error(manager, position.step, e) from None
+  return position
+
+
+def last_good(manager: ocp.CheckpointManager, exclude: int | None = None) -> str:
+  """The newest checkpoint on disk other than `exclude`, in words."""
+  directory = str(manager.directory)
+  steps = [
+    s
+    for s in manager.all_steps()
+    if s != exclude and os.path.isdir(os.path.join(directory, str(s)))
+  ]
+  if not steps:
+    return 'none (a rerun starts from scratch)'
+  return f'step {max(steps)} in {directory}'
+
+
+def _cause(error: BaseException) -> str:
+  """The innermost cause of an error, on one line."""
+  while error.__cause__ is not None or error.__context__ is not None:
+    error = error.__cause__ or error.__context__
+  text = ' '.join(str(error).split()) or type(error).__name__
+  return text if len(text) < 300 else text[:297] + '...'
+
+
+def save_error(
+  manager: ocp.CheckpointManager, step: int, error: BaseException
+) -> CheckpointError:
+  return CheckpointError(
+    f'Saving the checkpoint of step {step} failed: {_cause(error)}. '
+    f'The last good checkpoint is {last_good(manager, exclude=step)}.'
+  )
+
+
+def check_save_errors(manager: ocp.CheckpointManager, step: int | None) -> None:
+  """Raises CheckpointError at once if the last background save failed.
+
+  The manager is closed first (its threads would otherwise report the error again, with
+  tracebacks, at interpreter exit).
+  """
+  try:
+    manager.check_for_errors()
+  except Exception as e:  # noqa: BLE001
+    error = save_error(manager, step if step is not None else -1, e)
+    with contextlib.suppress(Exception):
+      manager.close()
+    raise error from None
+
+
+# ----------------------------------------------------------------------- restoring
 
 
 def restore_latest(
-  manager: ocp.CheckpointManager, abstract_state: Any, fingerprint: str
-) -> tuple[Any, Position] | None:
-  """The latest (state, position), or None for a fresh workdir.
+  manager: ocp.CheckpointManager,
+  abstract_state: Any,
+  fingerprint: str,
+  abstract_metrics: Any = None,
+) -> Restored | None:
+  """The newest intact (state, position, metrics), or None for a fresh workdir.
 
-  Raises ValueError, without touching the checkpoint, when it was written by a config
-  whose trajectory fields differ.
+  `metrics` are restored (like `abstract_metrics`) when the checkpoint holds them and
+  `abstract_metrics` is given, else None.
+
+  Checkpoints are tried newest first. One that cannot be read, is incomplete, or whose
+  state does not match its recorded checksum is skipped with a warning naming it and
+  why, and moved to `damaged_checkpoints/` beside `checkpoints/` (never deleted).
+  Raises CheckpointError when checkpoints exist but none is intact, and ValueError,
+  touching nothing, when the newest readable one was written by a config whose
+  trajectory fields differ.
   """
-  step = manager.latest_step()
-  if step is None:
-    return None
-  position = Position(
-    **manager.restore(step, args=ocp.args.Composite(position=ocp.args.JsonRestore()))[
-      'position'
-    ]
-  )
-  if position.config_fingerprint != fingerprint:
-    raise ValueError(
-      f'The checkpoint at step {step} in {manager.directory} was written by a different '
-      f'config (fingerprint {position.config_fingerprint}, this config {fingerprint}); '
-      'a changed dataset, model, optimizer, schedule or seed cannot resume it. Use a new '
-      '--workdir, or restore the original config. The checkpoint was left untouched.'
+  damaged: list[tuple[int, str]] = []
+  result = None
+  for step in sorted(manager.all_steps(), reverse=True):
+    try:
+      record = manager.restore(
+        step, args=ocp.args.Composite(position=ocp.args.JsonRestore())
+      )['position']
+      position = Position.from_record(record)
+    except Exception as e:  # noqa: BLE001 - a damaged record is any failure to read it
+      damaged.append((step, f'position record unreadable: {_cause(e)}'))
+      continue
+    if position.config_fingerprint != fingerprint:
+      raise ValueError(
+        f'The checkpoint at step {step} in {manager.directory} was written by a '
+        f'different config (fingerprint {position.config_fingerprint}, this config '
+        f'{fingerprint}); a changed dataset, model, optimizer, schedule or seed cannot '
+        'resume it. Use a new --workdir, or restore the original config. The '
+        'checkpoint was left untouched.'
+      )
+    items = {'state': ocp.args.StandardRestore(abstract_state)}
+    if position.with_metrics:
+      items['train_metrics'] = ocp.args.StandardRestore(abstract_metrics)
+    try:
+      restored = manager.restore(step, args=ocp.args.Composite(**items))
+    except Exception as e:  # noqa: BLE001
+      damaged.append((step, f'state unreadable: {_cause(e)}'))
+      continue
+    state, metrics = restored['state'], restored.get('train_metrics')
+    if position.checksum:
+      checksum, _ = state_checksum(state if metrics is None else (state, metrics))
+      if checksum != position.checksum:
+        damaged.append(
+          (step, f'checksum mismatch (recorded {position.checksum}, read {checksum})')
+        )
+        continue
+    else:
+      logging.warning(
+        'The checkpoint of step %d records no checksum (written before ibs stored '
+        'one); restored unverified.',
+        step,
+      )
+    result = Restored(state, position, metrics if abstract_metrics is not None else None)
+    break
+  if damaged:
+    _quarantine(manager, damaged)
+  if result is None and damaged:
+    raise CheckpointError(
+      f'No intact checkpoint left in {manager.directory}: '
+      + '; '.join(f'step {s} ({why})' for s, why in damaged)
+      + f'. They were moved to {_damaged_root(manager)}; a rerun starts from scratch.'
     )
-  restored = manager.restore(
-    step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
-  )
-  return restored['state'], position
+  return result
+
+
+def _damaged_root(manager: ocp.CheckpointManager) -> str:
+  return os.path.join(os.path.dirname(str(manager.directory)), 'damaged_checkpoints')
+
+
+def _quarantine(manager: ocp.CheckpointManager, damaged: list[tuple[int, str]]) -> None:
+  """Moves damaged step directories out of the manager's sight, never deleting them."""
+  root = _damaged_root(manager)
+  sync = ocp.multihost.sync_global_processes
+  sync('ibs_checkpoint_quarantine_start')  # Every process has finished reading.
+  for step, why in damaged:
+    source = os.path.join(str(manager.directory), str(step))
+    target = os.path.join(root, str(step))
+    suffix = 1
+    while os.path.exists(target):
+      target = os.path.join(root, f'{step}.{suffix}')
+      suffix += 1
+    logging.warning(
+      'Skipping the damaged checkpoint %s: %s. Moved to %s for inspection.',
+      source,
+      why,
+      target,
+    )
+    if jax.process_index() == 0 and os.path.exists(source):
+      os.makedirs(root, exist_ok=True)
+      os.replace(source, target)
+      with open(os.path.join(root, 'REASONS.txt'), 'a') as f:
+        f.write(f'{os.path.basename(target)}: {why}\n')
+  sync('ibs_checkpoint_quarantine_end')
+  manager.reload()

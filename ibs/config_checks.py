@@ -5,7 +5,13 @@ Every message names the field and says how to fix it (docs/DESIGN.md decision 10
 
 from __future__ import annotations
 
+import math
+import os
+import tempfile
 from typing import Any
+
+import jax
+import jax.numpy as jnp
 
 from ibs import models, optim, schedules, sharding, step
 from ibs.datasets import catalog
@@ -15,10 +21,18 @@ class ConfigError(ValueError):
   """A config that cannot be trained."""
 
 
+def _is_int(value: Any) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool)
+
+
 def check_config(
-  config: Any, num_devices: int, process_count: int = 1
+  config: Any, num_devices: int, process_count: int = 1, workdir: str | None = None
 ) -> schedules.Schedule:
-  """Validates `config` for this many devices and processes; returns its Schedule."""
+  """Validates `config` for this many devices and processes; returns its Schedule.
+
+  Given `workdir`, also checks that it can be created and written (last: a config that
+  fails another check leaves the file system untouched).
+  """
   if config.dataset not in catalog.DATASETS:
     raise ConfigError(
       f'Unknown config.dataset={config.dataset!r}. Choose one of {list(catalog.DATASETS)}.'
@@ -42,15 +56,39 @@ def check_config(
       "parameter) or 'kernels' (no decay on batch-norm parameters and biases)."
     )
   for field in ('eval_every_epochs', 'checkpoint_every_epochs', 'log_every_epochs'):
-    if not config[field] > 0:
-      raise ConfigError(f'config.{field}={config[field]} must be positive (in epochs).')
+    value = config[field]
+    if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
+      raise ConfigError(f'config.{field}={value} must be positive (in epochs).')
+  for field in ('seed', 'data_seed'):
+    if not (_is_int(config[field]) and 0 <= config[field] < 2**32):
+      raise ConfigError(
+        f'config.{field}={config[field]!r} must be an integer in [0, 2**32).'
+      )
+  if not (_is_int(config.eval_batch_size) and config.eval_batch_size > 0):
+    raise ConfigError(
+      f'config.eval_batch_size={config.eval_batch_size!r} must be a positive integer '
+      f'(a multiple of the {num_devices} devices).'
+    )
+  if not (_is_int(config.stop_after_steps) and config.stop_after_steps >= 0):
+    raise ConfigError(
+      f'config.stop_after_steps={config.stop_after_steps!r} must be an integer >= 0 '
+      '(0: train to the end).'
+    )
+  if not (_is_int(config.max_micro_batch_size) and config.max_micro_batch_size > 0):
+    raise ConfigError(
+      f'config.max_micro_batch_size={config.max_micro_batch_size!r} must be a positive '
+      'integer.'
+    )
+  for name, value in config.model_kwargs.items():
+    if _is_int(value) and value < 1:
+      raise ConfigError(f'config.model_kwargs.{name}={value} must be a positive integer.')
   if not (isinstance(config.steps_per_dispatch, int) and config.steps_per_dispatch >= 1):
     raise ConfigError(
       f'config.steps_per_dispatch={config.steps_per_dispatch!r} must be an integer >= 1 '
       '(1: one update per call of the compiled step).'
     )
   _check_step_options(config)
-  if config.ghost_batch_size <= 0:
+  if not (_is_int(config.ghost_batch_size) and config.ghost_batch_size > 0):
     raise ConfigError(
       f'config.ghost_batch_size={config.ghost_batch_size} must be positive.'
     )
@@ -88,6 +126,9 @@ def check_config(
       f'config.eval_batch_size={config.eval_batch_size} is not divisible by the '
       f'{num_devices} devices; use a multiple of {num_devices}.'
     )
+  _check_model(config, spec)
+  if workdir is not None:
+    check_workdir(workdir)
   return schedule
 
 
@@ -150,3 +191,43 @@ def check_optimizer_rules(config: Any) -> None:
         'config.schedule.scale_weight_decay scales λ from config.weight_decay, which is '
         f'{config.weight_decay}; set it > 0 or drop scale_weight_decay.'
       )
+
+
+def _check_model(config: Any, spec: catalog.DatasetSpec) -> None:
+  """Builds the model's parameter shapes abstractly (tracing, no compilation)."""
+  try:
+    model = models.create_model(
+      config.model,
+      num_classes=spec.num_classes,
+      ghost_batch_size=config.ghost_batch_size,
+      half_precision=config.half_precision,
+      **config.model_kwargs,
+    )
+    dummy = jax.ShapeDtypeStruct(
+      (config.ghost_batch_size, *spec.input_shape), jnp.float32
+    )
+    jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), dummy)
+  except Exception as e:  # noqa: BLE001 - any failure here is the config's
+    detail = ' '.join(f'{type(e).__name__}: {e}'.split())[:300]
+    raise ConfigError(
+      f'config.model={config.model!r} cannot be built with config.model_kwargs='
+      f'{config.model_kwargs.to_dict()} ({detail}).'
+    ) from None
+
+
+def check_workdir(workdir: str) -> None:
+  """The workdir is named, and can be created and written."""
+  if not workdir or not str(workdir).strip():
+    raise ConfigError(
+      '--workdir is empty; name a directory for the checkpoints and TensorBoard logs.'
+    )
+  path = os.path.abspath(os.path.expanduser(str(workdir)))
+  try:
+    os.makedirs(path, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=path, prefix='.ibs_write_check_'):
+      pass
+  except OSError as e:
+    raise ConfigError(
+      f'--workdir={workdir} cannot be created or written: {e.strerror or e} '
+      f'({e.filename or path}).'
+    ) from None

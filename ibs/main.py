@@ -59,7 +59,7 @@ def main(argv):
   tf.config.set_visible_devices([], 'GPU')
   tf.config.set_visible_devices([], 'TPU')
 
-  from ibs import train  # noqa: PLC0415
+  from ibs import preemption, train  # noqa: PLC0415
 
   logging.info(
     'JAX process %d / %d, local devices: %s',
@@ -67,7 +67,17 @@ def main(argv):
     jax.process_count(),
     jax.local_devices(),
   )
-  train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  # [issue16] Exit statuses: ibs/preemption.py. A lost peer is one line, not a crash.
+  preemption.start_peer_watchdog()
+  try:
+    summary = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except Exception as e:
+    preemption.await_peer_watchdog(e)  # Exits with one line if a peer was lost.
+    raise
+  finally:
+    preemption.stop_peer_watchdog()
+  if summary['preempted']:
+    preemption.exit_preempted()
 
 
 if __name__ == '__main__':

@@ -8,7 +8,7 @@ that are due (log, evaluate, checkpoint) → summary. Everything is keyed to exa
 
 from __future__ import annotations
 
-import json
+import contextlib
 import os
 import time
 from typing import Any
@@ -17,28 +17,27 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
-from clu import metric_writers, periodic_actions
-from etils import epath
+from clu import metric_writers
 
 from ibs import (
   cadence,
   checkpoint,
   clock,
   config_checks,
+  divergence,
   gns,
   input_pipeline,
+  lock,
   models,
   noise_scale,
   optim,
+  preemption,
+  reporting,
   schedules,
   sharding,
 )
 from ibs import step as step_lib
 from ibs.datasets import catalog
-
-
-class TrainingDiverged(RuntimeError):
-  """An update's loss or gradient was not finite (config.nonfinite='stop')."""
 
 
 def create_model(config: Any, num_classes: int):
@@ -154,20 +153,30 @@ def hyperparameter_scalars(
   return scalars
 
 
-def check_finite(state, schedule, spans, n: int) -> None:
-  """Raises TrainingDiverged if the step halted on a non-finite update."""
+def check_finite(state, schedule, manager) -> None:
+  """Raises divergence.Diverged if the step halted on a non-finite update ('stop').
+
+  The step itself never applies such an update and freezes the state at the first one
+  (ibs/step.py), so checking before every event is enough: no log, evaluation or
+  checkpoint ever sees a non-finite state.
+  """
   halted = int(state.halted_at_step)
   if halted < 0:
     return
+  manager.wait_until_finished()
   where = clock.position(schedule, halted)
-  phase = schedule.phases[where.phase]
-  raise TrainingDiverged(
-    f'Non-finite loss or gradient at step {halted} (phase {where.phase}, '
-    f'{where.examples_seen:,} examples seen, epoch {where.epoch:.3f}) with learning '
-    f'rate {phase.learning_rate:g} and batch size {phase.batch_size}. Training stopped '
-    'there; no checkpoint of a non-finite state was written. Lower '
-    "config.schedule.learning_rate, or set config.nonfinite='skip' to drop such "
-    'updates and go on.'
+  raise divergence.Diverged(
+    divergence.message(
+      first_step=halted,
+      last_step=halted,
+      count=1,
+      phase_index=where.phase,
+      examples_seen=where.examples_seen,
+      epoch=where.epoch,
+      learning_rate=float(state.opt_state.hyperparams['learning_rate']),
+      batch_size=schedule.phases[where.phase].batch_size,
+      last_good=checkpoint.last_good(manager),
+    )
   )
 
 
@@ -182,6 +191,8 @@ def format_summary(summary: dict[str, Any], schedule) -> str:
     f'wall-clock {summary["wall_clock_s"]:.1f} s (compilation {summary["compile_s"]:.1f} s)',
     '',
     noise_scale.format_table(schedule, title='phases'),
+    '',
+    reporting.format_throughput(summary.get('throughput', [])),
     '=' * 78,
   ]
   return '\n'.join(lines)
@@ -190,12 +201,25 @@ def format_summary(summary: dict[str, Any], schedule) -> str:
 def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
   """Trains `config` in `workdir`, resuming from its latest checkpoint; returns a summary.
 
-  The summary holds the final test metrics, parameter updates, examples seen, epoch and
-  wall-clock. When `config.stop_after_steps` > 0 training stops (with a checkpoint) after
-  that many parameter updates, as a preemption would.
+  The summary holds the final test metrics, parameter updates, examples seen, epoch,
+  training time (summed over resumes) and per-phase throughput. When
+  `config.stop_after_steps` > 0 training stops (with a checkpoint) after that many
+  parameter updates, as a preemption would; SIGTERM or SIGINT does the same at the end of
+  the dispatch in flight (summary['preempted']; docs/RELIABILITY.md). One process owns a
+  workdir (ibs/lock.py).
   """
+  schedule = config_checks.check_config(
+    config, jax.device_count(), jax.process_count(), workdir=workdir
+  )
+  workdir_lock = (
+    lock.WorkdirLock(workdir) if jax.process_index() == 0 else contextlib.nullcontext()
+  )
+  with workdir_lock, preemption.PreemptionHandler(jax.process_count()) as preempt:
+    return _train_and_evaluate(config, schedule, workdir, preempt)
+
+
+def _train_and_evaluate(config, schedule, workdir, preempt) -> dict[str, Any]:
   wall_start = time.perf_counter()
-  schedule = config_checks.check_config(config, jax.device_count(), jax.process_count())
   mesh = sharding.make_mesh()
   spec = catalog.dataset_spec(config)
   n = spec.num_train_examples
@@ -220,14 +244,22 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
   test_source = input_pipeline.load_source(config, 'test')
   preprocess = input_pipeline.preprocess_fn(config)
 
+  # Init, or restore the newest intact checkpoint (ibs/checkpoint.py). The running train
+  # metrics are checkpointed too: a resume between two logs logs what an uninterrupted
+  # run logs.
   model = create_model(config, spec.num_classes)
   state = create_train_state(config, model, schedule, spec.input_shape, mesh)
   manager = checkpoint.create_manager(workdir)
   fingerprint = checkpoint.config_fingerprint(config)
-  restored = checkpoint.restore_latest(manager, state, fingerprint)
+  train_metrics = step_lib.empty_metrics(mesh)
+  restored = checkpoint.restore_latest(manager, state, fingerprint, train_metrics)
+  previous_train_s = 0.0  # training time of earlier sessions
   if restored:
-    state, position = restored
+    state, position, metrics = restored
     state = jax.device_put(state, sharding.replicated(mesh))
+    if metrics is not None:
+      train_metrics = jax.device_put(metrics, sharding.replicated(mesh))
+    previous_train_s = position.train_time_s
     logging.info(
       'Resumed at step %d (%d examples seen).', position.step, position.examples_seen
     )
@@ -237,14 +269,10 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
   writer = metric_writers.create_default_writer(
     workdir, just_logging=jax.process_index() > 0
   )
+  if jax.process_index() == 0:  # The workdir says what produced it.
+    reporting.write_config_json(config, workdir)
   if start_step == 0:
-    writer.write_hparams(
-      {
-        k: v
-        for k, v in config.to_dict().items()
-        if isinstance(v, int | float | str | bool)
-      }
-    )
+    writer.write_hparams(reporting.flatten_hparams(config))
   logging.info('\n%s', noise_scale.format_table(schedule, title='schedule'))
 
   logging.info('Compiling the train step for every phase shape ahead of time...')
@@ -258,18 +286,25 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
 
   events = cadence.Cadence.from_config(config, n)
   stop_at = min(total_steps, config.stop_after_steps or total_steps)
-  report_progress = periodic_actions.ReportProgress(
-    num_train_steps=total_steps, writer=writer, every_secs=30.0
+  progress = reporting.Progress(  # progress, ETA and throughput in examples
+    total_examples=spans[-1].end_examples,
+    num_train_examples=n,
+    total_steps=total_steps,
+    start_examples=clock.position(schedule, start_step).examples_seen,
+    start_step=start_step,
+    batch_sizes=tuple(p.batch_size for p in schedule.phases),
+    log=logging.info if jax.process_index() == 0 else lambda *a: None,
   )
-  hooks = [report_progress] if jax.process_index() == 0 else []
-  train_metrics = step_lib.empty_metrics(mesh)
   eval_results: dict[str, float] = {}
+  # Dispatches so far (counted alike on every process: the preemption sync point), the
+  # step of the last checkpoint saved, whether a signal asked to stop.
+  dispatch, saved_step, preempted = 0, None, False
   with metric_writers.ensure_flushes(writer):
     for phase_index, (phase, span, plan) in enumerate(
       zip(schedule.phases, spans, plans, strict=True)
     ):
       end = min(span.first_step + span.num_steps, stop_at)
-      if step >= end:
+      if step >= end or preempted:
         continue
       train_step = compiled[plan.shape]
       logging.info(
@@ -297,7 +332,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
         process_count=jax.process_count(),
         prefetch=2 * train_step.steps_per_dispatch,
       )
-      while step < end:
+      while step < end and not preempted:
         # Up to K updates in one dispatch, ending where an event is due, so that events
         # happen at the same steps whatever K is.
         num_steps = min(
@@ -307,20 +342,19 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
         )
         chunk = [next(local_batches) for _ in range(num_steps)]
         state, train_metrics = train_step(state, chunk, train_metrics)
-        before, examples, step = (
-          examples,
-          examples + num_steps * phase.batch_size,
-          step + num_steps,
-        )
-        for hook in hooks:
-          hook(step)
+        before, examples = examples, examples + num_steps * phase.batch_size
+        step += num_steps
+        dispatch += 1
+        progress.update(step, examples, phase_index)
+        checkpoint.check_save_errors(manager, saved_step)  # A failed background save.
+        preempted = preempt.should_stop(dispatch)
         done = step == total_steps
-        due = {'log', 'eval', 'checkpoint'} if done else events.due(before, examples)
-        if step == stop_at:
+        due = set(cadence.EVENTS) if done else events.due(before, examples)
+        if step == stop_at or preempted:
           due.add('checkpoint')
         if not due:
           continue
-        check_finite(state, schedule, spans, n)
+        check_finite(state, schedule, manager)
         position = {
           'epoch': examples / n,
           'examples_seen': examples,
@@ -329,24 +363,40 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
         if 'log' in due:
           scalars = {f'train_{k}': float(v) for k, v in train_metrics.compute().items()}
           scalars.update(hyperparameter_scalars(state, config, phase, n))
+          scalars.update(progress.period_scalars())  # examples/s and step time
           writer.write_scalars(step, {**scalars, **position})
           train_metrics = step_lib.empty_metrics(mesh)
         if 'eval' in due:
-          with report_progress.timed('eval'):
+          with progress.timed('eval'):
             eval_results = evaluate(
               eval_step, state, test_source, preprocess, config, mesh
             )
           writer.write_scalars(step, {**eval_results, **position})
         if 'checkpoint' in due:
-          checkpoint.save(
-            manager,
-            state,
-            checkpoint.Position(
-              step, examples, phase_index, config.data_seed, fingerprint
-            ),
-          )
-  manager.wait_until_finished()
+          with progress.timed('checkpoint'):
+            record = checkpoint.Position(
+              step,
+              examples,
+              phase_index,
+              config.data_seed,
+              fingerprint,
+              train_time_s=reporting.cumulative_time(previous_train_s, wall_start),
+              skipped_updates=int(state.nonfinite_updates),
+            )
+            checkpoint.save(manager, state, record, metrics=train_metrics)
+          saved_step = step
+  try:
+    manager.wait_until_finished()
+  except Exception as e:  # noqa: BLE001 - a failed background save, in one line
+    raise checkpoint.save_error(manager, saved_step, e) from None
   manager.close()
+  preempted = preempted and step < total_steps  # A signal in the last dispatch: done.
+  if preempted:
+    logging.warning(
+      '%s: stopped at step %d with a checkpoint of it; rerun the same command to resume.',
+      preempt.signal_name,
+      step,
+    )
   if step == total_steps and not eval_results:  # Rerun of a finished workdir.
     eval_results = evaluate(eval_step, state, test_source, preprocess, config, mesh)
 
@@ -357,11 +407,15 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
     'parameter_updates': step,
     'examples_seen': examples_seen,
     'epoch': examples_seen / n,
-    'wall_clock_s': time.perf_counter() - wall_start,
+    'wall_clock_s': reporting.cumulative_time(previous_train_s, wall_start),
+    'session_wall_clock_s': time.perf_counter() - wall_start,
     'compile_s': compile_s,
+    'throughput': progress.throughput(),
     'finished': step == total_steps,
+    'preempted': preempted,
+    'skipped_updates': int(state.nonfinite_updates),
   }
   if summary['finished'] and jax.process_index() == 0:
+    summary = reporting.finish_summary(workdir, summary, step - start_step)
     print(format_summary(summary, schedule), flush=True)
-    (epath.Path(workdir) / 'summary.json').write_text(json.dumps(summary, indent=2))
   return summary

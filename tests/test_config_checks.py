@@ -44,11 +44,37 @@ def _config(**overrides):
     ({'weight_decay_mask': 'kernel'}, 1, "weight_decay_mask='kernel' must be"),
     ({'eval_every_epochs': 0.0}, 1, 'eval_every_epochs=0.0 must be positive'),
     ({'ghost_batch_size': 0}, 1, 'ghost_batch_size=0 must be positive'),
+    # Issue 16: what failed late, after compilation or with a bare exception.
+    ({'eval_batch_size': 0}, 1, 'eval_batch_size=0 must be a positive integer'),
+    ({'eval_batch_size': -1000}, 1, 'eval_batch_size=-1000 must be a positive'),
+    ({'data_seed': -1}, 1, r'data_seed=-1 must be an integer in \[0, 2\*\*32\)'),
+    ({'seed': -3}, 1, 'seed=-3 must be an integer'),
+    ({'log_every_epochs': float('inf')}, 1, 'log_every_epochs=inf must be positive'),
+    ({'checkpoint_every_epochs': -1.0}, 1, 'checkpoint_every_epochs=-1.0 must be'),
+    ({'stop_after_steps': -5}, 1, 'stop_after_steps=-5 must be an integer >= 0'),
+    ({'max_micro_batch_size': 0}, 1, 'max_micro_batch_size=0 must be a positive'),
+    ({'nonfinite': 'ignore'}, 1, "nonfinite='ignore' must be 'stop'"),
+    ({'model_kwargs.width': 0}, 1, 'model_kwargs.width=0 must be a positive integer'),
+    ({'model_kwargs.widht': 16}, 1, r'cannot be built with config.model_kwargs=.*widht'),
   ],
 )
 def test_bad_config_names_the_field(overrides, devices, message):
   with pytest.raises(config_checks.ConfigError, match=message):
     config_checks.check_config(_config(**overrides), num_devices=devices)
+
+
+def test_workdir_must_be_named_and_writable(tmp_path):
+  with pytest.raises(config_checks.ConfigError, match='--workdir is empty'):
+    config_checks.check_config(_config(), num_devices=1, workdir='')
+  (tmp_path / 'file').write_text('')
+  with pytest.raises(
+    config_checks.ConfigError, match='cannot be created or written: Not a directory'
+  ):
+    config_checks.check_config(
+      _config(), num_devices=1, workdir=str(tmp_path / 'file' / 'sub')
+    )
+  config_checks.check_config(_config(), num_devices=1, workdir=str(tmp_path / 'new'))
+  assert not list((tmp_path / 'new').iterdir())  # Created, and the probe removed.
 
 
 def test_devices_must_split_evenly_over_processes():

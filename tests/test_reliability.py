@@ -1,0 +1,421 @@
+"""Faults a shared cluster or a TPU pod throws at a run (docs/RELIABILITY.md).
+
+SIGTERM/SIGINT at random moments, a second signal, a second run on the same workdir,
+divergence (stop and skip), elastic resume on another device count, and, under 2
+processes, a SIGTERM to one process and the loss of a peer. Every interrupted run is
+rerun with the same command and must end where the uninterrupted run ends.
+"""
+
+import glob
+import os
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from configs import default
+from ibs import checkpoint, divergence, lock, preemption, train
+from tests.test_multidevice import (  # noqa: F401 - one_device_run is a fixture
+  REPO,
+  _assert_states_equal,
+  _cpu_env,
+  _final_state,
+  _free_port,
+  _train_script,
+  one_device_run,
+)
+
+TIMEOUT_S = 300
+
+
+def _state_arrays(workdir):
+  """(step, every array of the latest checkpoint's state, flattened by path)."""
+  manager = ocp.CheckpointManager(os.path.join(workdir, 'checkpoints'))
+  step = manager.latest_step()
+  restored = manager.restore(
+    step, args=ocp.args.Composite(state=ocp.args.StandardRestore())
+  )
+  manager.close()
+  leaves = jax.tree_util.tree_leaves_with_path(restored['state'])
+  return step, {jax.tree_util.keystr(p): np.asarray(x) for p, x in leaves}
+
+
+def _assert_identical(workdir_a, workdir_b):
+  step_a, a = _state_arrays(workdir_a)
+  step_b, b = _state_arrays(workdir_b)
+  assert step_a == step_b
+  assert a.keys() == b.keys()
+  for key in a:
+    np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+def _start(script, workdir, log_path, num_devices=1):
+  pythonpath = os.pathsep.join([str(REPO), os.environ.get('PYTHONPATH', '')])
+  log = open(log_path, 'w+')  # noqa: SIM115 - closed by _finish
+  process = subprocess.Popen(
+    [sys.executable, '-m', 'ibs.main', f'--config={script}', f'--workdir={workdir}'],
+    cwd=REPO,
+    env=_cpu_env(num_devices, PYTHONPATH=pythonpath),
+    stdout=log,
+    stderr=subprocess.STDOUT,
+  )
+  process.log = log
+  return process
+
+
+def _wait_for(process, pattern, timeout=TIMEOUT_S):
+  """Waits until the process's log matches `pattern` (or the process ends)."""
+  deadline = time.monotonic() + timeout
+  while time.monotonic() < deadline and process.poll() is None:
+    process.log.seek(0)
+    if re.search(pattern, process.log.read()):
+      return True
+    time.sleep(0.05)
+  return False
+
+
+def _finish(process, timeout=TIMEOUT_S):
+  try:
+    process.wait(timeout=timeout)
+  except subprocess.TimeoutExpired:
+    process.kill()
+    process.wait()
+  process.log.seek(0)
+  output = process.log.read()
+  process.log.close()
+  return process.returncode, output
+
+
+def _tiny_config(data_dir):
+  """conftest's tiny_config, for a module-scoped fixture."""
+  config = default.get_config()
+  config.data_dir = data_dir
+  config.mnist1d.num_train = 2000
+  config.mnist1d.num_test = 500
+  config.model_kwargs.width = 16
+  config.schedule.num_epochs = 4.0
+  config.schedule.milestones = (1.0, 2.0, 3.0)
+  config.schedule.batch_size = 32
+  config.schedule.decay_factor = 2.0
+  config.max_micro_batch_size = 64
+  config.eval_batch_size = 250
+  config.eval_every_epochs = 2.0
+  config.checkpoint_every_epochs = 2.0
+  return config
+
+
+@pytest.fixture(scope='module')
+def reference(data_dir, tmp_path_factory):
+  """The tiny default config (1 checkpoint period inside the run), run uninterrupted."""
+  config = _tiny_config(data_dir)
+  config.steps_per_dispatch = 4
+  config.checkpoint_every_epochs = 1.5
+  workdir = str(tmp_path_factory.mktemp('reference'))
+  summary = train.train_and_evaluate(config, workdir)
+  assert summary['finished'] and not summary['preempted']
+  return config, workdir
+
+
+def _sigterm_trial(config, tmp_path, name, sig=signal.SIGTERM, delay=None, twice=False):
+  """One run signalled at a random moment of training, then a rerun; returns details."""
+  script = _train_script(config, tmp_path)
+  workdir = tmp_path / name
+  process = _start(script, workdir, tmp_path / f'{name}.log')
+  assert _wait_for(process, r'Phase 0:'), 'training never started'
+  time.sleep(random.uniform(0.0, 2.0) if delay is None else delay)
+  process.send_signal(sig)
+  if twice:
+    time.sleep(0.01)
+    process.send_signal(sig)
+  rc, output = _finish(process)
+  saved = re.search(r'stopped at step (\d+) with a checkpoint', output)
+  if rc == preemption.EXIT_PREEMPTED:
+    assert saved, output[-3000:]
+    assert _state_arrays(str(workdir))[0] == int(saved.group(1))  # No work lost.
+  elif twice and rc == 128 + sig:
+    pass  # Exited at once, nothing saved: the rerun resumes from the last checkpoint.
+  else:  # The signal came after training: finished, or killed in the teardown.
+    assert rc in (0, -sig) and 'final test accuracy' in output, output[-3000:]
+  assert 'Traceback' not in output, output[-3000:]
+  rerun = _start(script, workdir, tmp_path / f'{name}_rerun.log')
+  rc_rerun, rerun_output = _finish(rerun)
+  assert rc_rerun == 0, rerun_output[-3000:]
+  return rc, saved and int(saved.group(1)), str(workdir)
+
+
+def test_sigterm_saves_the_step_reached_and_the_rerun_ends_identical(reference, tmp_path):
+  config, expected = reference
+  rc, step, workdir = _sigterm_trial(config, tmp_path, 'sigterm', delay=0.5)
+  assert rc == preemption.EXIT_PREEMPTED
+  _assert_identical(workdir, expected)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+  ('sig', 'twice'),
+  [
+    (signal.SIGTERM, False),
+    (signal.SIGTERM, False),
+    (signal.SIGINT, False),
+    (signal.SIGTERM, True),
+  ],
+  ids=['sigterm_random_1', 'sigterm_random_2', 'sigint_random', 'sigterm_twice'],
+)
+def test_signals_at_random_moments_then_rerun_end_identical(
+  reference, tmp_path, sig, twice
+):
+  config, expected = reference
+  _sigterm_trial(config, tmp_path, 'run', sig=sig, twice=twice)
+  _assert_identical(str(tmp_path / 'run'), expected)
+
+
+@pytest.mark.slow
+def test_flipped_bytes_in_the_newest_checkpoint_resume_from_the_one_before(
+  reference, tmp_path
+):
+  """The issue's silent corruption (it resumed and finished at 10% accuracy): the
+  checksum rejects the newest checkpoint, the run resumes from the one before, and ends
+  identical to the uninterrupted run."""
+  from tests.test_checkpoint import _flip_bytes
+
+  config, expected = reference
+  workdir = tmp_path / 'run'
+  shutil.copytree(expected, workdir)
+  (workdir / 'summary.json').unlink()
+  newest = max(int(p.name) for p in (workdir / 'checkpoints').iterdir())
+  _flip_bytes(str(workdir / 'checkpoints' / str(newest)))
+  summary = train.train_and_evaluate(config, str(workdir))
+  assert summary['finished']
+  assert (workdir / 'damaged_checkpoints' / str(newest)).is_dir()
+  _assert_identical(str(workdir), expected)
+
+
+def test_a_second_run_on_the_workdir_is_refused(tiny_config, tmp_path):
+  with (
+    lock.WorkdirLock(str(tmp_path)),
+    pytest.raises(lock.WorkdirLocked, match=f'pid {os.getpid()} on host'),
+  ):
+    train.train_and_evaluate(tiny_config, str(tmp_path))
+
+
+def test_a_failed_background_save_is_reported_at_once_in_one_line(
+  tiny_config, tmp_path, monkeypatch
+):
+  """The disk fills during the save of step 63 (the first period): the next dispatch
+  stops the run with the cause and the last good checkpoint, not 20 tracebacks later."""
+  config = tiny_config.copy_and_resolve_references()
+  config.checkpoint_every_epochs = 1.0
+  create = checkpoint.create_manager
+
+  def failing_manager(*args, **kwargs):
+    manager = create(*args, **kwargs)
+    check = manager.check_for_errors
+
+    def check_for_errors():
+      check()
+      if 63 in manager.all_steps():
+        raise OSError(28, 'No space left on device')
+
+    manager.check_for_errors = check_for_errors
+    return manager
+
+  monkeypatch.setattr(checkpoint, 'create_manager', failing_manager)
+  with pytest.raises(checkpoint.CheckpointError) as info:
+    train.train_and_evaluate(config, str(tmp_path))
+  message = str(info.value)
+  assert '\n' not in message
+  assert 'checkpoint of step 63 failed: [Errno 28] No space left on device' in message
+  assert 'last good checkpoint is none' in message
+
+
+# ------------------------------------------------------------------------ divergence
+
+
+def _poisoned_batches(monkeypatch, first, last):
+  """Makes the train batches of steps first..last (counted from 0) all NaN."""
+  original = train.input_pipeline.train_batches
+
+  def batches(*args, **kwargs):
+    start = kwargs['start_examples'] // kwargs['batch_size']
+    for index, batch in enumerate(original(*args, **kwargs)):
+      if first <= start + index <= last:
+        batch = dict(batch, input=np.full_like(batch['input'], np.nan))
+      yield batch
+
+  monkeypatch.setattr(train.input_pipeline, 'train_batches', batches)
+
+
+def test_divergence_stops_before_checkpointing_nan_and_keeps_the_good_ones(
+  tiny_config, tmp_path, monkeypatch
+):
+  """NaN batches from step 41 (phase 0, B = 32, steps of 32 examples): the step freezes
+  the state at update 41 and the run stops at the next event, naming that update; the
+  checkpoints on disk are the earlier, finite ones, all still there although more
+  periods than max_to_keep passed."""
+  config = tiny_config.copy_and_resolve_references()
+  config.checkpoint_every_epochs = 0.25  # every ~16 steps: 15, 32, 47 ... (3 kept)
+  config.steps_per_dispatch = 4
+  _poisoned_batches(monkeypatch, 41, 10**9)
+  with pytest.raises(divergence.Diverged) as info:
+    train.train_and_evaluate(config, str(tmp_path))
+  message = str(info.value)
+  assert '\n' not in message
+  for part in ('phase 0', 'ε=0.1', 'B=32', 'examples seen', 'update 41,'):
+    assert part in message, message
+  step, arrays = _state_arrays(str(tmp_path))
+  assert step < 42 and f'step {step} ' in message
+  assert all(np.isfinite(a).all() for a in arrays.values() if a.dtype.kind == 'f')
+
+
+def test_skip_mode_keeps_the_params_and_counts_the_skips(
+  tiny_config, tmp_path, monkeypatch
+):
+  config = tiny_config.copy_and_resolve_references()
+  config.nonfinite = 'skip'
+  _poisoned_batches(monkeypatch, 10, 12)
+  summary = train.train_and_evaluate(config, str(tmp_path))
+  assert summary['finished'] and summary['skipped_updates'] == 3
+  _, arrays = _state_arrays(str(tmp_path))
+  assert all(np.isfinite(a).all() for a in arrays.values() if a.dtype.kind == 'f')
+  manager = checkpoint.create_manager(str(tmp_path))
+  record = manager.restore(
+    manager.latest_step(), args=ocp.args.Composite(position=ocp.args.JsonRestore())
+  )['position']
+  manager.close()
+  assert record['skipped_updates'] == 3
+
+
+# -------------------------------------------------------------- elastic, multi-process
+
+
+def _run_main(script, workdir, num_devices, log_path):
+  rc, output = _finish(_start(script, workdir, log_path, num_devices))
+  assert rc == 0, output[-4000:]
+  return output
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(('before', 'after'), [(8, 4), (4, 8)])
+def test_elastic_resume_on_another_device_count(one_device_run, tmp_path, before, after):  # noqa: F811
+  """Checkpointed inside phase 1 on `before` devices, resumed on `after`: the one-device
+  run's result, within float tolerance (the checkpoint is replicated; the position is in
+  examples; both counts split the batches with A = 1)."""
+  config, expected = one_device_run
+  first = config.copy_and_resolve_references()
+  first.stop_after_steps = 70
+  workdir = tmp_path / 'run'
+  _run_main(_train_script(first, tmp_path), workdir, before, tmp_path / 'first.log')
+  assert _final_state(str(workdir))[0] == 70
+  (tmp_path / 'second').mkdir()
+  output = _run_main(
+    _train_script(config, tmp_path / 'second'), workdir, after, tmp_path / 'second.log'
+  )
+  assert 'Resumed at step 70' in output
+  _assert_states_equal(_final_state(str(workdir)), expected)
+
+
+def _launch(script, workdir, tmp_path, name, num_processes=2, **env):
+  port = _free_port()
+  processes = []
+  for i in range(num_processes):
+    log = open(tmp_path / f'{name}_{i}.log', 'w+')  # noqa: SIM115
+    process = subprocess.Popen(
+      [
+        sys.executable,
+        '-m',
+        'ibs.main',
+        f'--config={script}',
+        f'--workdir={workdir}',
+        f'--coordinator_address=127.0.0.1:{port}',
+        f'--num_processes={num_processes}',
+        f'--process_id={i}',
+      ],
+      cwd=REPO,
+      env=_cpu_env(2, **env),
+      stdout=log,
+      stderr=subprocess.STDOUT,
+    )
+    process.log = log
+    processes.append(process)
+  return processes
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_sigterm_to_one_of_two_processes_saves_the_same_step_on_both(
+  one_device_run,  # noqa: F811
+  tmp_path,
+):
+  """JAX's preemption sync point: both processes save one step and exit 75; the rerun
+  ends where the one-device run ends."""
+  config, expected = one_device_run
+  config = config.copy_and_resolve_references()
+  config.steps_per_dispatch = 2
+  script = _train_script(config, tmp_path)
+  workdir = tmp_path / 'run'
+  processes = _launch(script, workdir, tmp_path, 'first')
+  try:
+    assert _wait_for(processes[1], r'Phase 0:')
+    time.sleep(random.uniform(0.0, 2.0))
+    processes[1].send_signal(signal.SIGTERM)
+  finally:
+    results = [_finish(p) for p in processes]
+  codes = [rc for rc, _ in results]
+  if codes != [0, 0]:  # Not past the end of training when the signal came.
+    assert codes == [preemption.EXIT_PREEMPTED] * 2, results
+    steps = {re.search(r'stopped at step (\d+)', out).group(1) for _, out in results}
+    assert len(steps) == 1, steps
+    assert _final_state(str(workdir))[0] == int(steps.pop())
+  for _, output in results:
+    assert 'Traceback' not in output, output[-4000:]
+  rerun = _launch(script, workdir, tmp_path, 'rerun')
+  results = [_finish(p) for p in rerun]
+  assert [rc for rc, _ in results] == [0, 0], results
+  _assert_states_equal(_final_state(str(workdir)), expected)
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_a_lost_peer_ends_the_survivor_with_one_line(one_device_run, tmp_path):  # noqa: F811
+  """kill -9 of process 1: process 0 exits 76 naming it, with no stack dump."""
+  config, _ = one_device_run
+  config = config.copy_and_resolve_references()
+  config.steps_per_dispatch = 1
+  processes = _launch(
+    _train_script(config, tmp_path),
+    tmp_path / 'run',
+    tmp_path,
+    'k',
+    IBS_PEER_TIMEOUT_S='10',  # Well inside the runtime's 100 s heartbeat timeout.
+  )
+  try:
+    assert _wait_for(processes[0], r'Phase 0:')
+    processes[1].kill()
+  finally:
+    results = [_finish(p) for p in processes]
+  rc, output = results[0]
+  if rc == 0:
+    pytest.skip('training ended before the kill')
+  assert rc == preemption.EXIT_PEER_LOST, output[-4000:]
+  assert 'lost peer process(es) 1' in output
+  assert 'Traceback' not in output and 'Fatal Python error' not in output, output[-4000:]
+
+
+def test_checkpoints_of_the_reference_are_verified(reference):
+  _, workdir = reference
+  steps = sorted(int(os.path.basename(d)) for d in glob.glob(f'{workdir}/checkpoints/*'))
+  assert steps
+  manager = checkpoint.create_manager(workdir)
+  record = manager.restore(
+    steps[-1], args=ocp.args.Composite(position=ocp.args.JsonRestore())
+  )['position']
+  manager.close()
+  assert len(record['checksum']) == 16
