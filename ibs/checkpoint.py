@@ -50,6 +50,13 @@ class Position:
   phase: int
   data_seed: int
   config_fingerprint: str
+  # Wall-clock seconds of training up to this checkpoint, summed over resumes (ibs.reporting).
+  # Defaulted so that checkpoints written before the field existed still restore.
+  train_time_s: float = 0.0
+
+
+class ConfigMismatchError(ValueError):
+  """The workdir's checkpoint was written by a config with other trajectory fields."""
 
 
 def config_fingerprint(config: Any) -> str:
@@ -92,7 +99,7 @@ def restore_latest(
 ) -> tuple[Any, Position] | None:
   """The latest (state, position), or None for a fresh workdir.
 
-  Raises ValueError, without touching the checkpoint, when it was written by a config
+  Raises ConfigMismatchError (a ValueError), without touching the checkpoint, when it was written by a config
   whose trajectory fields differ.
   """
   step = manager.latest_step()
@@ -104,7 +111,7 @@ def restore_latest(
     ]
   )
   if position.config_fingerprint != fingerprint:
-    raise ValueError(
+    raise ConfigMismatchError(
       f'The checkpoint at step {step} in {manager.directory} was written by a different '
       f'config (fingerprint {position.config_fingerprint}, this config {fingerprint}); '
       'a changed dataset, model, optimizer, schedule or seed cannot resume it. Use a new '

@@ -9,7 +9,6 @@ multiple of their period in epochs, whatever the batch size of the phase.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from typing import Any
@@ -18,8 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
-from clu import metric_writers, periodic_actions
-from etils import epath
+from clu import metric_writers
 
 from ibs import (
   checkpoint,
@@ -29,6 +27,7 @@ from ibs import (
   models,
   noise_scale,
   optim,
+  reporting,
   schedules,
 )
 from ibs import step as step_lib
@@ -121,6 +120,8 @@ def format_summary(summary: dict[str, Any], schedule) -> str:
     f'wall-clock {summary["wall_clock_s"]:.1f} s (compilation {summary["compile_s"]:.1f} s)',
     '',
     noise_scale.format_table(schedule, title='phases'),
+    '',
+    reporting.format_throughput(summary.get('throughput', [])),
     '=' * 78,
   ]
   return '\n'.join(lines)
@@ -163,26 +164,24 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
   manager = checkpoint.create_manager(workdir)
   fingerprint = checkpoint.config_fingerprint(config)
   restored = checkpoint.restore_latest(manager, state, fingerprint)
+  previous_train_s = 0.0  # reporting: training time of earlier sessions
   if restored:
     state, position = restored
+    previous_train_s = position.train_time_s
     state = jax.device_put(state, step_lib.replicated(mesh))
     logging.info(
       'Resumed at step %d (%d examples seen).', position.step, position.examples_seen
     )
   start_step = int(state.step)
   total_steps = clock.num_steps(schedule)
+  if jax.process_index() == 0:  # reporting: the workdir says what produced it
+    reporting.write_config_json(config, workdir)
 
   writer = metric_writers.create_default_writer(
     workdir, just_logging=jax.process_index() > 0
   )
   if start_step == 0:
-    writer.write_hparams(
-      {
-        k: v
-        for k, v in config.to_dict().items()
-        if isinstance(v, int | float | str | bool)
-      }
-    )
+    writer.write_hparams(reporting.flatten_hparams(config))
   logging.info('\n%s', noise_scale.format_table(schedule, title='schedule'))
 
   logging.info('Compiling the train step for every phase shape ahead of time...')
@@ -228,10 +227,15 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
   eval_every = max(1, round(config.eval_every_epochs * n))
   checkpoint_every = max(1, round(config.checkpoint_every_epochs * n))
   stop_at = min(total_steps, config.stop_after_steps or total_steps)
-  report_progress = periodic_actions.ReportProgress(
-    num_train_steps=total_steps, writer=writer, every_secs=30.0
+  progress = reporting.Progress(  # reporting: progress and throughput in examples
+    total_examples=spans[-1].end_examples,
+    num_train_examples=n,
+    total_steps=total_steps,
+    start_examples=clock.position(schedule, start_step).examples_seen,
+    start_step=start_step,
+    batch_sizes=tuple(p.batch_size for p in schedule.phases),
+    log=logging.info if jax.process_index() == 0 else lambda *a: None,
   )
-  hooks = [report_progress] if jax.process_index() == 0 else []
 
   train_metrics = step_lib.empty_train_metrics(mesh)
   eval_results: dict[str, float] = {}
@@ -291,8 +295,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
         before = examples
         examples += num_steps * phase.batch_size
         step += num_steps
-        for hook in hooks:
-          hook(step)
+        progress.update(step, examples, phase_index)  # reporting
         done = step == total_steps
         position = {
           'epoch': examples / n,
@@ -302,22 +305,29 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
         if done or _crossed(before, examples, log_every):
           scalars = {f'train_{k}': float(v) for k, v in train_metrics.compute().items()}
           scalars.update(_phase_scalars(schedule, phase_index, float(lr_fn(step - 1))))
+          scalars.update(progress.period_scalars())  # reporting: examples/s, step time
           writer.write_scalars(step, {**scalars, **position})
           train_metrics = step_lib.empty_train_metrics(mesh)
         if done or _crossed(before, examples, eval_every):
-          with report_progress.timed('eval'):
+          with progress.timed('eval'):
             eval_results = evaluate(
               eval_step, state, test_source, preprocess, config, mesh
             )
           writer.write_scalars(step, {**eval_results, **position})
         if done or step == stop_at or _crossed(before, examples, checkpoint_every):
-          checkpoint.save(
-            manager,
-            state,
-            checkpoint.Position(
-              step, examples, phase_index, config.data_seed, fingerprint
-            ),
-          )
+          with progress.timed('checkpoint'):
+            checkpoint.save(
+              manager,
+              state,
+              checkpoint.Position(
+                step,
+                examples,
+                phase_index,
+                config.data_seed,
+                fingerprint,
+                reporting.cumulative_time(previous_train_s, wall_start),
+              ),
+            )
   manager.wait_until_finished()
   manager.close()
   if step == total_steps and not eval_results:  # Rerun of a finished workdir.
@@ -330,11 +340,14 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
     'parameter_updates': step,
     'examples_seen': examples_seen,
     'epoch': examples_seen / n,
-    'wall_clock_s': time.perf_counter() - wall_start,
+    # reporting: training time summed over resumes, this session's, per-phase throughput
+    'wall_clock_s': reporting.cumulative_time(previous_train_s, wall_start),
+    'session_wall_clock_s': time.perf_counter() - wall_start,
     'compile_s': compile_s,
+    'throughput': progress.throughput(),
     'finished': step == total_steps,
   }
   if summary['finished'] and jax.process_index() == 0:
+    summary = reporting.finish_summary(workdir, summary, step - start_step)
     print(format_summary(summary, schedule), flush=True)
-    (epath.Path(workdir) / 'summary.json').write_text(json.dumps(summary, indent=2))
   return summary
