@@ -32,6 +32,8 @@ from typing import Any
 from absl import logging
 from etils import epath
 
+# Scalars of a log period that measure time, not training (tests leave them out).
+TIME_SCALARS = ('examples_per_sec', 'step_time_ms')
 # Timing fields of summary.json that a rerun of a finished workdir must not replace.
 TIMING_FIELDS = (
   'wall_clock_s',
@@ -198,7 +200,8 @@ class Progress:
     self._excluded = 0.0  # timed() seconds since the last update
     self._timed_totals: dict[str, float] = collections.defaultdict(float)
     self._window = collections.deque([(now, start_examples)])
-    self._period = [0, 0, 0.0]  # examples, steps, seconds since period_scalars()
+    self._period = [0, 0]  # examples, steps since period_scalars()
+    self._period_start, self._period_excluded = now, 0.0
     self._phases: dict[int, list] = {}  # phase → [examples, steps, seconds]
     self._step, self._examples = start_step, start_examples
 
@@ -210,6 +213,7 @@ class Progress:
     finally:
       elapsed = self._clock() - start
       self._excluded += elapsed
+      self._period_excluded += elapsed
       self._timed_totals[name] += elapsed
 
   def update(self, step: int, examples: int, phase: int) -> None:
@@ -218,10 +222,12 @@ class Progress:
     self._last_update, self._excluded = now, 0.0
     d_examples, d_steps = examples - self._examples, step - self._step
     self._step, self._examples = step, examples
-    for acc in (self._period, self._phases.setdefault(phase, [0, 0, 0.0])):
-      acc[0] += d_examples
-      acc[1] += d_steps
-      acc[2] += seconds
+    self._period[0] += d_examples
+    self._period[1] += d_steps
+    totals = self._phases.setdefault(phase, [0, 0, 0.0])
+    totals[0] += d_examples
+    totals[1] += d_steps
+    totals[2] += seconds
     self._window.append((now, examples))
     while len(self._window) > 2 and now - self._window[1][0] >= self.window_secs:
       self._window.popleft()
@@ -246,12 +252,20 @@ class Progress:
     )
 
   def period_scalars(self) -> dict[str, float]:
-    """examples_per_sec and step_time_ms of training since the previous call."""
-    examples, steps, seconds = self._period
-    self._period = [0, 0, 0.0]
+    """examples_per_sec and step_time_ms of training since the previous call.
+
+    Call it after the step's results were fetched (the metrics of the period), so that
+    the time of dispatched but unfinished steps is not left out.
+    """
+    now = self._clock()
+    (examples, steps), self._period = self._period, [0, 0]
+    seconds = now - self._period_start - self._period_excluded
+    self._period_start, self._period_excluded = now, 0.0
     if not steps or seconds <= 0:
       return {}
-    return {'examples_per_sec': examples / seconds, 'step_time_ms': 1e3 * seconds / steps}
+    return dict(
+      zip(TIME_SCALARS, (examples / seconds, 1e3 * seconds / steps), strict=True)
+    )
 
   def throughput(self) -> list[dict[str, Any]]:
     """Per phase trained in this session: examples, steps, seconds, examples/s, step time."""
