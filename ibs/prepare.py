@@ -88,14 +88,22 @@ def prepare(name: str, data_dir: str | None = None, manual_dir: str | None = Non
   if builder.is_prepared():
     logging.info('%s is already prepared in %s.', name, builder.data_dir)
   else:
-    builder.download_and_prepare(
-      file_format='array_record',
-      download_config=tfds.download.DownloadConfig(
-        manual_dir=manual_dir,
-        # The archive in manual_dir, or the dataset's own URL: never a GCS copy.
-        try_download_gcs=False,
-      ),
-    )
+    from tensorflow_datasets.core.download import download_manager
+
+    try:
+      builder.download_and_prepare(
+        file_format='array_record',
+        download_config=tfds.download.DownloadConfig(
+          manual_dir=manual_dir,
+          # The archive in manual_dir, or the dataset's own URL: never a GCS copy.
+          try_download_gcs=False,
+        ),
+      )
+    except download_manager.NonMatchingChecksumError as e:
+      raise PrepareError(
+        f'An archive for {name} is not the file TFDS knows (checksum differs): '
+        f'{str(e).splitlines()[0]} Download it again.'
+      ) from e
   if 'array_record' not in {f.value for f in builder.info.available_file_formats()}:
     raise PrepareError(
       f'{name} in {builder.data_dir} was prepared earlier in another file format '

@@ -345,7 +345,8 @@ class _QuietFilter(std_logging.Filter):
   def filter(self, record: std_logging.LogRecord) -> bool:
     path = record.pathname or ''
     if record.levelno >= std_logging.WARNING:
-      return not any(s in str(record.msg) for s in _UNACTIONABLE_WARNINGS)
+      message = record.getMessage()
+      return not any(s in message for s in _UNACTIONABLE_WARNINGS)
     if path.startswith(self.own_dirs):
       return True
     # clu's LoggingWriter: the scalars of every log period and evaluation.
