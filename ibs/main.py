@@ -92,16 +92,20 @@ def resolve_config_path(argv: list[str]) -> list[str]:
   working directory."""
   out = list(argv)
   for i, arg in enumerate(out):
-    if arg.startswith('--config='):
-      path, sep, rest = arg[len('--config=') :].partition(':')
-      candidate = os.path.join(_CHECKOUT, path)
-      if (
-        path
-        and not os.path.isabs(path)
-        and not os.path.exists(path)
-        and os.path.exists(candidate)
-      ):
-        out[i] = f'--config={candidate}{sep}{rest}'
+    prefix = '--config=' if arg.startswith('--config=') else None
+    if arg == '--config' and i + 1 < len(out):
+      i, prefix, arg = i + 1, '', out[i + 1]
+    if prefix is None:
+      continue
+    path, sep, rest = arg[len(prefix) :].partition(':')
+    candidate = os.path.join(_CHECKOUT, path)
+    if (
+      path
+      and not os.path.isabs(path)
+      and not os.path.exists(path)
+      and os.path.exists(candidate)
+    ):
+      out[i] = f'{prefix}{candidate}{sep}{rest}'
   return out
 
 
@@ -116,6 +120,12 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     prepared.DatasetNotPreparedError,
     checkpoint.ConfigMismatchError,
   )
+
+
+def _is_user_error(e: BaseException) -> bool:
+  if isinstance(e, UserError):  # no import: it may come before JAX is loaded
+    return True
+  return isinstance(e, _user_errors())
 
 
 def run(config, workdir: str) -> None:
@@ -169,7 +179,7 @@ def main(argv):
     config = load_config()  # before TF/JAX: a misspelled path fails in a second
     run(config, _WORKDIR.value)
   except Exception as e:
-    if verbosity >= 1 or not (isinstance(e, UserError) or isinstance(e, _user_errors())):  # noqa: SIM101
+    if verbosity >= 1 or not _is_user_error(e):
       raise
     message = str(e).strip()
     print(f'error: {message}', file=sys.stderr, flush=True)
