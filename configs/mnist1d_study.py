@@ -20,7 +20,7 @@ Arguments (`--config=configs/mnist1d_study.py:schedule=hybrid,optimizer=nesterov
              config.schedule.scale_weight_decay; needs adamw).
 
   python -m ibs.main --config=configs/mnist1d_study.py:schedule=hybrid --workdir=/tmp/h
-  python experiments/reproduce.py --experiment=mnist1d_5_1     # the whole grid
+  python -m experiments.reproduce --experiment=mnist1d_5_1     # the whole grid
 """
 
 import ml_collections

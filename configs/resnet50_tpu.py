@@ -6,12 +6,11 @@ and biases), 90 epochs with step decays ×0.1 at epochs 30, 60 and 80. Increasin
 instead: the batch doubles to the cap 16384 at epoch 30 and the learning rate falls ×5
 there (the hybrid cap rule), so ε/B still falls ×10 at every milestone.
 
-Prepare ImageNet once (manual download, array_record format):
-  tfds build imagenet2012 --data_dir=gs://BUCKET/tfds --manual_dir=DIR \
-      --file_format=array_record
+Prepare ImageNet once (the two tars from image-net.org in DIR; writes array_record):
+  python -m ibs.prepare imagenet2012 --data_dir=gs://BUCKET/tfds --manual_dir=DIR
 
-On every host of the TPU VM (the same command everywhere), from a checkout: configs/
-is not part of the installed package. From the folder that holds your checkout ibs/:
+On every host of the TPU VM (the same command everywhere), from a copy of the checkout
+(configs/ comes with it). From the folder that holds your checkout ibs/:
   gcloud compute tpus tpu-vm scp --recurse ibs $TPU:~ --zone=$ZONE --worker=all
   gcloud compute tpus tpu-vm ssh $TPU --zone=$ZONE --worker=all --command="\
     cd ~/ibs && pip install -e . 'jax[tpu]' && \

@@ -19,8 +19,8 @@ Workloads:
             resize to 224 (no ImageNet-sized step runs on a CPU);
   fake224   pipeline only: the `fake` source at 224×224×3 (smoke runs).
 
-  python experiments/bench_input.py                  # all: ~20 min on 2 busy CPU cores
-  python experiments/bench_input.py --workloads=cifar --seconds=5 --repetitions=5
+  python -m experiments.bench_input                  # all: ~20 min on 2 busy CPU cores
+  python -m experiments.bench_input --workloads=cifar --seconds=5 --repetitions=5
 """
 
 from __future__ import annotations
@@ -29,20 +29,17 @@ import argparse
 import io
 import os
 import statistics
-import sys
 import time
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-# `configs` is not an installed package: import it from the repository root.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
+import jax
+import numpy as np
 
-from configs import cifar10_wrn, default  # noqa: E402
-from ibs import config_checks, input_pipeline, train  # noqa: E402
-from ibs import step as step_lib  # noqa: E402
-from ibs.datasets import augment, catalog  # noqa: E402
+from configs import cifar10_wrn, default
+from ibs import config_checks, input_pipeline, train
+from ibs import step as step_lib
+from ibs.datasets import augment, catalog
 
 WORKLOADS = ('mnist1d', 'cifar', 'imagenet', 'fake224')
 ARGS = argparse.Namespace(seconds=3.0, repetitions=3)

@@ -11,8 +11,8 @@ Each repetition times steps after a warm-up step until `--min_seconds` have pass
 the table gives the median examples/s over `--repetitions`, so load from other
 processes shows as spread (min–max), not as bias.
 
-  python experiments/bench_models.py
-  python experiments/bench_models.py --models=cnn1d,mlp --min_seconds=3 --repetitions=5
+  python -m experiments.bench_models
+  python -m experiments.bench_models --models=cnn1d,mlp --min_seconds=3 --repetitions=5
 """
 
 from __future__ import annotations
@@ -20,18 +20,16 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import time
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
 
-from ibs import models  # noqa: E402
+from ibs import models
 
 # label: (registry name, model kwargs, input shape without batch, batch, ghost batch)
 CASES = {

@@ -22,8 +22,8 @@ median of the per-repetition ratios, "CPU time" the ratio of this process's CPU 
 device; `--with_transfer` also times the host → device copy of each batch
 (`step.global_train_batch(es)` against `jax.device_put`).
 
-  python experiments/bench_step.py                      # default cnn1d, B = 32 … 4000
-  python experiments/bench_step.py --batch_sizes=32,160 --repetitions=5
+  python -m experiments.bench_step                      # default cnn1d, B = 32 … 4000
+  python -m experiments.bench_step --batch_sizes=32,160 --repetitions=5
 """
 
 from __future__ import annotations
@@ -32,21 +32,19 @@ import argparse
 import os
 import random
 import statistics
-import sys
 import time
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import ml_collections  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
 
-from configs import default  # noqa: E402
-from ibs import models, optim, schedules  # noqa: E402
-from ibs import step as step_lib  # noqa: E402
+from configs import default
+from ibs import models, optim, schedules
+from ibs import step as step_lib
 
 # Models: 'cnn1d' is configs/default.py's; 'wrn' the CPU smoke model of
 # configs/cifar10_wrn.py:data=fake (WRN-10-1, ghost batch 16), a network of real

@@ -8,8 +8,8 @@ what a step without accumulation needs). Nothing is run: the numbers are XLA's
 `compiled.memory_analysis()` of ahead-of-time compiled steps (for a HostLoopStep, the
 XLA:CPU form for models with convolutions, those of its micro-batch step).
 
-  python experiments/memory_accumulation.py                       # cnn1d, b = 800
-  python experiments/memory_accumulation.py --model=wide_resnet --micro_batch_size=128 \
+  python -m experiments.memory_accumulation                       # cnn1d, b = 800
+  python -m experiments.memory_accumulation --model=wide_resnet --micro_batch_size=128 \
       --accumulations=1,5,25
 """
 
@@ -17,18 +17,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
 
-from ibs import models, optim, schedules  # noqa: E402
-from ibs import step as step_lib  # noqa: E402
+from ibs import models, optim, schedules
+from ibs import step as step_lib
 
 # (input shape of one example, ghost batch size, model kwargs) per model.
 MODELS = {

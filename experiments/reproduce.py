@@ -5,23 +5,22 @@ holds summary.json is finished and skipped, and an interrupted one resumes from 
 checkpoint, so rerunning the command completes a grid. Runs share a persistent
 compilation cache under ROOT.
 
-  python experiments/reproduce.py --experiment=mnist1d_5_1 --root=workdirs
-  python experiments/reproduce.py --experiment=cifar10_5_1 --print_commands \
+  python -m experiments.reproduce --experiment=mnist1d_5_1 --root=workdirs
+  python -m experiments.reproduce --experiment=cifar10_5_1 --print_commands \
       --root=gs://BUCKET/ibs          # the per-run commands for a TPU VM instead
-  python experiments/results.py --experiment=mnist1d_5_1 --root=workdirs  # tables
-  python experiments/plots.py --experiment=mnist1d_5_1 --root=workdirs    # figures
+  python -m experiments.results --experiment=mnist1d_5_1 --root=workdirs  # tables
+  python -m experiments.plots --experiment=mnist1d_5_1 --root=workdirs    # figures
+  python -m ibs.compare workdirs/mnist1d_study/*/seed_0  # any workdirs, side by side
 """
 
 import importlib.util
 import itertools
 import os
-import sys
 import time
 
 from absl import app, flags, logging
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
 
 
 def _grid(config: str, **axes: tuple[str, ...]) -> list[tuple[str, str]]:
@@ -95,14 +94,20 @@ EXPERIMENTS = {
   ],
 }
 
-# Shared with results.py and plots.py, which import this module for its grids.
-flags.DEFINE_enum('experiment', None, sorted(EXPERIMENTS), 'Which grid.')
-flags.DEFINE_string('root', 'workdirs', "Parent of every run's workdir.")
-flags.DEFINE_list(
-  'seeds',
-  ['0', '1', '2'],
-  "Seeds, each a run's initialisation and data order (results and plots: where found).",
-)
+
+def define_flags() -> None:
+  """--experiment, --root and --seeds; shared with results.py and plots.py.
+
+  Defined only when one of them runs as a script, so that importing the package
+  (notebooks, tests, ibs.compare users) defines no absl flags.
+  """
+  flags.DEFINE_enum('experiment', None, sorted(EXPERIMENTS), 'Which grid.')
+  flags.DEFINE_string('root', 'workdirs', "Parent of every run's workdir.")
+  flags.DEFINE_list(
+    'seeds',
+    ['0', '1', '2'],
+    "Seeds, each a run's initialisation and data order (results and plots: where found).",
+  )
 
 
 def group_and_label(arg: str) -> tuple[str, str]:
@@ -175,6 +180,7 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  define_flags()
   flags.DEFINE_bool('print_commands', False, 'Print per-run commands; run nothing.')
   flags.mark_flags_as_required(['experiment'])
   logging.set_verbosity(logging.WARNING)

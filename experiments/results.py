@@ -5,19 +5,17 @@ updates and wall-clock; then the paper's claim, per optimizer: does each other s
 reach decaying LR's test accuracy within noise — a difference within 2 standard errors
 or at most 0.5 points — and with how many times fewer parameter updates?
 
-  python experiments/results.py --experiment=mnist1d_5_1 --root=workdirs
+  python -m experiments.results --experiment=mnist1d_5_1 --root=workdirs
 """
 
 import json
 import math
 import os
 import statistics
-import sys
 
 from absl import app, flags
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import reproduce  # noqa: E402
+from experiments import reproduce
 
 # --experiment, --root and --seeds are reproduce.py's.
 
@@ -106,5 +104,6 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  reproduce.define_flags()
   flags.mark_flags_as_required(['experiment'])
   app.run(main)

@@ -63,6 +63,9 @@ class Position:
   # Whether the running train metrics (since the last log) were saved beside the state,
   # so that a resume between two logs logs what an uninterrupted run logs.
   with_metrics: bool = False
+  # Wall-clock seconds of training up to this checkpoint, summed over resumes
+  # (ibs/reporting.py).
+  train_time_s: float = 0.0
 
   @classmethod
   def from_record(cls, record: dict[str, Any]) -> Position:
@@ -81,6 +84,10 @@ class CheckpointError(RuntimeError):
 
   The message is one line, meant to be printed as it is.
   """
+
+
+class ConfigMismatchError(ValueError):
+  """The workdir's checkpoint was written by a config with other trajectory fields."""
 
 
 def config_fingerprint(config: Any) -> str:
@@ -256,8 +263,8 @@ def restore_latest(
   Checkpoints are tried newest first. One that cannot be read, is incomplete, or whose
   state does not match its recorded checksum is skipped with a warning naming it and
   why, and moved to `damaged_checkpoints/` beside `checkpoints/` (never deleted).
-  Raises CheckpointError when checkpoints exist but none is intact, and ValueError,
-  touching nothing, when the newest readable one was written by a config whose
+  Raises CheckpointError when checkpoints exist but none is intact, and
+  ConfigMismatchError (a ValueError), touching nothing, when the newest readable one was written by a config whose
   trajectory fields differ.
   """
   damaged: list[tuple[int, str]] = []
@@ -272,7 +279,7 @@ def restore_latest(
       damaged.append((step, f'position record unreadable: {_cause(e)}'))
       continue
     if position.config_fingerprint != fingerprint:
-      raise ValueError(
+      raise ConfigMismatchError(
         f'The checkpoint at step {step} in {manager.directory} was written by a '
         f'different config (fingerprint {position.config_fingerprint}, this config '
         f'{fingerprint}); a changed dataset, model, optimizer, schedule or seed cannot '

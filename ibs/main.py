@@ -4,9 +4,15 @@ Every host of a TPU pod runs the same command. Config overrides by flag
 (`--config.schedule.batch_size=256`), variants by argument
 (`--config=configs/cifar10_wrn.py:schedule=hybrid`). Everything testable lives in
 ibs.train so notebooks and tests use the same code.
+
+A mistake the user can fix (a config file that is not there, a ConfigError, a dataset
+that is not prepared, a checkpoint of another config) ends the run with one line saying
+what is wrong and how to fix it, exit status 2, and no traceback unless --verbosity=1.
 """
 
+import difflib
 import os
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -29,18 +35,105 @@ _NUM_PROCESSES = flags.DEFINE_integer(
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'With --coordinator_address.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
+EXIT_USER_ERROR = 2
+# The directory holding ibs/ and configs/ (a checkout, or an editable install of one).
+_CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class UserError(Exception):
+  """A mistake the person running ibs can fix; the message says how."""
+
 
 def _is_multihost_tpu() -> bool:
   """A TPU VM that is one worker of several (the runtime lists every worker's host)."""
   return len([h for h in os.environ.get('TPU_WORKER_HOSTNAMES', '').split(',') if h]) > 1
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+def load_config():
+  """The --config value, or UserError naming the file; imports neither TF nor JAX."""
+  try:
+    config = _CONFIG.value
+    config.keys()  # a file that failed to load raises here, on first use
+    return config
+  except Exception as e:  # ml_collections wraps every load failure in an OSError.
+    path = _config_argument().split(':', 1)[0]
+    if path and not os.path.exists(path):
+      folder = os.path.dirname(path) or '.'
+      names = os.listdir(folder) if os.path.isdir(folder) else []
+      close = difflib.get_close_matches(os.path.basename(path), names, n=1)
+      hint = (
+        f'Did you mean {os.path.join(os.path.dirname(path), close[0])}?'
+        if close
+        else f'The configs are in {os.path.join(_CHECKOUT, "configs")}.'
+      )
+      raise UserError(f'--config={path}: no such file. {hint}') from e
+    cause = e.__cause__ or e
+    raise UserError(
+      f'--config={path} could not be loaded: {type(cause).__name__}: '
+      f'{str(cause).splitlines()[-1] if str(cause) else ""}'
+    ) from e
+
+
+def _config_argument() -> str:
+  """The raw --config argument (the flag keeps it only once the file has loaded)."""
+  args = sys.argv[1:]
+  for i, arg in enumerate(args):
+    for prefix in ('--config=', '-config='):
+      if arg.startswith(prefix):
+        return arg[len(prefix) :]
+    if arg in ('--config', '-config') and i + 1 < len(args):
+      return args[i + 1]
+  return ''
+
+
+def resolve_config_path(argv: list[str]) -> list[str]:
+  """argv with a relative --config path that is not under the working directory but is
+  under the checkout (`configs/cifar10_wrn.py`) made absolute: configs load from any
+  working directory."""
+  out = list(argv)
+  for i, arg in enumerate(out):
+    prefix = '--config=' if arg.startswith('--config=') else None
+    if arg == '--config' and i + 1 < len(out):
+      i, prefix, arg = i + 1, '', out[i + 1]
+    if prefix is None:
+      continue
+    path, sep, rest = arg[len(prefix) :].partition(':')
+    candidate = os.path.join(_CHECKOUT, path)
+    if (
+      path
+      and not os.path.isabs(path)
+      and not os.path.exists(path)
+      and os.path.exists(candidate)
+    ):
+      out[i] = f'{prefix}{candidate}{sep}{rest}'
+  return out
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+  """Exception types that are the user's to fix (imported lazily: they pull in JAX)."""
+  from ibs import checkpoint, config_checks, divergence, lock  # noqa: PLC0415
+  from ibs.datasets import prepared  # noqa: PLC0415
+
+  return (
+    UserError,
+    config_checks.ConfigError,
+    prepared.DatasetNotPreparedError,
+    checkpoint.ConfigMismatchError,
+    checkpoint.CheckpointError,
+    lock.WorkdirLocked,
+    divergence.Diverged,
+  )
+
+
+def _is_user_error(e: BaseException) -> bool:
+  if isinstance(e, UserError):  # no import: it may come before JAX is loaded
+    return True
+  return isinstance(e, _user_errors())
+
+
+def run(config, workdir: str) -> None:
   # Imported only now: XLA's C++ logging, like TensorFlow's (which ibs.train imports),
-  # reads TF_CPP_MIN_LOG_LEVEL once.
+  # reads TF_CPP_MIN_LOG_LEVEL once (set by reporting.quiet_logging).
   import jax  # noqa: PLC0415
 
   # Before any JAX computation, so that every process sees the global device set.
@@ -59,7 +152,7 @@ def main(argv):
   tf.config.set_visible_devices([], 'GPU')
   tf.config.set_visible_devices([], 'TPU')
 
-  from ibs import preemption, train  # noqa: PLC0415
+  from ibs import checkpoint, preemption, reporting, train  # noqa: PLC0415
 
   logging.info(
     'JAX process %d / %d, local devices: %s',
@@ -67,10 +160,17 @@ def main(argv):
     jax.process_count(),
     jax.local_devices(),
   )
-  # [issue16] Exit statuses: ibs/preemption.py. A lost peer is one line, not a crash.
+  # Exit statuses: ibs/preemption.py. A lost peer is one line, not a crash.
   preemption.start_peer_watchdog()
   try:
-    summary = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    summary = train.train_and_evaluate(config, workdir)
+  except checkpoint.ConfigMismatchError as e:
+    changed = reporting.describe_config_change(
+      workdir, config, checkpoint.TRAJECTORY_FIELDS
+    )
+    if changed:
+      raise checkpoint.ConfigMismatchError(f'{e} Changed: {changed}.') from e
+    raise
   except Exception as e:
     preemption.await_peer_watchdog(e)  # Exits with one line if a peer was lost.
     raise
@@ -80,5 +180,24 @@ def main(argv):
     preemption.exit_preempted()
 
 
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  verbosity = flags.FLAGS.verbosity
+  from ibs import reporting  # noqa: PLC0415  (absl and etils only)
+
+  reporting.quiet_logging(verbosity)
+  try:
+    config = load_config()  # before TF/JAX: a misspelled path fails in a second
+    run(config, _WORKDIR.value)
+  except Exception as e:
+    if verbosity >= 1 or not _is_user_error(e):
+      raise
+    message = str(e).strip()
+    print(f'error: {message}', file=sys.stderr, flush=True)
+    print('(run with --verbosity=1 for the traceback)', file=sys.stderr, flush=True)
+    sys.exit(EXIT_USER_ERROR)
+
+
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, argv=resolve_config_path(sys.argv))

@@ -317,7 +317,9 @@ def test_unprepared_catalog_dataset_fails_fast_without_download(name, tmp_path):
   config.dataset = name
   config.data_dir = str(tmp_path)
   start = time.perf_counter()
-  with pytest.raises(input_pipeline.DatasetNotPreparedError, match=f'tfds build {name}'):
+  with pytest.raises(
+    input_pipeline.DatasetNotPreparedError, match=f'python -m ibs.prepare {name}'
+  ):
     input_pipeline.load_source(config, 'train')
   assert time.perf_counter() - start < 10
   assert list(tmp_path.iterdir()) == []  # nothing written either

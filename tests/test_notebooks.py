@@ -16,13 +16,10 @@ import nbformat
 import numpy as np
 import pytest
 
+from experiments import plots, reproduce, results
 from ibs import train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / 'experiments'))
-import plots  # noqa: E402
-import reproduce  # noqa: E402
-import results  # noqa: E402
 
 NOTEBOOKS = ('schedule_explorer', 'results', 'colab_tpu_quickstart')
 TINY = 'tiny_study'
@@ -183,7 +180,8 @@ def test_plots_runs_as_a_script(tmp_path):
   done = subprocess.run(
     [
       sys.executable,
-      str(REPO / 'experiments' / 'plots.py'),
+      '-m',
+      'experiments.plots',
       '--experiment=mnist1d_5_2',
       f'--root={tmp_path / "empty"}',
       f'--out={tmp_path / "figures"}',
@@ -191,6 +189,7 @@ def test_plots_runs_as_a_script(tmp_path):
     capture_output=True,
     text=True,
     check=True,
+    cwd=REPO,
   )
   assert 'mnist1d_5_2 momentum: no event files' in done.stdout
 

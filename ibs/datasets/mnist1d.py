@@ -10,7 +10,9 @@ The generator's `num_samples` counts train + test together; the published split 
 train / 1000 test (length-40 sequences, 10 classes). The builder config fixes both sizes.
 """
 
+import contextlib
 import dataclasses
+import io
 import random
 
 import numpy as np
@@ -73,10 +75,13 @@ def load_split(
       builder.data_dir,
     )
     try:
-      builder.download_and_prepare(
-        file_format='array_record',
-        download_config=tfds.download.DownloadConfig(try_download_gcs=False),
-      )
+      # TFDS prints "Downloading and preparing dataset Unknown size..." for a dataset
+      # generated offline; the log line above says what happens.
+      with contextlib.redirect_stdout(io.StringIO()):
+        builder.download_and_prepare(
+          file_format='array_record',
+          download_config=tfds.download.DownloadConfig(try_download_gcs=False),
+        )
     except OSError:
       # Several processes (a multi-host run on one file system) may generate at once;
       # the first to finish wins and the others read its files.

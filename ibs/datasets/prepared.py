@@ -22,15 +22,15 @@ from ibs.datasets.sources import ArraySource, EncodedImageSource, in_memory
 
 _HOW_TO_PREPARE = {
   'cifar10': (
-    'On a machine with internet access run\n'
-    '  tfds build cifar10 --data_dir={where} --file_format=array_record\n'
-    'and copy the directory here (or point --config.data_dir / TFDS_DATA_DIR at it).'
+    'Prepare it with\n'
+    '  python -m ibs.prepare cifar10 --data_dir={where}\n'
+    '(it downloads cifar-10-binary.tar.gz; offline, add --manual_dir=DIR holding that '
+    'archive), or point --config.data_dir / TFDS_DATA_DIR at a prepared directory.'
   ),
   'imagenet2012': (
     'ImageNet needs a manual download: put ILSVRC2012_img_train.tar and '
-    'ILSVRC2012_img_val.tar from image-net.org into <manual_dir> and run\n'
-    '  tfds build imagenet2012 --data_dir={where} --manual_dir=<manual_dir> '
-    '--file_format=array_record\n'
+    'ILSVRC2012_img_val.tar from image-net.org into DIR and run\n'
+    '  python -m ibs.prepare imagenet2012 --data_dir={where} --manual_dir=DIR\n'
     'or train on synthetic data with --config=configs/resnet50_tpu.py:fake.'
   ),
 }
@@ -116,7 +116,7 @@ def imagenet2012(split: str, data_dir: str | None) -> EncodedImageSource:
       f'imagenet2012 in {builder.data_dir} is prepared as '
       f'{builder.info.file_format.value if builder.info.file_format else "?"}; ibs reads '
       'ImageNet by random access (the data order is a function of the example index), '
-      'which needs array_record files. Prepare it again with --file_format=array_record:'
+      'which needs array_record files. Prepare it again (ibs.prepare writes array_record):'
       '\n' + _HOW_TO_PREPARE['imagenet2012'].format(where=builder.data_dir_root)
     )
   import tensorflow_datasets as tfds

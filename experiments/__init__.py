@@ -1,0 +1,1 @@
+"""Experiment grids, tables, figures and benchmarks: `python -m experiments.<name>`."""

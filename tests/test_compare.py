@@ -1,0 +1,120 @@
+"""python -m ibs.compare: the table, the differing config fields, the figure."""
+
+import json
+import os
+
+import pytest
+
+from configs import default
+from ibs import compare, reporting
+
+
+def fake_run(workdir, kind, updates, accuracies, wall_clock):
+  """A workdir as ibs.train leaves it: config.json, event files, summary.json."""
+  from clu import metric_writers
+
+  config = default.get_config()
+  config.schedule.kind = kind
+  reporting.write_config_json(config, str(workdir))
+  writer = metric_writers.create_default_writer(str(workdir))
+  for i, (step, accuracy) in enumerate(zip(updates, accuracies, strict=True)):
+    writer.write_scalars(
+      step,
+      {
+        'train_loss': 1.0 / (i + 1),
+        'test_accuracy': accuracy,
+        'epoch': float(i + 1),
+        'parameter_updates': step,
+      },
+    )
+  writer.close()
+  summary = {
+    'test_accuracy': accuracies[-1],
+    'test_loss': 0.05,
+    'parameter_updates': updates[-1],
+    'examples_seen': 200_000,
+    'epoch': 10.0,
+    'wall_clock_s': wall_clock,
+    'finished': True,
+  }
+  (workdir / 'summary.json').write_text(json.dumps(summary))
+
+
+@pytest.fixture
+def two_runs(tmp_path):
+  fake_run(tmp_path / 'ib', 'increasing_batch', [100, 200, 231], [0.9, 0.95, 0.976], 47.5)
+  fake_run(tmp_path / 'dlr', 'decaying_lr', [200, 400, 625], [0.9, 0.96, 0.977], 42.3)
+  return [str(tmp_path / 'ib'), str(tmp_path / 'dlr')]
+
+
+def test_table_and_differences(two_runs):
+  report = compare.compare(two_runs)
+  lines = report.splitlines()
+  assert lines[0].split() == [
+    'run',
+    'test',
+    'acc',
+    'test',
+    'loss',
+    'train',
+    'loss',
+    'updates',
+    'examples',
+    'epochs',
+    'wall-clock',
+  ]
+  assert lines[2].split() == [
+    'ib',
+    '0.9760',
+    '0.0500',
+    '0.3333',
+    '231',
+    '200,000',
+    '10.00',
+    '47.5',
+    's',
+  ]
+  assert lines[3].split()[:5] == ['dlr', '0.9770', '0.0500', '0.3333', '625']
+  assert lines[-2:] == [
+    'field          ib                dlr',
+    'schedule.kind  increasing_batch  decaying_lr',
+  ]
+
+
+@pytest.mark.parametrize('suffix', ['pdf', 'png'])
+def test_plot_is_a_paper_column_figure(two_runs, tmp_path, suffix):
+  path = str(tmp_path / f'fig.{suffix}')
+  assert compare.compare(two_runs, plot=path).endswith(f'wrote {path}')
+  assert os.path.getsize(path) > 5_000
+  if suffix == 'png':
+    from PIL import Image
+
+    width, _ = Image.open(path).size
+    assert width == pytest.approx(3.4 * 300, abs=2)  # one column at 300 dpi
+
+
+def test_accuracy_axes_are_zoomed():
+  import numpy as np
+
+  from ibs import curves
+
+  def run(accuracies):
+    steps = np.array([100, 500, 1000])
+    return [
+      {'epoch': (steps, steps / 100), 'test_accuracy': (steps, np.array(accuracies))}
+    ]
+
+  figure = curves.plot_runs({'a': run([0.3, 0.95, 0.976]), 'b': run([0.2, 0.96, 0.97])})
+  low, high = figure.axes[2].get_ylim()  # test accuracy against epochs
+  # From a quarter of the way on the curves span 0.95–0.976; the first epoch is cut away.
+  assert 0.945 < low < 0.95 and 0.976 < high < 0.98
+
+
+def test_command_line_errors_are_one_line(tmp_path, capsys):
+  assert compare.main([str(tmp_path / 'missing')]) == 2
+  assert (
+    capsys.readouterr().err.strip()
+    == f'error: {tmp_path / "missing"} is not a directory.'
+  )
+  assert compare.main([str(tmp_path)]) == 2
+  assert 'not an ibs workdir' in capsys.readouterr().err

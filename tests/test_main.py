@@ -1,0 +1,102 @@
+"""python -m ibs.main: mistakes end in one readable line and exit status 2."""
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def ibs_main(*args, cwd):
+  env = {**os.environ, 'PYTHONPATH': REPO}
+  start = time.perf_counter()
+  result = subprocess.run(
+    [sys.executable, '-m', 'ibs.main', *args],
+    capture_output=True,
+    text=True,
+    cwd=cwd,
+    env=env,
+    timeout=300,
+  )
+  return result, time.perf_counter() - start
+
+
+def test_a_misspelled_config_fails_before_tf_and_jax(tmp_path):
+  result, seconds = ibs_main(
+    '--config=configs/defualt.py', f'--workdir={tmp_path}', cwd=REPO
+  )
+  assert result.returncode == 2
+  assert result.stderr.splitlines() == [
+    'error: --config=configs/defualt.py: no such file. Did you mean configs/default.py?',
+    '(run with --verbosity=1 for the traceback)',
+  ]
+  assert seconds < 5  # 6 s before: the error came after importing TF and JAX
+  importtime = subprocess.run(
+    [sys.executable, '-X', 'importtime', '-m', 'ibs.main', '--config=nope.py']
+    + [f'--workdir={tmp_path}'],
+    capture_output=True,
+    text=True,
+    cwd=REPO,
+    env={**os.environ, 'PYTHONPATH': REPO},
+  ).stderr
+  imported = {line.split('|')[-1].strip() for line in importtime.splitlines()}
+  assert 'jax' not in imported and 'tensorflow' not in imported
+
+
+def test_config_errors_are_one_line_from_any_directory(tmp_path):
+  """configs/... resolves against the checkout when the working directory lacks it."""
+  result, _ = ibs_main(
+    '--config=configs/default.py',
+    '--config.optimizer=adamw',
+    f'--workdir={tmp_path / "w"}',
+    cwd=tmp_path,
+  )
+  assert result.returncode == 2
+  assert "error: Unknown config.optimizer='adamw'" in result.stderr
+  assert 'Traceback' not in result.stderr
+  verbose, _ = ibs_main(
+    '--config=configs/default.py',
+    '--config.optimizer=adamw',
+    f'--workdir={tmp_path / "w"}',
+    '--verbosity=1',
+    cwd=tmp_path,
+  )
+  assert verbose.returncode == 1 and 'Traceback' in verbose.stderr
+
+
+def test_an_unprepared_dataset_names_the_prepare_command(tmp_path):
+  result, _ = ibs_main(
+    '--config=configs/cifar10_wrn.py',
+    f'--config.data_dir={tmp_path}',
+    f'--workdir={tmp_path / "w"}',
+    cwd=REPO,
+  )
+  assert result.returncode == 2
+  assert f'python -m ibs.prepare cifar10 --data_dir={tmp_path}' in result.stderr
+  assert 'Traceback' not in result.stderr
+
+
+@pytest.mark.slow
+def test_a_refused_checkpoint_names_the_changed_fields(tmp_path, data_dir):
+  tiny = [
+    '--config=configs/default.py',
+    f'--config.data_dir={data_dir}',
+    '--config.mnist1d.num_train=2000',
+    '--config.mnist1d.num_test=500',
+    '--config.model_kwargs.width=8',
+    '--config.schedule.num_epochs=2',
+    '--config.schedule.milestones=(1.,)',
+    '--config.schedule.decay_factor=2',
+    '--config.eval_batch_size=250',
+    f'--workdir={tmp_path}',
+  ]
+  first, _ = ibs_main(*tiny, '--config.stop_after_steps=5', cwd=REPO)
+  assert first.returncode == 0, first.stderr[-2000:]
+  assert os.path.exists(tmp_path / 'config.json')
+  second, _ = ibs_main(*tiny, '--config.schedule.learning_rate=0.05', cwd=REPO)
+  assert second.returncode == 2
+  assert 'Traceback' not in second.stderr
+  assert 'Changed: schedule.learning_rate: 0.1 → 0.05.' in second.stderr

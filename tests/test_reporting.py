@@ -1,0 +1,174 @@
+"""ibs.reporting: config.json, flat hparams, progress in examples, throughput, timings."""
+
+import json
+import logging as std_logging
+import os
+import pathlib
+
+import pytest
+
+from configs import default
+from ibs import checkpoint, reporting
+
+
+def test_flat_hparams_name_every_nested_field():
+  config = default.get_config()
+  flat = reporting.flatten_hparams(config)
+  assert flat['schedule.kind'] == 'increasing_batch'
+  assert flat['schedule.learning_rate'] == 0.1
+  assert flat['schedule.milestones'] == '(30.0, 60.0, 80.0)'
+  assert flat['mnist1d.num_train'] == 20000 and flat['model'] == 'cnn1d'
+  assert all(isinstance(v, bool | int | float | str) for v in flat.values())
+  other = default.get_config()
+  other.schedule.kind = 'decaying_lr'
+  changed = {k for k, v in reporting.flatten_hparams(other).items() if flat[k] != v}
+  assert changed == {'schedule.kind'}
+
+
+def test_config_json_round_trip_and_differences(tmp_path):
+  config = default.get_config()
+  path = reporting.write_config_json(config, str(tmp_path / 'run'))
+  saved = json.loads(pathlib.Path(path).read_text())
+  assert saved['schedule']['milestones'] == [30.0, 60.0, 80.0]
+  assert reporting.read_config_json(str(tmp_path / 'run')) == saved
+  other = default.get_config()
+  other.schedule.kind, other.log_every_epochs = 'decaying_lr', 2.0
+  assert reporting.config_differences([saved, reporting.config_dict(other)]) == {
+    'log_every_epochs': [1.0, 2.0],
+    'schedule.kind': ['increasing_batch', 'decaying_lr'],
+  }
+  # The refusal names only the trajectory fields that changed.
+  assert reporting.describe_config_change(
+    str(tmp_path / 'run'), other, checkpoint.TRAJECTORY_FIELDS
+  ) == ("schedule.kind: 'increasing_batch' → 'decaying_lr'")
+  assert reporting.describe_config_change(str(tmp_path), other, ('schedule',)) == ''
+
+
+class FakeClock:
+  def __init__(self):
+    self.now = 0.0
+
+  def __call__(self):
+    return self.now
+
+
+def test_progress_is_counted_in_examples_and_reports_every_period():
+  """A growing batch: 100 steps of 1, then 10 steps of 10, at 1 example/s."""
+  clock, lines = FakeClock(), []
+  progress = reporting.Progress(
+    total_examples=200,
+    num_train_examples=100,
+    total_steps=110,
+    batch_sizes=(1, 10),
+    every_secs=50.0,
+    clock=clock,
+    log=lambda fmt, line: lines.append(line),
+  )
+  examples = 0
+  for step in range(1, 111):
+    phase = 0 if step <= 100 else 1
+    batch = 1 if phase == 0 else 10
+    clock.now += batch  # 1 example/s whatever the batch
+    examples += batch
+    progress.update(step, examples, phase)
+    if step == 100:
+      # Half the examples after 91 % of the steps: the progress line says 50 %.
+      assert progress.line().startswith('epoch 1.00/2 (50.0% of examples), step 100/110')
+      assert progress.line().endswith('ETA 1m40s')
+      assert progress.period_scalars() == {
+        'examples_per_sec': pytest.approx(1),
+        'step_time_ms': pytest.approx(1000),
+      }
+      with progress.timed('eval'):
+        clock.now += 5.0  # not training time, not in the next period's rate
+  # Every 50 s of wall-clock: 50 s, 100 s, 155 s (5 s of evaluation, 5 steps of 10), 205 s.
+  assert [line.split(',')[0] for line in lines] == [
+    'epoch 0.50/2 (25.0% of examples)',
+    'epoch 1.00/2 (50.0% of examples)',
+    'epoch 1.50/2 (75.0% of examples)',
+    'epoch 2.00/2 (100.0% of examples)',
+  ]
+  assert progress.period_scalars() == {
+    'examples_per_sec': pytest.approx(1),
+    'step_time_ms': pytest.approx(10_000),
+  }
+  phases = progress.throughput()
+  assert [(r['phase'], r['batch_size'], r['steps'], r['examples']) for r in phases] == [
+    (0, 1, 100, 100),
+    (1, 10, 10, 100),
+  ]
+  assert [r['examples_per_sec'] for r in phases] == [pytest.approx(1)] * 2
+  assert progress.timed_totals() == {'eval': 5.0}
+  assert 'examples/s' in reporting.format_throughput(phases)
+
+
+def test_a_rerun_that_trains_nothing_keeps_the_finished_timings(tmp_path):
+  first = {'test_accuracy': 0.9, 'wall_clock_s': 45.0, 'compile_s': 5.0, 'finished': True}
+  reporting.finish_summary(str(tmp_path), first, trained_steps=100)
+  rerun = {**first, 'wall_clock_s': 3.6, 'compile_s': 3.0}
+  kept = reporting.finish_summary(str(tmp_path), rerun, trained_steps=0)
+  assert kept['wall_clock_s'] == 45.0 and kept['compile_s'] == 5.0
+  assert json.loads((tmp_path / 'summary.json').read_text())['wall_clock_s'] == 45.0
+  # A run that trained (a resumed one) writes its own, cumulative, timings.
+  resumed = {**first, 'wall_clock_s': 50.0}
+  assert reporting.finish_summary(str(tmp_path), resumed, 10)['wall_clock_s'] == 50.0
+
+
+def _record(pathname, level, msg='message'):
+  return std_logging.LogRecord('absl', level, pathname, 1, msg, (), None)
+
+
+def test_quiet_filter_keeps_ibs_and_metrics_drops_other_info():
+  ibs_dir = os.path.dirname(reporting.__file__) + os.sep
+  quiet = reporting._QuietFilter((ibs_dir,))
+  site = '/venv/lib/python3.11/site-packages/'
+  assert quiet.filter(_record(ibs_dir + 'train.py', std_logging.INFO))
+  assert quiet.filter(
+    _record(site + 'clu/metric_writers/logging_writer.py', std_logging.INFO)
+  )
+  assert not quiet.filter(
+    _record(site + 'orbax/checkpoint/checkpoint_manager.py', std_logging.INFO)
+  )
+  assert quiet.filter(_record(site + 'orbax/checkpoint/x.py', std_logging.WARNING))
+  assert not quiet.filter(
+    _record(
+      site + 'tensorflow_datasets/core/dataset_builder.py',
+      std_logging.WARNING,
+      'Using custom data configuration: Mnist1dConfig(...)',
+    )
+  )
+
+
+@pytest.mark.slow
+def test_training_time_adds_up_over_resumes_and_survives_a_rerun(tiny_config, tmp_path):
+  from ibs import train
+
+  workdir = str(tmp_path)
+  first = tiny_config.copy_and_resolve_references()
+  first.stop_after_steps = 70
+  partial = train.train_and_evaluate(first, workdir)
+  saved = json.loads((tmp_path / 'config.json').read_text())
+  assert saved['schedule']['kind'] == 'increasing_batch'
+
+  manager = checkpoint.create_manager(workdir)
+  position = manager.restore(
+    70, args=checkpoint.ocp.args.Composite(position=checkpoint.ocp.args.JsonRestore())
+  )['position']
+  manager.close()
+  assert 0 < position['train_time_s'] <= partial['wall_clock_s']
+
+  finished = train.train_and_evaluate(tiny_config, workdir)
+  assert finished['finished']
+  # Cumulative: the first session's checkpointed time plus the whole second session.
+  assert finished['wall_clock_s'] == pytest.approx(
+    position['train_time_s'] + finished['session_wall_clock_s'], rel=0.05
+  )
+  assert [r['phase'] for r in finished['throughput']] == [1, 2, 3]
+  written = json.loads((tmp_path / 'summary.json').read_text())
+
+  rerun = train.train_and_evaluate(tiny_config, workdir)
+  assert rerun['wall_clock_s'] == written['wall_clock_s']
+  assert rerun['throughput'] == written['throughput']
+  after = json.loads((tmp_path / 'summary.json').read_text())
+  assert after['wall_clock_s'] == written['wall_clock_s']
+  assert after['compile_s'] == written['compile_s']
