@@ -2,7 +2,8 @@ r"""Input-pipeline throughput beside the train step's consumption, on this machi
 
 For each workload and batch size it measures, in examples per second:
   pipeline  `input_pipeline.train_batches` alone (order, gather, augmentation, prefetch);
-  step      the compiled train step fed one fixed host batch (global_train_batch + step);
+  step      the compiled train step fed one fixed host batch (`train_step(state,
+            [batch], metrics)`, which includes its host → device layout);
   loop      both together, one step per dispatch (ibs.train can dispatch several
             steps at once, config.steps_per_dispatch: see experiments/bench_step.py).
 The pipeline should deliver at least twice what the step consumes, so that it never
@@ -21,6 +22,7 @@ Workloads:
 
   python -m experiments.bench_input                  # all: ~20 min on 2 busy CPU cores
   python -m experiments.bench_input --workloads=cifar --seconds=5 --repetitions=5
+  python -m experiments.bench_input --workloads=mnist1d --gns=off
 """
 
 from __future__ import annotations
@@ -37,12 +39,12 @@ import jax
 import numpy as np
 
 from configs import cifar10_wrn, default
-from ibs import config_checks, input_pipeline, train
+from ibs import config_checks, input_pipeline, sharding, train
 from ibs import step as step_lib
 from ibs.datasets import augment, catalog
 
 WORKLOADS = ('mnist1d', 'cifar', 'imagenet', 'fake224')
-ARGS = argparse.Namespace(seconds=3.0, repetitions=3)
+ARGS = argparse.Namespace(seconds=3.0, repetitions=3, gns='on')
 
 
 def examples_per_second(batches, batch_size: int, finish=lambda: None) -> float:
@@ -83,22 +85,30 @@ def pipeline_rate(source, preprocess, batch_size: int) -> float:
 
 def step_measurers(config, source, preprocess, batch_size: int):
   """Two callables timing (step alone, pipeline + step) in examples/s at `batch_size`."""
-  mesh = step_lib.make_mesh()
+  config.gns.enabled = ARGS.gns == 'on'
+  mesh = sharding.make_mesh()
   spec = catalog.dataset_spec(config)
   schedule = config_checks.check_config(config, jax.device_count())
   model = train.create_model(config, spec.num_classes)
-  plan = step_lib.plan_micro_batches(
+  plan = sharding.plan_micro_batches(
     batch_size, jax.device_count(), config.ghost_batch_size, config.max_micro_batch_size
   )
   local = next(stream(source, preprocess, batch_size, num_steps=1))
   state = train.create_train_state(config, model, schedule, spec.input_shape, mesh)
-  step = step_lib.compile_train_steps(mesh, state, [plan], local)[plan.shape]
-  holder = {'state': state}
+  step = step_lib.compile_train_steps(
+    mesh,
+    state,
+    [plan],
+    local,
+    ghost_batch_size=config.ghost_batch_size,
+    options=train.step_options(config),
+  )[plan.shape]
+  holder = {'state': state, 'metrics': step_lib.empty_metrics(mesh)}
 
   def run(batches):
     for host_batch in batches:
-      holder['state'], _ = step(
-        holder['state'], step_lib.global_train_batch(host_batch, plan, mesh)
+      holder['state'], holder['metrics'] = step(
+        holder['state'], [host_batch], holder['metrics']
       )
       yield
 
@@ -159,8 +169,8 @@ def bench_cifar(data_dir: str) -> None:
   preprocess = augment.cifar10(seed=0)  # the cifar10 dataset's training preprocessing
   for batch_size in (128, 640):  # §5.1's first two phases
     config = cifar10_wrn.get_config('data=fake')
-    # One micro-batch: on XLA:CPU a convolution inside the accumulation scan runs ~25×
-    # slower than outside it, which would measure the scan, not the model.
+    # One micro-batch: on XLA:CPU a convolutional model accumulates in a host loop
+    # (ibs/step.py), A + 1 dispatches, which would measure the loop, not the model.
     config.max_micro_batch_size = batch_size
     measure('CIFAR-10 augmentation / WRN-10-1', batch_size, source, preprocess, config)
 
@@ -216,6 +226,12 @@ def main() -> None:
   parser.add_argument('--seconds', type=float, default=3.0, help='per measurement')
   parser.add_argument('--repetitions', type=int, default=3)
   parser.add_argument(
+    '--gns',
+    choices=('on', 'off'),
+    default='on',
+    help='measure the gradient noise scale in the step (config.gns.enabled)',
+  )
+  parser.add_argument(
     '--data_dir', default='/tmp/ibs_bench_tfds', help='where MNIST-1D is generated, once'
   )
   args = parser.parse_args()
@@ -224,10 +240,11 @@ def main() -> None:
     parser.error(
       f'unknown --workloads {sorted(unknown)}; choose from {",".join(WORKLOADS)}'
     )
-  ARGS.seconds, ARGS.repetitions = args.seconds, args.repetitions
+  ARGS.seconds, ARGS.repetitions, ARGS.gns = args.seconds, args.repetitions, args.gns
   print(
     f'{jax.device_count()} {jax.devices()[0].platform} device(s), {os.cpu_count()} CPU '
-    f'cores; examples/s, median (min–max) of {args.repetitions} × >= {args.seconds:g} s.\n'
+    f'cores; examples/s, median (min–max) of {args.repetitions} × >= {args.seconds:g} s; '
+    f'noise scale {args.gns}.\n'
   )
   print('| workload / step | batch | pipeline | step | pipeline ÷ step | loop |')
   print('|---|---:|---:|---:|---:|---:|')

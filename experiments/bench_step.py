@@ -1,29 +1,36 @@
 r"""Examples/s of the ibs train step against a bare `jax.jit` step of the same model.
 
 The ibs step is what `ibs.train` runs: ahead-of-time compiled by
-`step.compile_train_steps`, with the accumulation machinery (`lax.scan` when A > 1),
-the optimizer's injected hyperparameters (ε and m read from the schedule inside the
-step), state donation, NamedShardings on the `data` mesh, clu metrics merged into
-running totals inside the step, and `config.steps_per_dispatch` K updates per call
-(configs/default.py: 8). The bare step is the same model and the same arithmetic
-written the shortest way: `jax.jit` of value_and_grad + `optax.chain(add_decayed_weights,
-sgd(momentum))`, one batch per call, no scan, no injection, no sharding, no donation,
-the loss as its only metric. "ibs, K = 1" is the ibs step one update per call;
-"bare donated" is the bare step donating its parameters and optimizer state, as ibs
-does. `--model=wrn` times a network of real convolutions, where on XLA:CPU ibs
-accumulates in a host loop (step.HostLoopStep) and runs one step per call; the scan
-form is timed beside it.
+`step.compile_train_steps` with `train.step_options(config)`, a `shard_map` over the
+`data` mesh with the accumulation loop (when A > 1), the optimizer's injected
+hyperparameters (ε and m read from the schedule inside the step), the gradient noise
+scale measured in the step (`--gns`; on one device at A = 1 every
+`config.gns.split_every`-th update back-propagates the batch's halves apart), the
+non-finite guard, state donation, clu metrics merged into running totals inside the
+step, and `config.steps_per_dispatch` K updates per call (configs/default.py: 8). The
+bare step is the same model and the same arithmetic written the shortest way: `jax.jit`
+of value_and_grad + `optax.chain(add_decayed_weights, sgd(momentum))`, one batch per
+call, no loop, no injection, no sharding, no donation, no noise scale, the loss as its
+only metric. "ibs, K = 1" is the ibs step one update per call; "bare donated" is the
+bare step donating its parameters and optimizer state, as ibs does. `--model=wrn` times
+a network of real convolutions, where on XLA:CPU ibs accumulates in a host loop
+(`TrainStep.host_loop`) and runs one step per call; the one-executable form is timed
+beside it.
 
 All variants run in one process, interleaved: each repetition times the same number of
 steps (about `--seconds`) of every variant, in a shuffled order, so load from other
 processes hits all alike. Rates are totals over all repetitions; "paired median" is the
 median of the per-repetition ratios, "CPU time" the ratio of this process's CPU time
 (less sensitive to other processes on a shared machine). Batches are already on the
-device; `--with_transfer` also times the host → device copy of each batch
-(`step.global_train_batch(es)` against `jax.device_put`).
+device: the ibs step's executable is called with the batches `sharding.
+train_batches_to_device` laid out once, bypassing the layout a `TrainStep` call does
+(this reaches into TrainStep's `_run` and `_counts`). `--with_transfer` also times the
+host → device copy of each batch: the ibs step called as ibs.train calls it,
+`train_step(state, local_batches, metrics)` with K host batches, against
+`jax.device_put` of each batch for the bare step.
 
   python -m experiments.bench_step                      # default cnn1d, B = 32 … 4000
-  python -m experiments.bench_step --batch_sizes=32,160 --repetitions=5
+  python -m experiments.bench_step --batch_sizes=32,160 --repetitions=5 --gns=off
 """
 
 from __future__ import annotations
@@ -43,7 +50,7 @@ import numpy as np
 import optax
 
 from configs import default
-from ibs import models, optim, schedules
+from ibs import models, optim, schedules, sharding, train
 from ibs import step as step_lib
 
 # Models: 'cnn1d' is configs/default.py's; 'wrn' the CPU smoke model of
@@ -92,8 +99,9 @@ def ibs_runner(
 ):
   """A closure running n ibs steps (n a multiple of K); with A, K and the form used.
 
-  `steps_per_dispatch` is resolved as ibs.train does (1 for a conv net on XLA:CPU);
-  `host_loop` as in `step.compile_train_steps` (None: its automatic choice).
+  `steps_per_dispatch` and `host_loop` go to `step.compile_train_steps`, which falls
+  back to K = 1 and the host loop for a conv net on XLA:CPU (`host_loop` None: its
+  automatic choice), as in ibs.train.
   """
   batch_size = len(batch['label'])
   schedule = schedules.Schedule(
@@ -102,7 +110,7 @@ def ibs_runner(
     num_train_examples=batch_size,
   )
   tx = optim.create_optimizer('momentum', schedule, weight_decay=config.weight_decay)
-  mesh = step_lib.make_mesh()
+  mesh = sharding.make_mesh()
   state = step_lib.TrainState.create(
     apply_fn=model.apply,
     params=variables['params'],
@@ -110,42 +118,40 @@ def ibs_runner(
     tx=tx,
   )
   # A copy: the step donates its state, and device_put would alias the caller's arrays.
-  state = jax.device_put(jax.tree.map(jnp.copy, state), step_lib.replicated(mesh))
-  plan = step_lib.plan_micro_batches(
+  state = jax.device_put(jax.tree.map(jnp.copy, state), sharding.replicated(mesh))
+  plan = sharding.plan_micro_batches(
     batch_size, jax.device_count(), config.ghost_batch_size, max_micro_batch_size
   )
   example = {k: v[:1] for k, v in batch.items()}
-  k = step_lib.resolve_steps_per_dispatch(steps_per_dispatch, state, [plan], example)
   (compiled,) = step_lib.compile_train_steps(
     mesh,
     state,
     [plan],
     example,
-    running_metrics=True,
+    ghost_batch_size=config.ghost_batch_size,
+    steps_per_dispatch=steps_per_dispatch,
+    options=train.step_options(config),
     host_loop=host_loop,
-    steps_per_dispatch=k,
   ).values()
-
-  def device_batch():
-    if k == 1:
-      return step_lib.global_train_batch(batch, plan, mesh)
-    return step_lib.global_train_batches([batch] * k, plan, mesh, k)
-
-  on_device = device_batch()
-  holder = {'state': state, 'metrics': step_lib.empty_train_metrics(mesh)}
+  k = compiled.steps_per_dispatch
+  local_batches = [batch] * k
+  # Batches already on the device: the executable behind the TrainStep, called with the
+  # layout done once (TrainStep.__call__ does it on every call).
+  on_device = sharding.train_batches_to_device(local_batches, plan, mesh, k)
+  count = compiled._counts[k]  # noqa: SLF001
+  holder = {'state': state, 'metrics': step_lib.empty_metrics(mesh)}
 
   def run(n):
     state, metrics = holder['state'], holder['metrics']
     for _ in range(n // k):
-      b = device_batch() if with_transfer else on_device
-      if k == 1:
-        state, metrics = compiled(state, b, metrics)
+      if with_transfer:  # As ibs.train calls it.
+        state, metrics = compiled(state, local_batches, metrics)
       else:
-        state, metrics = compiled(state, b, metrics, k)
+        state, metrics = compiled._run(state, on_device, metrics, count)  # noqa: SLF001
     jax.block_until_ready((state, metrics))
     holder['state'], holder['metrics'] = state, metrics
 
-  return run, plan.accumulation, k, isinstance(compiled, step_lib.HostLoopStep)
+  return run, plan.accumulation, k, compiled.host_loop
 
 
 def bare_runner(config, model, variables, batch, with_transfer, donate=False):
@@ -213,7 +219,7 @@ def bench(batch_size, args, config, model):
   if accumulation > 1:
     runners['ibs A=1'], *_ = ibs_runner(*common, batch_size, args.with_transfer, k)
   if host_loop:
-    runners['ibs scan'], *_ = ibs_runner(
+    runners['ibs one executable'], *_ = ibs_runner(
       *common, cap, args.with_transfer, 1, host_loop=False
     )
   for run in runners.values():
@@ -264,8 +270,15 @@ def main():
     default=None,
     help='K of the ibs step; default: configs/default.py (8)',
   )
+  parser.add_argument(
+    '--gns',
+    choices=('on', 'off'),
+    default='on',
+    help='measure the gradient noise scale in the ibs step (config.gns.enabled)',
+  )
   args = parser.parse_args()
   config = make_config(args.model)
+  config.gns.enabled = args.gns == 'on'
   if args.max_micro_batch_size is None:
     args.max_micro_batch_size = config.max_micro_batch_size
   if args.steps_per_dispatch is None:
@@ -274,7 +287,8 @@ def main():
   print(
     f'jax {jax.__version__}, {jax.device_count()} {jax.devices()[0].platform} '
     f'device(s), model {config.model} {dict(config.model_kwargs)}, ghost batch '
-    f'{config.ghost_batch_size}, transfer {"included" if args.with_transfer else "excluded"}'
+    f'{config.ghost_batch_size}, transfer '
+    f'{"included" if args.with_transfer else "excluded"}, noise scale {args.gns}'
   )
   print(
     '| B | A | K | bare ex/s | ibs ex/s | ibs / bare | ibs / bare, paired median '
@@ -297,9 +311,12 @@ def main():
       flush=True,
     )
     if host_loop:
-      scans.append(f'B = {batch_size}: {rates["ibs scan"]:,.0f} examples/s')
+      scans.append(f'B = {batch_size}: {rates["ibs one executable"]:,.0f} examples/s')
   if scans:
-    print('The same steps as one executable with lax.scan: ' + '; '.join(scans))
+    print(
+      'The same steps as one executable, the accumulation loop inside it: '
+      + '; '.join(scans)
+    )
   print(f'load average after the run: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs')
 
 

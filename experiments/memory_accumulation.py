@@ -1,12 +1,14 @@
 r"""Train-step memory against the accumulation count A (docs/DESIGN.md decision 3).
 
-At a fixed per-device micro-batch b the ibs step for A micro-batches scans over them
-(`lax.scan`), so its temporary memory — activations, gradients, the gradient sum — must
-not grow with A; only the batch argument (A·b examples of input) does. For contrast the
+At a fixed per-device micro-batch b the ibs step for A micro-batches loops over them
+(`lax.fori_loop`, indexing the batch in place), so its temporary memory — activations,
+gradients, the gradient sum — must not grow with A; only the batch argument (A·b
+examples of input) does. For contrast the
 script also compiles a bare whole-batch step (one `value_and_grad` over all A·b examples,
 what a step without accumulation needs). Nothing is run: the numbers are XLA's
-`compiled.memory_analysis()` of ahead-of-time compiled steps (for a HostLoopStep, the
-XLA:CPU form for models with convolutions, those of its micro-batch step).
+`TrainStep.memory_analysis()` of ahead-of-time compiled steps (for a host-loop step, the
+XLA:CPU form for models with convolutions, those of its micro-batch step). `--gns=off`
+compiles the step without the gradient-noise-scale measurement (config.gns.enabled).
 
   python -m experiments.memory_accumulation                       # cnn1d, b = 800
   python -m experiments.memory_accumulation --model=wide_resnet --micro_batch_size=128 \
@@ -25,7 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ibs import models, optim, schedules
+from configs import default
+from ibs import models, optim, schedules, sharding
 from ibs import step as step_lib
 
 # (input shape of one example, ghost batch size, model kwargs) per model.
@@ -73,13 +76,21 @@ def main():
     '--host_loop',
     choices=('auto', 'on', 'off'),
     default='auto',
-    help='accumulate in a Python loop (step.HostLoopStep); auto: XLA:CPU and convolutions',
+    help='accumulate in a Python loop (TrainStep.host_loop); auto: XLA:CPU and '
+    'convolutions',
   )
   parser.add_argument(
     '--steps_per_dispatch',
     type=int,
     default=1,
-    help='K updates per call (ibs.step.train_steps): K batches in the arguments',
+    help='K updates per call (config.steps_per_dispatch): K batches in the arguments; '
+    'falls back to 1 with the host loop',
+  )
+  parser.add_argument(
+    '--gns',
+    choices=('on', 'off'),
+    default='on',
+    help='measure the gradient noise scale in the step (as configs/default.py)',
   )
   args = parser.parse_args()
 
@@ -91,6 +102,11 @@ def main():
       f'{args.model}; use e.g. --micro_batch_size={ghost * max(1, b // ghost)}.'
     )
   host_loop = {'auto': None, 'on': True, 'off': False}[args.host_loop]
+  gns = default.get_config().gns  # as ibs.train.step_options reads it
+  options = step_lib.StepOptions(
+    gns_horizon_examples=gns.horizon_examples if args.gns == 'on' else 0.0,
+    gns_split_every=gns.split_every,
+  )
   model = models.create_model(
     args.model, num_classes=10, ghost_batch_size=ghost, **kwargs
   )
@@ -102,7 +118,7 @@ def main():
     phases=(schedules.Phase(0.0, b, 0.1, 0.9),), num_epochs=1.0, num_train_examples=b
   )
   tx = optim.create_optimizer('momentum', schedule, weight_decay=5e-4)
-  mesh = step_lib.make_mesh()
+  mesh = sharding.make_mesh()
   state = jax.eval_shape(
     lambda v: step_lib.TrainState.create(
       apply_fn=model.apply, params=v['params'], batch_stats=v['batch_stats'], tx=tx
@@ -117,7 +133,7 @@ def main():
   print(
     f'jax {jax.__version__}, {jax.device_count()} {jax.devices()[0].platform} device(s); '
     f'{args.model} ({num_params:,} parameters), micro-batch b = {b} per device, '
-    f'{args.steps_per_dispatch} step(s) per dispatch'
+    f'{args.steps_per_dispatch} step(s) per dispatch, noise scale {args.gns}'
   )
   print(
     '| A | B | ibs step | ibs temp MiB | ibs arguments MiB | ibs output MiB '
@@ -126,20 +142,21 @@ def main():
   print('|---|---|---|---|---|---|---|')
   for a in accumulations:
     batch = a * b * jax.device_count()
-    plan = step_lib.plan_micro_batches(batch, jax.device_count(), ghost, b)
+    plan = sharding.plan_micro_batches(batch, jax.device_count(), ghost, b)
     assert plan.micro_batch_size == b, plan
     (compiled,) = step_lib.compile_train_steps(
       mesh,
       state,
       [plan],
       example,
-      running_metrics=args.steps_per_dispatch > 1,
-      host_loop=host_loop,
+      ghost_batch_size=ghost,
       steps_per_dispatch=args.steps_per_dispatch,
+      options=options,
+      host_loop=host_loop,
     ).values()
-    form = (
-      'host loop' if isinstance(compiled, step_lib.HostLoopStep) else 'one executable'
-    )
+    form = 'host loop' if compiled.host_loop else 'one executable'
+    if compiled.steps_per_dispatch != args.steps_per_dispatch:
+      form += f', K = {compiled.steps_per_dispatch}'
     m = compiled.memory_analysis()
     bare = '–'
     if not args.no_bare:
