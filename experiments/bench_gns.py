@@ -27,6 +27,9 @@ from ibs.datasets import catalog
 _REPETITIONS = flags.DEFINE_integer('repetitions', 15, 'Interleaved repetitions.')
 _DISPATCHES = flags.DEFINE_integer('dispatches', 20, 'Dispatches timed per repetition.')
 _BATCHES = flags.DEFINE_list('batch_sizes', ['32', '160', '800', '4000'], 'Batches.')
+_SPLIT_EVERY = flags.DEFINE_integer(
+  'split_every', None, 'config.gns.split_every to measure with (default: the config).'
+)
 
 
 def main(argv):
@@ -38,6 +41,8 @@ def main(argv):
   schedule = train.schedules.from_config(config, spec.num_train_examples)
   state = train.create_train_state(config, model, schedule, spec.input_shape, mesh)
   k = config.steps_per_dispatch
+  if _SPLIT_EVERY.value is not None:
+    config.gns.split_every = _SPLIT_EVERY.value
   rng = np.random.default_rng(0)
   for batch_size in map(int, _BATCHES.value):
     plan = sharding.plan_micro_batches(

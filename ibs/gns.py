@@ -22,10 +22,11 @@ in two (ibs/step.py). Either estimate is noisy at one step, and B_simple is a ra
 each term gets its own exponential moving average over a horizon of H examples and the
 ratio is taken of the averages, as AdaptDL does:
 
-    β = exp(−B/H) per update of B examples;  S ← β·S + (1 − β)·x;  W ← β·W + (1 − β)
+    β = exp(−E/H);  S ← β·S + (1 − β)·x;  W ← β·W + (1 − β)
 
-W is the bias correction (Adam's 1 − β^t, for a β that changes with B): S/W is the
-average of the estimates seen so far, weighted by recency in examples.
+with E the examples trained on since the last estimate was folded in (B when every update
+measures). W is the bias correction (Adam's 1 − β^t, for a β that changes with B): S/W is
+the average of the estimates seen so far, weighted by recency in examples.
 """
 
 from __future__ import annotations
@@ -53,11 +54,12 @@ class GNSState:
   grad_sq_norm: jnp.ndarray  # Σ-weighted |G|² estimates, uncorrected
   trace_cov: jnp.ndarray  # the same for tr(Σ)
   weight: jnp.ndarray  # W: the weight the averages have accumulated
+  pending_examples: jnp.ndarray  # E: examples since the last estimate folded in
 
   @classmethod
   def empty(cls) -> GNSState:
-    # Three buffers, not one shared: the train step donates the state.
-    return cls(*(jnp.zeros((), jnp.float32) for _ in range(3)))
+    # Separate buffers, not one shared: the train step donates the state.
+    return cls(*(jnp.zeros((), jnp.float32) for _ in range(4)))
 
 
 def decay(batch_size: int, horizon_examples: float) -> float:
@@ -71,13 +73,18 @@ def update(
   big_sq: jnp.ndarray,
   small_batch: float,
   big_batch: float,
-  beta: float,
+  horizon_examples: float,
 ) -> GNSState:
-  """One update's estimates folded into the averages; a non-finite one is left out."""
+  """One update of `big_batch` examples; its estimates folded in if they are finite.
+
+  A NaN `small_sq` marks an update that did not measure (ibs/step.py): its examples
+  only lengthen the gap E that the next estimate's β covers.
+  """
   g2 = grad_sq_norm(small_sq, big_sq, small_batch, big_batch)
   s = trace_cov(small_sq, big_sq, small_batch, big_batch)
   finite = jnp.isfinite(g2) & jnp.isfinite(s)
-  beta = jnp.where(finite, jnp.float32(beta), jnp.float32(1.0))
+  pending = state.pending_examples + jnp.float32(big_batch)
+  beta = jnp.where(finite, jnp.exp(-pending / jnp.float32(horizon_examples)), 1.0)
 
   def ema(average, x):
     return beta * average + (1.0 - beta) * jnp.where(finite, x, 0.0)
@@ -86,6 +93,7 @@ def update(
     grad_sq_norm=ema(state.grad_sq_norm, g2),
     trace_cov=ema(state.trace_cov, s),
     weight=beta * state.weight + (1.0 - beta),
+    pending_examples=jnp.where(finite, 0.0, pending),
   )
 
 

@@ -263,12 +263,9 @@ def _finish(
       small_sq = acc.small_sq_sum / plan.accumulation
       small_b = plan.micro_batch_size
     else:
-      small_sq, small_b = split
-    # A split measurement stands for the `gns_split_every` updates since the last one.
-    between = options.gns_split_every if split is not None else 1
-    beta = gns_lib.decay(plan.batch_size * between, options.gns_horizon_examples)
+      small_sq, small_b = split  # NaN for an update that did not measure
     gns_state = gns_lib.update(
-      gns_state, small_sq, big_sq, small_b, plan.batch_size, beta
+      gns_state, small_sq, big_sq, small_b, plan.batch_size, options.gns_horizon_examples
     )
 
   finite = jnp.isfinite(big_sq) & jnp.isfinite(batch_metrics.loss.total)
@@ -300,13 +297,20 @@ def _update(
   plan: sharding.MicroBatchPlan,
   options: StepOptions,
   ghost_batch_size: int,
+  measure_now: Any = True,
 ) -> tuple[TrainState, Metrics]:
-  """One update on this device's (A, b, ...) share of a global batch."""
+  """One update on this device's (A, b, ...) share of a global batch.
+
+  `measure_now` (a bool, or a traced one) matters only to one device with one
+  micro-batch, where measuring the noise scale costs a second backward pass.
+  """
   measure = bool(options.gns_horizon_examples)
   if plan.accumulation == 1:
     micro = jax.tree.map(lambda x: x[0], batch)
     if measure and plan.num_devices == 1:
-      return _split_update(state, micro, running, plan, options, ghost_batch_size)
+      return _split_update(
+        state, micro, running, plan, options, ghost_batch_size, measure_now
+      )
     # No loop for a batch that fits: the step is then a plain step.
     batch_stats, acc = _accumulate(state, state.batch_stats, None, micro, options)
     return _finish(state, acc, batch_stats, running, plan, options)
@@ -325,13 +329,13 @@ def _update(
   return _finish(state, acc, batch_stats, running, plan, options)
 
 
-def _split_update(state, micro, running, plan, options, ghost_batch_size):
-  """One update of one device with one micro-batch, measuring every `split_every`-th.
+def _split_update(state, micro, running, plan, options, ghost_batch_size, measure_now):
+  """One update of one device with one micro-batch; measured if `measure_now`.
 
   The measurement back-propagates the batch's halves apart, a second backward pass
-  (about twice the step on XLA:CPU for the default model), so it runs on every
-  `options.gns_split_every`-th update only; the others are plain updates, and the
-  moving averages decay over the examples in between.
+  (about twice the step on XLA:CPU for the default model), so `_updates` asks for it
+  on about one update in `options.gns_split_every`; the others are plain updates, and
+  the moving averages decay over the examples in between (ibs/gns.py).
   """
   split = split_point(plan.micro_batch_size, ghost_batch_size)
 
@@ -347,11 +351,10 @@ def _split_update(state, micro, running, plan, options, ghost_batch_size):
     )
     return grads, batch_stats, losses, correct, jnp.full((), jnp.nan, jnp.float32)
 
-  every = options.gns_split_every
-  if every == 1:
-    outputs = measured(state)
+  if isinstance(measure_now, bool):
+    outputs = measured(state) if measure_now else plain(state)
   else:
-    outputs = jax.lax.cond(state.step % every == 0, measured, plain, state)
+    outputs = jax.lax.cond(measure_now, measured, plain, state)
   grads, batch_stats, losses, correct, small_sq = outputs
   acc = _Accumulated(grads, small_sq, _local_metrics(losses, correct))
   return _finish(
@@ -363,22 +366,36 @@ def _updates(state, batches, running, num_steps, *, plan, options, ghost_batch_s
   """`num_steps` ≤ K updates on this device's (K, A, b, ...) batches, in order.
 
   The trip count is a value, not a shape: one executable serves every count (the
-  layout pads the unused slots). K = 1 runs its one update without a loop.
+  layout pads the unused slots). K = 1 runs its one update without a loop. Where the
+  noise-scale measurement needs a second backward pass (one device, one micro-batch),
+  only a dispatch's first update may measure: it does when the dispatch holds a multiple
+  of `gns_split_every` updates, so about one update in that many measures and the
+  conditional runs once per dispatch, not once per update.
   """
   update = functools.partial(
     _update, plan=plan, options=options, ghost_batch_size=ghost_batch_size
   )
+
+  def nth(index):
+    return jax.tree.map(
+      lambda x: jax.lax.dynamic_index_in_dim(x, index, 0, False), batches
+    )
+
+  every = options.gns_split_every
+  if every == 1:
+    measure_first, measure_rest = True, True
+  else:
+    first_multiple = (state.step + every - 1) // every * every
+    measure_first, measure_rest = first_multiple < state.step + num_steps, False
   with ghost_batch_norm.running_statistics_across(sharding.DATA_AXIS):
+    state, running = update(state, nth(0), running, measure_now=measure_first)
     if jax.tree.leaves(batches)[0].shape[0] == 1:
-      return update(state, jax.tree.map(lambda x: x[0], batches), running)
+      return state, running
 
     def body(index, carry):
-      batch = jax.tree.map(
-        lambda x: jax.lax.dynamic_index_in_dim(x, index, 0, False), batches
-      )
-      return update(*carry[:1], batch, carry[1])
+      return update(*carry[:1], nth(index), carry[1], measure_now=measure_rest)
 
-    return jax.lax.fori_loop(0, num_steps, body, (state, running))
+    return jax.lax.fori_loop(1, num_steps, body, (state, running))
 
 
 def _per_device(fn, mesh, in_specs, out_specs):

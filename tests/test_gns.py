@@ -30,25 +30,38 @@ def test_moving_averages_are_bias_corrected_and_skip_non_finite_estimates():
   state = gns.GNSState.empty()
   assert math.isnan(gns.estimates(state)['gns/b_simple'])
   b, big_b, horizon = 8, 64, 640.0
-  beta = gns.decay(big_b, horizon)
-  assert beta == pytest.approx(math.exp(-0.1))
+  beta = math.exp(-big_b / horizon)  # β = exp(−B/H) when every update measures
+  assert gns.decay(big_b, horizon) == pytest.approx(beta)
   pairs = [(rng.uniform(5, 6), rng.uniform(1, 2)) for _ in range(5)]
   for small, big in pairs:
-    state = gns.update(state, small, big, b, big_b, beta)
-  state_nan = gns.update(state, float('nan'), 1.0, b, big_b, beta)
+    state = gns.update(state, small, big, b, big_b, horizon)
   # Reference: weights (1 − β)·β^(n−1−i), normalised.
   weights = np.array(
     [(1 - beta) * beta ** (len(pairs) - 1 - i) for i in range(len(pairs))]
   )
   g2 = [(big_b * big - b * small) / (big_b - b) for small, big in pairs]
   trace = [(small - big) / (1 / b - 1 / big_b) for small, big in pairs]
-  expected_g2 = np.dot(weights, g2) / weights.sum()
-  expected_trace = np.dot(weights, trace) / weights.sum()
-  for s in (state, state_nan):
-    got = gns.estimates(s)
-    assert got['gns/grad_sq_norm'] == pytest.approx(expected_g2, rel=1e-5)
-    assert got['gns/trace_cov'] == pytest.approx(expected_trace, rel=1e-5)
-    assert got['gns/b_simple'] == pytest.approx(expected_trace / expected_g2, rel=1e-5)
+  got = gns.estimates(state)
+  assert got['gns/grad_sq_norm'] == pytest.approx(
+    np.dot(weights, g2) / weights.sum(), rel=1e-5
+  )
+  assert got['gns/trace_cov'] == pytest.approx(
+    np.dot(weights, trace) / weights.sum(), rel=1e-5
+  )
+
+  # An update that does not measure (NaN) changes nothing but the gap: the next
+  # estimate's β covers both updates' examples, exp(−2B/H).
+  skipped = gns.update(state, float('nan'), 1.0, b, big_b, horizon)
+  assert gns.estimates(skipped) == pytest.approx(got)
+  small, big = 5.5, 1.5
+  after = gns.update(skipped, small, big, b, big_b, horizon)
+  beta2 = math.exp(-2 * big_b / horizon)
+  weight = float(state.weight) * beta2 + (1 - beta2)
+  expected = (
+    float(state.grad_sq_norm) * beta2
+    + (1 - beta2) * (big_b * big - b * small) / (big_b - b)
+  ) / weight
+  assert gns.estimates(after)['gns/grad_sq_norm'] == pytest.approx(expected, rel=1e-5)
 
 
 @pytest.mark.slow
