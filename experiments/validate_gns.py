@@ -15,7 +15,7 @@ accumulating 4 micro-batches (per-micro-batch norms), and one device with one
 micro-batch (the batch split in halves). Prints one JSON line; `rel_error` is the
 largest relative error of B_simple over the layouts.
 
-  JAX_NUM_CPU_DEVICES=8 python experiments/validate_gns.py
+  python experiments/validate_gns.py   # sets JAX_NUM_CPU_DEVICES=8 itself
 """
 
 import json

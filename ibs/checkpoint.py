@@ -45,6 +45,26 @@ TRAJECTORY_FIELDS = (
   'data_seed',
 )
 
+# Config fields that do not decide the trajectory, so a changed value may resume: where
+# and how often to log, evaluate and checkpoint; how the batch is split and dispatched
+# (accumulation over ghost batches is exact); the measured noise scale (it only reads
+# the gradients; on one device with one micro-batch its updates differ in float rounding);
+# what to do on a non-finite update (nothing happens until one occurs).
+# tests/test_fingerprint.py checks every config field is in one list or the other.
+NON_TRAJECTORY_FIELDS = (
+  'checkpoint_every_epochs',
+  'compilation_cache_dir',
+  'data_dir',
+  'eval_batch_size',
+  'eval_every_epochs',
+  'gns',
+  'log_every_epochs',
+  'max_micro_batch_size',
+  'nonfinite',
+  'steps_per_dispatch',
+  'stop_after_steps',
+)
+
 
 @dataclasses.dataclass(frozen=True)
 class Position:

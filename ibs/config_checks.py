@@ -150,8 +150,8 @@ def _check_step_options(config: Any) -> None:
     )
   if config.nonfinite not in step.NONFINITE_POLICIES:
     raise ConfigError(
-      f'config.nonfinite={config.nonfinite!r} must be one of {step.NONFINITE_POLICIES}: '
-      "'stop' ends the run at a non-finite loss or gradient, 'skip' drops such updates."
+      f"config.nonfinite={config.nonfinite!r} must be 'stop' (end the run at a NaN or inf "
+      "loss or gradient) or 'skip' (leave the parameters as they were, count it)."
     )
 
 

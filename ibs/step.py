@@ -110,6 +110,7 @@ class StepOptions:
     off (config.gns.enabled=False).
   gns_split_every: on one device with one micro-batch, measure on every this-many-th
     update only (config.gns.split_every): each measurement costs a second backward pass.
+    0: never (chosen for convolutional models on XLA:CPU, see `_loop_structure`).
   nonfinite: 'stop' or 'skip' (see the module docstring).
   per_example_loss: (model output, labels) → per-example losses; cross-entropy with
     integer labels for every ibs model (experiments/validate_gns.py passes a squared
@@ -297,20 +298,13 @@ def _update(
   plan: sharding.MicroBatchPlan,
   options: StepOptions,
   ghost_batch_size: int,
-  measure_now: Any = True,
 ) -> tuple[TrainState, Metrics]:
-  """One update on this device's (A, b, ...) share of a global batch.
-
-  `measure_now` (a bool, or a traced one) matters only to one device with one
-  micro-batch, where measuring the noise scale costs a second backward pass.
-  """
+  """One update on this device's (A, b, ...) share of a global batch."""
   measure = bool(options.gns_horizon_examples)
   if plan.accumulation == 1:
     micro = jax.tree.map(lambda x: x[0], batch)
     if measure and plan.num_devices == 1:
-      return _split_update(
-        state, micro, running, plan, options, ghost_batch_size, measure_now
-      )
+      return _split_update(state, micro, running, plan, options, ghost_batch_size)
     # No loop for a batch that fits: the step is then a plain step.
     batch_stats, acc = _accumulate(state, state.batch_stats, None, micro, options)
     return _finish(state, acc, batch_stats, running, plan, options)
@@ -329,13 +323,14 @@ def _update(
   return _finish(state, acc, batch_stats, running, plan, options)
 
 
-def _split_update(state, micro, running, plan, options, ghost_batch_size, measure_now):
-  """One update of one device with one micro-batch; measured if `measure_now`.
+def _split_update(state, micro, running, plan, options, ghost_batch_size):
+  """One update of one device with one micro-batch, measured on every split_every-th.
 
   The measurement back-propagates the batch's halves apart, a second backward pass
-  (about twice the step on XLA:CPU for the default model), so `_updates` asks for it
-  on about one update in `options.gns_split_every`; the others are plain updates, and
-  the moving averages decay over the examples in between (ibs/gns.py).
+  (about twice the step on XLA:CPU for the default model), so it runs on the updates
+  whose step is a multiple of `options.gns_split_every` only: a function of the step, so
+  that a resumed run measures where an uninterrupted one does. The others are plain
+  updates, and the moving averages decay over the examples in between (ibs/gns.py).
   """
   split = split_point(plan.micro_batch_size, ghost_batch_size)
 
@@ -351,10 +346,13 @@ def _split_update(state, micro, running, plan, options, ghost_batch_size, measur
     )
     return grads, batch_stats, losses, correct, jnp.full((), jnp.nan, jnp.float32)
 
-  if isinstance(measure_now, bool):
-    outputs = measured(state) if measure_now else plain(state)
+  every = options.gns_split_every
+  if every == 1:
+    outputs = measured(state)
+  elif every == 0:  # never (see `_loop_structure`)
+    outputs = plain(state)
   else:
-    outputs = jax.lax.cond(measure_now, measured, plain, state)
+    outputs = jax.lax.cond(state.step % every == 0, measured, plain, state)
   grads, batch_stats, losses, correct, small_sq = outputs
   acc = _Accumulated(grads, small_sq, _local_metrics(losses, correct))
   return _finish(
@@ -366,36 +364,22 @@ def _updates(state, batches, running, num_steps, *, plan, options, ghost_batch_s
   """`num_steps` ≤ K updates on this device's (K, A, b, ...) batches, in order.
 
   The trip count is a value, not a shape: one executable serves every count (the
-  layout pads the unused slots). K = 1 runs its one update without a loop. Where the
-  noise-scale measurement needs a second backward pass (one device, one micro-batch),
-  only a dispatch's first update may measure: it does when the dispatch holds a multiple
-  of `gns_split_every` updates, so about one update in that many measures and the
-  conditional runs once per dispatch, not once per update.
+  layout pads the unused slots). K = 1 runs its one update without a loop.
   """
   update = functools.partial(
     _update, plan=plan, options=options, ghost_batch_size=ghost_batch_size
   )
-
-  def nth(index):
-    return jax.tree.map(
-      lambda x: jax.lax.dynamic_index_in_dim(x, index, 0, False), batches
-    )
-
-  every = options.gns_split_every
-  if every == 1:
-    measure_first, measure_rest = True, True
-  else:
-    first_multiple = (state.step + every - 1) // every * every
-    measure_first, measure_rest = first_multiple < state.step + num_steps, False
   with ghost_batch_norm.running_statistics_across(sharding.DATA_AXIS):
-    state, running = update(state, nth(0), running, measure_now=measure_first)
     if jax.tree.leaves(batches)[0].shape[0] == 1:
-      return state, running
+      return update(state, jax.tree.map(lambda x: x[0], batches), running)
 
     def body(index, carry):
-      return update(*carry[:1], nth(index), carry[1], measure_now=measure_rest)
+      batch = jax.tree.map(
+        lambda x: jax.lax.dynamic_index_in_dim(x, index, 0, False), batches
+      )
+      return update(*carry[:1], batch, carry[1])
 
-    return jax.lax.fori_loop(1, num_steps, body, (state, running))
+    return jax.lax.fori_loop(0, num_steps, body, (state, running))
 
 
 def _per_device(fn, mesh, in_specs, out_specs):
@@ -522,23 +506,33 @@ def _convolves(jaxpr) -> bool:
 
 
 def _loop_structure(
-  requested_k: int, host_loop: bool | None, state, plans, example
-) -> tuple[int, bool]:
-  """(K, host loop): the one place that decides how updates are looped.
+  requested_k: int, host_loop: bool | None, options: StepOptions, state, plans, example
+) -> tuple[int, bool, StepOptions]:
+  """(K, host loop, options): the one place that decides how updates are looped.
 
-  K updates per dispatch run in a loop, and so do the micro-batches of an accumulated
-  update; on XLA:CPU a convolutional model is ~20× slower inside one. There, K falls
-  back to 1 and accumulation to the host loop. `host_loop` forces the choice (tests).
+  K updates per dispatch run in a loop, the micro-batches of an accumulated update too,
+  and the every-n-th noise-scale measurement of a one-micro-batch update runs in a
+  conditional; on XLA:CPU a convolutional model is ~20× slower inside any of them (its
+  convolutions lose their fast layouts outside the entry computation). There, K falls
+  back to 1, accumulation to the host loop, and the split measurement is left out (the
+  noise scale is then measured only where devices or micro-batches give it for free).
+  `host_loop` forces the choice (tests).
   """
-  if host_loop is None:
-    host_loop = bool(plans) and _slow_in_a_loop(state, plans[0], example)
+  slow = bool(plans) and _slow_in_a_loop(state, plans[0], example)
+  host_loop = slow if host_loop is None else host_loop
   if host_loop and requested_k > 1:
     logging.warning(
       'config.steps_per_dispatch=%d ignored: on XLA:CPU a convolutional model runs '
       'much slower inside a loop; one step per dispatch instead.',
       requested_k,
     )
-  return (1 if host_loop else requested_k), host_loop
+  if slow and options.gns_horizon_examples and options.gns_split_every > 1:
+    logging.warning(
+      'On XLA:CPU a convolutional model runs much slower inside a conditional: the '
+      'noise scale is not measured on steps with one device and one micro-batch.'
+    )
+    options = dataclasses.replace(options, gns_split_every=0)
+  return (1 if host_loop else requested_k), host_loop, options
 
 
 def batch_shapes(
@@ -573,9 +567,8 @@ def compile_train_steps(
   state_shapes = _abstract(state, rep)
   metric_shapes = _abstract(Metrics.empty(), rep)
   count_shape = jax.ShapeDtypeStruct((), jnp.int32, sharding=rep)
-  accumulating = [plan for plan in plans if plan.accumulation > 1]
-  k, host_loop = _loop_structure(
-    steps_per_dispatch, host_loop, state_shapes, accumulating, example
+  k, host_loop, options = _loop_structure(
+    steps_per_dispatch, host_loop, options, state_shapes, plans, example
   )
   batch_spec = P(None, None, sharding.DATA_AXIS)
   compiled = {}

@@ -134,7 +134,11 @@ def evaluate(eval_step, state, source, preprocess, config, mesh) -> dict[str, fl
 
 
 def hyperparameter_scalars(
-  state: step_lib.TrainState, config: Any, phase: schedules.Phase, n: int
+  state: step_lib.TrainState,
+  config: Any,
+  phase: schedules.Phase,
+  phase_index: int,
+  n: int,
 ) -> dict[str, float]:
   """ε and m of the last update (from the optimizer state), B, the paper's g, the
   measured noise scale, and the count of updates that were not finite."""
@@ -145,12 +149,39 @@ def hyperparameter_scalars(
     'learning_rate': lr,
     'momentum': momentum,
     'batch_size': phase.batch_size,
+    'phase': phase_index,
     'noise_scale': noise_scale.noise_scale(lr, n, phase.batch_size, momentum),
     'nonfinite_updates': int(state.nonfinite_updates),
   }
   if config.gns.enabled:
     scalars.update(gns.estimates(state.gns))
   return scalars
+
+
+def check_restored(position, state, schedule, config) -> None:
+  """The restored record agrees with the restored state and with this config's clock.
+
+  The fingerprint covers the config; this covers the record itself: a position whose
+  step and examples do not follow from the schedule would resume the data stream
+  somewhere else than the parameters stand. (Its phase is the one that ran last, which
+  at a phase boundary is not the one the next step starts.)
+  """
+  where = clock.position(schedule, position.step)
+  problems = [
+    f'{name} {got} (expected {want})'
+    for name, got, want in (
+      ('step', int(state.step), position.step),
+      ('examples seen', position.examples_seen, where.examples_seen),
+      ('data seed', position.data_seed, config.data_seed),
+    )
+    if got != want
+  ]
+  if problems:
+    raise checkpoint.CheckpointError(
+      f'The checkpoint of step {position.step} does not agree with itself or with this '
+      f'config: {", ".join(problems)}. Resume it with the config that wrote it, or '
+      'use a new --workdir.'
+    )
 
 
 def check_finite(state, schedule, manager) -> None:
@@ -260,6 +291,7 @@ def _train_and_evaluate(config, schedule, workdir, preempt) -> dict[str, Any]:
     if metrics is not None:
       train_metrics = jax.device_put(metrics, sharding.replicated(mesh))
     previous_train_s = position.train_time_s
+    check_restored(position, state, schedule, config)
     logging.info(
       'Resumed at step %d (%d examples seen).', position.step, position.examples_seen
     )
@@ -362,7 +394,7 @@ def _train_and_evaluate(config, schedule, workdir, preempt) -> dict[str, Any]:
         }
         if 'log' in due:
           scalars = {f'train_{k}': float(v) for k, v in train_metrics.compute().items()}
-          scalars.update(hyperparameter_scalars(state, config, phase, n))
+          scalars.update(hyperparameter_scalars(state, config, phase, phase_index, n))
           scalars.update(progress.period_scalars())  # examples/s and step time
           writer.write_scalars(step, {**scalars, **position})
           train_metrics = step_lib.empty_metrics(mesh)

@@ -11,6 +11,7 @@ import os
 import pathlib
 import shutil
 import sys
+import time
 
 import nbformat
 import numpy as np
@@ -108,6 +109,10 @@ def test_read_scalars_keeps_the_rewritten_steps_of_a_resumed_run(tmp_path):
   first.write_scalars(4, {'epoch': 0.4})
   first.write_scalars(4, {'epoch': 0.5})  # A step logged twice keeps its last value.
   first.close()
+  # Event files are read in name order, and the names start with the creation second;
+  # within one second (one process here, unlike a real resume) they end in a counter
+  # that sorts as text ('10' before '9'). A real resume starts seconds later.
+  time.sleep(1.1)
   resumed = metric_writers.create_default_writer(str(tmp_path))
   for step in (3, 4, 5):
     resumed.write_scalars(step, {'train_loss': 100.0 + step})

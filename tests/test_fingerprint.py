@@ -1,0 +1,52 @@
+"""Every config field is either in the checkpoint fingerprint or explicitly not.
+
+The fingerprint (ibs/checkpoint.py) decides whether a workdir's checkpoint may be resumed
+by a config; a field missing from it lets a changed trajectory resume silently, as
+`image_size` once did. A new config field must be placed in one list or the other.
+"""
+
+import importlib
+import pathlib
+
+import pytest
+
+from ibs import checkpoint
+
+CONFIGS = sorted(
+  p.stem
+  for p in (pathlib.Path(__file__).resolve().parents[1] / 'configs').glob('*.py')
+  if p.stem not in ('__init__', 'variants')
+)
+
+
+@pytest.mark.parametrize('name', CONFIGS)
+def test_every_config_field_is_classified_for_the_fingerprint(name):
+  config = importlib.import_module(f'configs.{name}').get_config()
+  trajectory = set(checkpoint.TRAJECTORY_FIELDS)
+  other = set(checkpoint.NON_TRAJECTORY_FIELDS)
+  assert not trajectory & other, trajectory & other
+  unclassified = set(config.keys()) - trajectory - other
+  assert not unclassified, (
+    f'configs/{name}.py has fields {sorted(unclassified)} in neither '
+    'checkpoint.TRAJECTORY_FIELDS nor checkpoint.NON_TRAJECTORY_FIELDS'
+  )
+
+
+def test_changing_a_trajectory_field_changes_the_fingerprint():
+  from configs import default
+
+  base = default.get_config()
+  for field, value in (
+    ('seed', 1),
+    ('ghost_batch_size', 16),
+    ('optimizer', 'nesterov'),
+  ):
+    changed = base.copy_and_resolve_references()
+    changed[field] = value
+    assert checkpoint.config_fingerprint(changed) != checkpoint.config_fingerprint(base)
+  changed = base.copy_and_resolve_references()
+  changed.schedule.learning_rate = 0.2
+  assert checkpoint.config_fingerprint(changed) != checkpoint.config_fingerprint(base)
+  changed = base.copy_and_resolve_references()
+  changed.eval_every_epochs = 1.0  # not a trajectory field
+  assert checkpoint.config_fingerprint(changed) == checkpoint.config_fingerprint(base)
