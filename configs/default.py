@@ -52,7 +52,7 @@ def get_config() -> ml_collections.ConfigDict:
   # with one micro-batch measures on every split_every-th update only (each costs a
   # second backward pass; docs/BENCHMARKS.md).
   config.gns = ml_collections.ConfigDict(
-    dict(enabled=True, horizon_examples=20_000, split_every=50)
+    dict(enabled=True, horizon_examples=20_000, split_every=100)
   )
   config.nonfinite = 'stop'  # a non-finite loss or gradient: 'stop' the run, or 'skip'
   # the update and go on (ibs/step.py)

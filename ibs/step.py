@@ -298,13 +298,20 @@ def _update(
   plan: sharding.MicroBatchPlan,
   options: StepOptions,
   ghost_batch_size: int,
+  measure_now: Any = True,
 ) -> tuple[TrainState, Metrics]:
-  """One update on this device's (A, b, ...) share of a global batch."""
+  """One update on this device's (A, b, ...) share of a global batch.
+
+  `measure_now` (a bool, or a traced one) matters only to one device with one
+  micro-batch, where measuring the noise scale costs a second backward pass.
+  """
   measure = bool(options.gns_horizon_examples)
   if plan.accumulation == 1:
     micro = jax.tree.map(lambda x: x[0], batch)
     if measure and plan.num_devices == 1:
-      return _split_update(state, micro, running, plan, options, ghost_batch_size)
+      return _split_update(
+        state, micro, running, plan, options, ghost_batch_size, measure_now
+      )
     # No loop for a batch that fits: the step is then a plain step.
     batch_stats, acc = _accumulate(state, state.batch_stats, None, micro, options)
     return _finish(state, acc, batch_stats, running, plan, options)
@@ -323,14 +330,14 @@ def _update(
   return _finish(state, acc, batch_stats, running, plan, options)
 
 
-def _split_update(state, micro, running, plan, options, ghost_batch_size):
-  """One update of one device with one micro-batch, measured on every split_every-th.
+def _split_update(state, micro, running, plan, options, ghost_batch_size, measure_now):
+  """One update of one device with one micro-batch; measured if `measure_now`.
 
   The measurement back-propagates the batch's halves apart, a second backward pass
-  (about twice the step on XLA:CPU for the default model), so it runs on the updates
-  whose step is a multiple of `options.gns_split_every` only: a function of the step, so
-  that a resumed run measures where an uninterrupted one does. The others are plain
-  updates, and the moving averages decay over the examples in between (ibs/gns.py).
+  (about twice the step on XLA:CPU for the default model), so `_updates` asks for it on
+  the updates whose step is a multiple of `options.gns_split_every` only. The others are
+  plain updates, and the moving averages decay over the examples in between
+  (ibs/gns.py).
   """
   split = split_point(plan.micro_batch_size, ghost_batch_size)
 
@@ -346,13 +353,12 @@ def _split_update(state, micro, running, plan, options, ghost_batch_size):
     )
     return grads, batch_stats, losses, correct, jnp.full((), jnp.nan, jnp.float32)
 
-  every = options.gns_split_every
-  if every == 1:
-    outputs = measured(state)
-  elif every == 0:  # never (see `_loop_structure`)
-    outputs = plain(state)
+  if options.gns_split_every == 0:  # never (see `_loop_structure`)
+    measure_now = False
+  if isinstance(measure_now, bool):
+    outputs = measured(state) if measure_now else plain(state)
   else:
-    outputs = jax.lax.cond(state.step % every == 0, measured, plain, state)
+    outputs = jax.lax.cond(measure_now, measured, plain, state)
   grads, batch_stats, losses, correct, small_sq = outputs
   acc = _Accumulated(grads, small_sq, _local_metrics(losses, correct))
   return _finish(
@@ -365,21 +371,51 @@ def _updates(state, batches, running, num_steps, *, plan, options, ghost_batch_s
 
   The trip count is a value, not a shape: one executable serves every count (the
   layout pads the unused slots). K = 1 runs its one update without a loop.
+
+  Where measuring the noise scale takes a second backward pass (one device, one
+  micro-batch), the updates whose step is a multiple of `gns_split_every` measure: a
+  function of the step, so that any K and a resumed run measure where an uninterrupted
+  run does. Asking on every update costs a conditional per update (~10% of a
+  sub-millisecond step on XLA:CPU), so a dispatch asks once whether it holds such a step,
+  and only a dispatch that does runs the loop that asks per update.
   """
   update = functools.partial(
     _update, plan=plan, options=options, ghost_batch_size=ghost_batch_size
   )
-  with ghost_batch_norm.running_statistics_across(sharding.DATA_AXIS):
-    if jax.tree.leaves(batches)[0].shape[0] == 1:
-      return update(state, jax.tree.map(lambda x: x[0], batches), running)
+  every = options.gns_split_every
+  sampled = (
+    options.gns_horizon_examples
+    and plan.num_devices * plan.accumulation == 1
+    and every > 1
+  )
+
+  def loop(measure, carry):
+    """The K-update loop; `measure` is True, False, or 'per step' (ask each update)."""
 
     def body(index, carry):
       batch = jax.tree.map(
         lambda x: jax.lax.dynamic_index_in_dim(x, index, 0, False), batches
       )
-      return update(*carry[:1], batch, carry[1])
+      state, running = carry
+      measure_now = (state.step % every == 0) if measure == 'per step' else measure
+      return update(state, batch, running, measure_now=measure_now)
 
-    return jax.lax.fori_loop(0, num_steps, body, (state, running))
+    return jax.lax.fori_loop(0, num_steps, body, carry)
+
+  with ghost_batch_norm.running_statistics_across(sharding.DATA_AXIS):
+    if jax.tree.leaves(batches)[0].shape[0] == 1:
+      measure_now = (state.step % every == 0) if sampled else True
+      batch = jax.tree.map(lambda x: x[0], batches)
+      return update(state, batch, running, measure_now=measure_now)
+    if not sampled:
+      return loop(True, (state, running))
+    first_multiple = (state.step + every - 1) // every * every
+    return jax.lax.cond(
+      first_multiple < state.step + num_steps,
+      functools.partial(loop, 'per step'),
+      functools.partial(loop, False),
+      (state, running),
+    )
 
 
 def _per_device(fn, mesh, in_specs, out_specs):
