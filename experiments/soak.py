@@ -43,7 +43,8 @@ SHORT = [
   '--config.checkpoint_every_epochs=1.0',
   '--config.eval_every_epochs=2.0',
 ]
-TIME_SCALARS = {'steps_per_sec', 'uptime'}
+# Wall-clock scalars: clu's, and ibs.reporting's per log period.
+TIME_SCALARS = {'steps_per_sec', 'uptime', 'examples_per_sec', 'step_time_ms'}
 EXIT_PREEMPTED = 75
 
 
@@ -240,7 +241,7 @@ def soak(args):
 
 def _training_seconds(text):
   times = re.findall(
-    r'^I\d{4} (\d\d):(\d\d):(\d\d\.\d+) .*(?:Phase 0:|steps_per_sec)', text, re.M
+    r'^I\d{4} (\d\d):(\d\d):(\d\d\.\d+) .*(?:Phase 0:|examples_per_sec)', text, re.M
   )
   if len(times) < 2:
     return None
