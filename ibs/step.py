@@ -18,12 +18,13 @@ and the two squared norms feed McCandlish et al.'s estimators and their moving a
 gradient comes from one forward pass and two backward passes over the two halves of the
 batch, split at a ghost-batch boundary (exact halves: ghost BN couples no examples across
 it) or, for a batch of one ghost batch, at its middle (the halves then share BN
-statistics, which biases tr(Σ) slightly); it costs the second backward pass, so
-`config.gns.enabled=False` turns it off.
+statistics, which biases tr(Σ) slightly). It costs a second backward pass, so only the
+updates whose step is a multiple of `config.gns.split_every` measure there (see
+`_updates`); `config.gns.enabled=False` turns the measurement off everywhere.
 
 With ghost batch norm the loss of a batch is the mean of its ghost-batch losses, so the
 mean of the micro-batch gradients *is* the whole batch's gradient (docs/PAPER.md, "Batch
-norm"), and memory does not grow with A (`lax.scan`). The BN running averages move once
+norm"), and memory does not grow with A (a `fori_loop` indexing the batch in place). The BN running averages move once
 per ghost batch, in order: for micro-batch a, device 0's ghost batches, then device
 1's, ... (ibs/models/ghost_batch_norm.py gathers those few floats; on one device this is
 stream order).
@@ -36,8 +37,8 @@ non-finite state. With 'skip' the update is dropped, counted, and training goes 
 Compilation (docs/DESIGN.md decision 4): `compile_train_steps` compiles one executable
 per distinct batch shape ahead of time; ε and m are values in the optimizer state, so
 phases that share a shape share the executable, and it never recompiles. The choice of
-K (updates per dispatch) and of the XLA:CPU host loop is made once, in
-`_loop_structure`.
+K (updates per dispatch), of the XLA:CPU host loop and of the conditional split
+measurement is made once, in `_loop_structure`.
 """
 
 import dataclasses
