@@ -251,15 +251,27 @@ def _finish(
 
   `split` is (|G_b|², b) from `split_batch_gradients` when the batch was split.
   """
-  axis = sharding.DATA_AXIS
   local_grads = jax.tree.map(lambda g: g / plan.accumulation, acc.grad_sum)
-  grads = jax.lax.pmean(local_grads, axis)  # The gradient's only all-reduce.
-  batch_metrics = jax.tree.map(lambda x: jax.lax.psum(x, axis), acc.metrics)
+  measure = bool(options.gns_horizon_examples)
+  # The update's one all-reduce: the gradient, with the metric sums and the squared
+  # norm of this device's gradient riding along, all float32 so that XLA makes one
+  # collective of them (independent collectives may run in different orders on
+  # different devices, which gloo on CPU cannot match).
+  payload = {
+    'grads': local_grads,
+    'metrics': jax.tree.map(lambda x: x.astype(jnp.float32), acc.metrics),
+    'small_sq': _sq_norm(local_grads) if measure else jnp.zeros((), jnp.float32),
+  }
+  summed = jax.lax.psum(payload, sharding.DATA_AXIS)
+  grads = jax.tree.map(lambda g: g / plan.num_devices, summed['grads'])  # the mean
+  batch_metrics = jax.tree.map(
+    lambda total, local: total.astype(local.dtype), summed['metrics'], acc.metrics
+  )
   big_sq = _sq_norm(grads)
   gns_state = state.gns
-  if options.gns_horizon_examples:
+  if measure:
     if plan.num_devices > 1:
-      small_sq = jax.lax.pmean(_sq_norm(local_grads), axis)
+      small_sq = summed['small_sq'] / plan.num_devices
       small_b = plan.accumulation * plan.micro_batch_size
     elif plan.accumulation > 1:
       small_sq = acc.small_sq_sum / plan.accumulation

@@ -121,11 +121,15 @@ class GhostBatchNorm(nn.Module):
     if train:
       mean, variance = ghost_statistics(x, self.ghost_batch_size)
       if not self.is_initializing():
+        # One gather for both: independent collectives may be issued in different
+        # orders on different devices (gloo on CPU then mixes them up).
+        gathered = _gathered(jnp.concatenate([mean, variance], axis=-1))
+        all_means, all_variances = jnp.split(gathered, 2, axis=-1)
         running_mean.value = sequential_moving_average(
-          running_mean.value, _gathered(mean), self.momentum
+          running_mean.value, all_means, self.momentum
         )
         running_var.value = sequential_moving_average(
-          running_var.value, _gathered(variance), self.momentum
+          running_var.value, all_variances, self.momentum
         )
       groups = x.astype(jnp.float32).reshape((mean.shape[0], -1, features))
       normalized = (groups - mean[:, None, :]) * jax.lax.rsqrt(
