@@ -56,11 +56,10 @@ def measure(num_devices: int, max_micro_batch_size: int, seed: int) -> dict[str,
   """B_simple measured by the train step over STEPS updates in one layout."""
   mesh = sharding.make_mesh(jax.devices()[:num_devices])
   model = nn.Dense(1, use_bias=False)
-  params = model.init(jax.random.key(0), jnp.zeros((1, DIM)))['params']
   w_star = np.zeros(DIM, np.float32)
   w = np.zeros(DIM, np.float32)
   w[0] = np.sqrt(DELTA_SQ)  # |Δ|² = DELTA_SQ
-  params = {'kernel': jnp.asarray(w)[:, None]}
+  params = {'kernel': jnp.asarray(w)[:, None]}  # nn.Dense(1)'s parameters, set by hand
 
   def apply(variables, x, train, mutable):
     del train, mutable
