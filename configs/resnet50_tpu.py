@@ -7,7 +7,7 @@ instead: the batch doubles to the cap 16384 at epoch 30 and the learning rate fa
 there (the hybrid cap rule), so ε/B still falls ×10 at every milestone.
 
 Prepare ImageNet once (the two tars from image-net.org in DIR; writes array_record):
-  python -m ibs.prepare imagenet2012 --data_dir=gs://BUCKET/tfds --manual_dir=DIR
+  python -m ibs.data.prepare imagenet2012 --data_dir=gs://BUCKET/tfds --manual_dir=DIR
 
 On every host of the TPU VM (the same command everywhere), from a copy of the checkout
 (configs/ comes with it). From the folder that holds your checkout ibs/:

@@ -22,7 +22,7 @@ from absl import app, flags
 from configs import default
 from ibs import sharding, train
 from ibs import step as step_lib
-from ibs.datasets import catalog
+from ibs.data import catalog
 
 _REPETITIONS = flags.DEFINE_integer('repetitions', 15, 'Interleaved repetitions.')
 _DISPATCHES = flags.DEFINE_integer('dispatches', 20, 'Dispatches timed per repetition.')

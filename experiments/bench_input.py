@@ -1,7 +1,7 @@
 r"""Input-pipeline throughput beside the train step's consumption, on this machine.
 
 For each workload and batch size it measures, in examples per second:
-  pipeline  `input_pipeline.train_batches` alone (order, gather, augmentation, prefetch);
+  pipeline  `ibs.data.pipeline.train_batches` alone (order, gather, augmentation, prefetch);
   step      the compiled train step fed one fixed host batch (`train_step(state,
             [batch], metrics)`, which includes its host → device layout);
   loop      both together, one step per dispatch (ibs.train can dispatch several
@@ -39,9 +39,9 @@ import jax
 import numpy as np
 
 from configs import cifar10_wrn, default
-from ibs import config_checks, input_pipeline, sharding, train
+from ibs import config_checks, sharding, train
 from ibs import step as step_lib
-from ibs.datasets import augment, catalog
+from ibs.data import augment, catalog, pipeline
 
 WORKLOADS = ('mnist1d', 'cifar', 'imagenet', 'fake224')
 ARGS = argparse.Namespace(seconds=3.0, repetitions=3, gns='on')
@@ -69,7 +69,7 @@ def summary(rates: list[float]) -> str:
 
 def stream(source, preprocess, batch_size: int, num_steps: int = 10**6):
   """The training stream from position 0 (data seed 0), one process."""
-  return input_pipeline.train_batches(
+  return pipeline.train_batches(
     source,
     preprocess,
     seed=0,
@@ -87,8 +87,7 @@ def step_measurers(config, source, preprocess, batch_size: int):
   """Two callables timing (step alone, pipeline + step) in examples/s at `batch_size`."""
   config.gns.enabled = ARGS.gns == 'on'
   mesh = sharding.make_mesh()
-  spec = catalog.dataset_spec(config)
-  schedule = config_checks.check_config(config, jax.device_count())
+  spec, schedule = config_checks.check_config(config, jax.device_count())
   model = train.create_model(config, spec.num_classes)
   plan = sharding.plan_micro_batches(
     batch_size, jax.device_count(), config.ghost_batch_size, config.max_micro_batch_size
@@ -153,8 +152,9 @@ def measure(label: str, batch_size: int, source, preprocess, config=None) -> Non
 def bench_mnist1d(data_dir: str) -> None:
   config = default.get_config()
   config.data_dir = data_dir
-  source = input_pipeline.load_source(config, 'train')
-  preprocess = input_pipeline.preprocess_fn(config)
+  spec = catalog.dataset_spec(config)
+  source = pipeline.load_source(config, spec, 'train')
+  preprocess = pipeline.preprocess_fn(config, spec)
   for batch_size in (32, 160, 800, 4000):  # the default schedule's four phases
     measure('MNIST-1D / cnn1d', batch_size, source, preprocess, config)
 
@@ -162,7 +162,7 @@ def bench_mnist1d(data_dir: str) -> None:
 def bench_cifar(data_dir: str) -> None:
   del data_dir
   rng = np.random.default_rng(0)
-  source = input_pipeline.ArraySource(
+  source = pipeline.ArraySource(
     inputs=rng.integers(0, 256, (50_000, 32, 32, 3), dtype=np.uint8),
     labels=rng.integers(0, 10, 50_000).astype(np.int32),
   )
@@ -203,7 +203,7 @@ def bench_imagenet(data_dir: str) -> None:
       buffer, 'JPEG', quality=90
     )
     images.append(buffer.getvalue())
-  source = input_pipeline.EncodedImageSource(_JpegList(images, np.arange(64) % 1000))
+  source = pipeline.EncodedImageSource(_JpegList(images, np.arange(64) % 1000))
   for batch_size in (64, 256):
     measure(
       f'ImageNet 500×375 JPEG → 224 crop ({os.cpu_count()} threads)',
@@ -215,7 +215,7 @@ def bench_imagenet(data_dir: str) -> None:
 
 def bench_fake224(data_dir: str) -> None:
   del data_dir
-  source = input_pipeline.FakeSource(100_000, (224, 224, 3), 1000, 0)
+  source = pipeline.FakeSource(100_000, (224, 224, 3), 1000, 0)
   for batch_size in (64, 256):
     measure('fake 224×224×3', batch_size, source, augment.cast)
 

@@ -8,13 +8,13 @@ from __future__ import annotations
 import math
 import os
 import tempfile
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from ibs import models, optim, schedules, sharding, step
-from ibs.datasets import catalog
+from ibs.data import catalog
 
 
 class ConfigError(ValueError):
@@ -25,18 +25,25 @@ def _is_int(value: Any) -> bool:
   return isinstance(value, int) and not isinstance(value, bool)
 
 
+class Checked(NamedTuple):
+  """What a valid config resolves to; a run resolves it once and passes it on."""
+
+  spec: catalog.DatasetSpec  # sizes and shapes of config.dataset
+  schedule: schedules.Schedule  # built for spec.num_train_examples
+
+
 def check_config(
   config: Any, num_devices: int, process_count: int = 1, workdir: str | None = None
-) -> schedules.Schedule:
-  """Validates `config` for this many devices and processes; returns its Schedule.
+) -> Checked:
+  """Validates `config` for this many devices and processes; returns its spec and Schedule.
 
-  Given `workdir`, also checks that it can be created and written (last: a config that
-  fails another check leaves the file system untouched).
+  The dataset spec is resolved here, once per run: the schedule, the model and the input
+  pipeline all read this one (ibs/train.py passes it on). Given `workdir`, also checks
+  that it can be created and written (last: a config that fails another check leaves
+  the file system untouched).
   """
   if config.dataset not in catalog.DATASETS:
-    raise ConfigError(
-      f'Unknown config.dataset={config.dataset!r}. Choose one of {list(catalog.DATASETS)}.'
-    )
+    raise ConfigError(str(catalog.unknown_dataset(config.dataset)))
   if config.model not in models.model_names():
     raise ConfigError(
       f'Unknown config.model={config.model!r}. Choose one of {models.model_names()}.'
@@ -129,7 +136,7 @@ def check_config(
   _check_model(config, spec)
   if workdir is not None:
     check_workdir(workdir)
-  return schedule
+  return Checked(spec, schedule)
 
 
 def _check_step_options(config: Any) -> None:

@@ -112,7 +112,7 @@ def resolve_config_path(argv: list[str]) -> list[str]:
 def _user_errors() -> tuple[type[BaseException], ...]:
   """Exception types that are the user's to fix (imported lazily: they pull in JAX)."""
   from ibs import checkpoint, config_checks, divergence, lock  # noqa: PLC0415
-  from ibs.datasets import prepared  # noqa: PLC0415
+  from ibs.data import prepared  # noqa: PLC0415
 
   return (
     UserError,

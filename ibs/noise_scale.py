@@ -292,7 +292,7 @@ def plot_schedule(
 
 def report(config: Any, baseline: bool = False, plot: str | None = None) -> str:
   """The calculator's output for `config`: table, optional baseline, optional plot."""
-  from ibs.datasets import catalog
+  from ibs.data import catalog
 
   n = catalog.dataset_spec(config).num_train_examples
   schedule = schedules.from_config(config, n)

@@ -8,7 +8,7 @@ One device order threads through input and step (big_vision's habit): the order 
 mesh's `data` axis. A training batch has the global shape (K, A, D·b, ...), sharded on
 its third axis, so the device at mesh position i holds rows [i·b, (i+1)·b) of every
 micro-batch: (K, A, b, ...) for the per-device step (ibs/step.py). Each process reads one
-contiguous slice of the global batch's stream positions (ibs/input_pipeline.py) and
+contiguous slice of the global batch's stream positions (ibs/data/pipeline.py) and
 hands it to its own devices in their mesh order, device-major: local device j gets the
 j-th run of A·b consecutive positions, micro-batch a being the a-th chunk of that run. On
 one process this makes mesh position i hold positions [i·A·b, (i+1)·A·b), whatever

@@ -26,7 +26,6 @@ from ibs import (
   config_checks,
   divergence,
   gns,
-  input_pipeline,
   lock,
   models,
   noise_scale,
@@ -37,7 +36,7 @@ from ibs import (
   sharding,
 )
 from ibs import step as step_lib
-from ibs.datasets import catalog
+from ibs.data import pipeline
 
 
 def create_model(config: Any, num_classes: int):
@@ -121,7 +120,7 @@ def compile_phases(config, mesh, state, plans, spans, start_step, example):
 def evaluate(eval_step, state, source, preprocess, config, mesh) -> dict[str, float]:
   """Loss and accuracy over the whole test split, each example counted once."""
   total = None
-  for local in input_pipeline.eval_batches(
+  for local in pipeline.eval_batches(
     source,
     preprocess,
     batch_size=config.eval_batch_size,
@@ -239,20 +238,19 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
   the dispatch in flight (summary['preempted']; docs/RELIABILITY.md). One process owns a
   workdir (ibs/lock.py).
   """
-  schedule = config_checks.check_config(
+  spec, schedule = config_checks.check_config(
     config, jax.device_count(), jax.process_count(), workdir=workdir
   )
   workdir_lock = (
     lock.WorkdirLock(workdir) if jax.process_index() == 0 else contextlib.nullcontext()
   )
   with workdir_lock, preemption.PreemptionHandler(jax.process_count()) as preempt:
-    return _train_and_evaluate(config, schedule, workdir, preempt)
+    return _train_and_evaluate(config, spec, schedule, workdir, preempt)
 
 
-def _train_and_evaluate(config, schedule, workdir, preempt) -> dict[str, Any]:
+def _train_and_evaluate(config, spec, schedule, workdir, preempt) -> dict[str, Any]:
   wall_start = time.perf_counter()
   mesh = sharding.make_mesh()
-  spec = catalog.dataset_spec(config)
   n = spec.num_train_examples
   spans = clock.phase_spans(schedule)
   plans = [
@@ -271,9 +269,9 @@ def _train_and_evaluate(config, schedule, workdir, preempt) -> dict[str, Any]:
     jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
 
   # Data first: a dataset that is not prepared must fail before any compilation.
-  train_source = input_pipeline.load_source(config, 'train')
-  test_source = input_pipeline.load_source(config, 'test')
-  preprocess = input_pipeline.preprocess_fn(config)
+  train_source = pipeline.load_source(config, spec, 'train')
+  test_source = pipeline.load_source(config, spec, 'test')
+  preprocess = pipeline.preprocess_fn(config, spec)
 
   # Init, or restore the newest intact checkpoint (ibs/checkpoint.py). The running train
   # metrics are checkpointed too: a resume between two logs logs what an uninterrupted
@@ -353,7 +351,7 @@ def _train_and_evaluate(config, schedule, workdir, preempt) -> dict[str, Any]:
         end,
       )
       examples = span.start_examples + (step - span.first_step) * phase.batch_size
-      local_batches = input_pipeline.train_batches(
+      local_batches = pipeline.train_batches(
         train_source,
         preprocess,
         seed=config.data_seed,

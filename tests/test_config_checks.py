@@ -83,7 +83,7 @@ def test_devices_must_split_evenly_over_processes():
 
 
 def test_default_config_is_valid():
-  schedule = config_checks.check_config(default.get_config(), num_devices=1)
+  schedule = config_checks.check_config(default.get_config(), num_devices=1).schedule
   assert [p.batch_size for p in schedule.phases] == [32, 160, 800, 4000]
 
 
@@ -91,7 +91,7 @@ def test_bad_config_fails_before_reading_data_or_compiling(monkeypatch, tmp_path
   def forbidden(*args, **kwargs):
     raise AssertionError('reached data loading or compilation')
 
-  monkeypatch.setattr(train.input_pipeline, 'load_source', forbidden)
+  monkeypatch.setattr(train.pipeline, 'load_source', forbidden)
   monkeypatch.setattr(step, 'compile_train_steps', forbidden)
   with pytest.raises(config_checks.ConfigError, match='learning_rate'):
     train.train_and_evaluate(_config(**{'schedule.learning_rate': -1.0}), str(tmp_path))

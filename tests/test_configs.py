@@ -12,7 +12,7 @@ import pytest
 
 from configs import resnet50_tpu, variants
 from ibs import clock, config_checks, schedules
-from ibs.datasets import catalog
+from ibs.data import catalog
 
 CIFAR_N = 50_000
 

@@ -75,7 +75,7 @@ def test_an_unprepared_dataset_names_the_prepare_command(tmp_path):
     cwd=REPO,
   )
   assert result.returncode == 2
-  assert f'python -m ibs.prepare cifar10 --data_dir={tmp_path}' in result.stderr
+  assert f'python -m ibs.data.prepare cifar10 --data_dir={tmp_path}' in result.stderr
   assert 'Traceback' not in result.stderr
 
 

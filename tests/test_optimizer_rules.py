@@ -268,7 +268,9 @@ def test_meaningless_combinations_name_the_field(overrides, message):
   ],
 )
 def test_study_configs_pass_their_checks(arg):
-  schedule = config_checks.check_config(mnist1d_study.get_config(arg), num_devices=1)
+  schedule = config_checks.check_config(
+    mnist1d_study.get_config(arg), num_devices=1
+  ).schedule
   assert sum(p.batch_size for p in schedule.phases) in (4 * 32, 32 + 160 + 800 + 4000)
 
 

@@ -1,4 +1,4 @@
-"""ibs.prepare: the real TFDS builders, offline, on fake archives; ibs reads the result."""
+"""ibs.data.prepare: the real TFDS builders, offline, on fake archives; ibs reads the result."""
 
 import dataclasses
 import io
@@ -11,9 +11,8 @@ import numpy as np
 import pytest
 
 from configs import default
-from ibs import input_pipeline, prepare
-from ibs.datasets import catalog
-from tests.test_input_pipeline import add_to_tar, jpeg
+from ibs.data import catalog, pipeline, prepare
+from tests.test_pipeline import add_to_tar, jpeg
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -68,8 +67,9 @@ def test_cifar10_from_a_local_archive(tmp_path, monkeypatch, offline):
   small_catalog(monkeypatch, 'cifar10', 20, 4)
   config = default.get_config()
   config.dataset, config.data_dir = 'cifar10', str(tmp_path / 'tfds')
-  train = input_pipeline.load_source(config, 'train')
-  test = input_pipeline.load_source(config, 'test')
+  spec = catalog.dataset_spec(config)
+  train = pipeline.load_source(config, spec, 'train')
+  test = pipeline.load_source(config, spec, 'test')
   assert train.inputs.shape == (20, 32, 32, 3) and test.inputs.shape == (4, 32, 32, 3)
   assert train.labels.dtype == np.int32 and train.labels.max() < 10
 
@@ -94,9 +94,10 @@ def test_imagenet_from_manual_tars(tmp_path, monkeypatch, offline):
   config = default.get_config()
   config.dataset, config.data_dir = 'imagenet2012', str(tmp_path / 'tfds')
   config.image_size = 32
-  train = input_pipeline.load_source(config, 'train')
-  assert len(train) == 6 and len(input_pipeline.load_source(config, 'test')) == 3
-  batch = input_pipeline.preprocess_fn(config)(
+  spec = catalog.dataset_spec(config)
+  train = pipeline.load_source(config, spec, 'train')
+  assert len(train) == 6 and len(pipeline.load_source(config, spec, 'test')) == 3
+  batch = pipeline.preprocess_fn(config, spec)(
     train.get(np.arange(6)), np.arange(6), True
   )
   assert batch['input'].shape == (6, 32, 32, 3)
@@ -106,7 +107,7 @@ def test_imagenet_from_manual_tars(tmp_path, monkeypatch, offline):
 def test_missing_archives_are_one_line_errors(tmp_path):
   """The command line: exit status 2, one line naming what to put where, no traceback."""
   result = subprocess.run(
-    [sys.executable, '-m', 'ibs.prepare', 'imagenet2012', f'--data_dir={tmp_path}']
+    [sys.executable, '-m', 'ibs.data.prepare', 'imagenet2012', f'--data_dir={tmp_path}']
     + [f'--manual_dir={tmp_path}'],
     capture_output=True,
     text=True,

@@ -241,7 +241,7 @@ def test_a_failed_background_save_is_reported_at_once_in_one_line(
 
 def _poisoned_batches(monkeypatch, first, last):
   """Makes the train batches of steps first..last (counted from 0) all NaN."""
-  original = train.input_pipeline.train_batches
+  original = train.pipeline.train_batches
 
   def batches(*args, **kwargs):
     start = kwargs['start_examples'] // kwargs['batch_size']
@@ -250,7 +250,7 @@ def _poisoned_batches(monkeypatch, first, last):
         batch = dict(batch, input=np.full_like(batch['input'], np.nan))
       yield batch
 
-  monkeypatch.setattr(train.input_pipeline, 'train_batches', batches)
+  monkeypatch.setattr(train.pipeline, 'train_batches', batches)
 
 
 def test_divergence_stops_before_checkpointing_nan_and_keeps_the_good_ones(

@@ -1,7 +1,7 @@
 """Data order: epochs are permutations, positions resume, shards tile.
 
 docs/DESIGN.md decision 5. Pure numpy; the pipeline-level versions of these properties
-(through train_batches and eval_batches) are in test_input_pipeline.py.
+(through train_batches and eval_batches) are in test_pipeline.py.
 """
 
 import numpy as np
@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ibs import data_order
+from ibs.data import order
 
 fast = settings(max_examples=40, deadline=None)
 
@@ -18,18 +18,18 @@ fast = settings(max_examples=40, deadline=None)
 @given(seed=st.integers(0, 2**32), epoch=st.integers(0, 1000), n=st.integers(1, 3000))
 def test_every_epoch_is_a_permutation(seed, epoch, n):
   positions = np.arange(epoch * n, (epoch + 1) * n)
-  indices = data_order.example_indices(seed, positions, n)
+  indices = order.example_indices(seed, positions, n)
   np.testing.assert_array_equal(np.sort(indices), np.arange(n))
 
 
 def test_epochs_and_seeds_give_different_orders():
   n = 1000
-  first = data_order.example_indices(0, np.arange(n), n)
-  second = data_order.example_indices(0, np.arange(n, 2 * n), n)
-  other_seed = data_order.example_indices(1, np.arange(n), n)
+  first = order.example_indices(0, np.arange(n), n)
+  second = order.example_indices(0, np.arange(n, 2 * n), n)
+  other_seed = order.example_indices(1, np.arange(n), n)
   assert (first != second).mean() > 0.9
   assert (first != other_seed).mean() > 0.9
-  np.testing.assert_array_equal(first, data_order.example_indices(0, np.arange(n), n))
+  np.testing.assert_array_equal(first, order.example_indices(0, np.arange(n), n))
 
 
 @pytest.mark.parametrize(
@@ -46,7 +46,7 @@ def test_position_holds_its_epochs_seeded_permutation(positions):
   expected = [
     np.random.default_rng([seed, s // n]).permutation(n)[s % n] for s in positions
   ]
-  np.testing.assert_array_equal(data_order.example_indices(seed, positions, n), expected)
+  np.testing.assert_array_equal(order.example_indices(seed, positions, n), expected)
 
 
 @fast
@@ -61,11 +61,11 @@ def test_indices_depend_only_on_the_position(seed, n, start, length, cut):
   """A stream read in two pieces (a resume at `cut`) equals the stream read at once."""
   positions = np.arange(start, start + length)
   cut = min(cut, length)
-  whole = data_order.example_indices(seed, positions, n)
+  whole = order.example_indices(seed, positions, n)
   pieces = np.concatenate(
     [
-      data_order.example_indices(seed, positions[:cut], n),
-      data_order.example_indices(seed, positions[cut:], n),
+      order.example_indices(seed, positions[:cut], n),
+      order.example_indices(seed, positions[cut:], n),
     ]
   )
   np.testing.assert_array_equal(whole, pieces)
@@ -80,7 +80,7 @@ def test_indices_depend_only_on_the_position(seed, n, start, length, cut):
 def test_process_shards_partition_the_global_batch(start, per_process, process_count):
   batch_size = per_process * process_count
   shards = [
-    data_order.process_positions(start, batch_size, p, process_count)
+    order.process_positions(start, batch_size, p, process_count)
     for p in range(process_count)
   ]
   np.testing.assert_array_equal(
@@ -100,14 +100,14 @@ def test_process_shards_partition_the_global_batch(start, per_process, process_c
 )
 def test_bad_batch_splits_are_explained(batch_size, process_index, process_count, match):
   with pytest.raises(ValueError, match=match):
-    data_order.process_positions(0, batch_size, process_index, process_count)
+    order.process_positions(0, batch_size, process_index, process_count)
 
 
 def test_negative_positions_and_empty_splits_are_rejected():
   with pytest.raises(ValueError, match='start at 0'):
-    data_order.example_indices(0, np.array([-1, 0]), 10)
+    order.example_indices(0, np.array([-1, 0]), 10)
   with pytest.raises(ValueError, match='needs examples'):
-    data_order.example_indices(0, np.array([0]), 0)
+    order.example_indices(0, np.array([0]), 0)
 
 
 @fast
@@ -119,22 +119,22 @@ def test_negative_positions_and_empty_splits_are_rejected():
 def test_position_uniform_is_per_position(seed, positions, draws):
   """Each row depends on (seed, position) only, not on the rest of the batch."""
   positions = np.array(positions)
-  u = data_order.position_uniform(seed, positions, draws)
+  u = order.position_uniform(seed, positions, draws)
   assert u.shape == (len(positions), draws)
   assert u.min() >= 0 and u.max() < 1
   for i in range(0, len(positions), 7):
     np.testing.assert_array_equal(
-      u[i], data_order.position_uniform(seed, positions[i : i + 1], draws)[0]
+      u[i], order.position_uniform(seed, positions[i : i + 1], draws)[0]
     )
 
 
 def test_position_uniform_looks_uniform_and_seeded():
-  u = data_order.position_uniform(3, np.arange(20_000), 4)
+  u = order.position_uniform(3, np.arange(20_000), 4)
   assert abs(u.mean() - 0.5) < 0.01
   assert abs(np.corrcoef(u[:, 0], u[:, 1])[0, 1]) < 0.03
   histogram = np.histogram(u[:, 2], bins=10, range=(0, 1))[0]
   assert histogram.min() > 1800
-  v = data_order.position_uniform(4, np.arange(20_000), 4)
+  v = order.position_uniform(4, np.arange(20_000), 4)
   assert abs(np.corrcoef(u[:, 0], v[:, 0])[0, 1]) < 0.03
 
 
@@ -155,5 +155,5 @@ def test_position_uniform_is_the_documented_hash():
     for s in positions
   ]
   np.testing.assert_array_equal(
-    data_order.position_uniform(seed, np.array(positions), draws), expected
+    order.position_uniform(seed, np.array(positions), draws), expected
   )

@@ -21,8 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from configs import default
-from ibs import data_order, input_pipeline
-from ibs.datasets import augment, catalog
+from ibs.data import augment, catalog, order, pipeline
 
 fast = settings(max_examples=25, deadline=None)
 
@@ -38,13 +37,13 @@ def no_network(monkeypatch):
   monkeypatch.setattr(socket, 'getaddrinfo', refuse)
 
 
-def identity_source(n: int, image: bool = False) -> input_pipeline.ArraySource:
+def identity_source(n: int, image: bool = False) -> pipeline.ArraySource:
   """Example i has label i (and, as an image, a random uint8 32×32×3 picture)."""
   if image:
     inputs = np.random.default_rng(n).integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
   else:
     inputs = np.arange(n, dtype=np.float32)[:, None]
-  return input_pipeline.ArraySource(inputs=inputs, labels=np.arange(n, dtype=np.int32))
+  return pipeline.ArraySource(inputs=inputs, labels=np.arange(n, dtype=np.int32))
 
 
 def with_positions(batch, positions, train):
@@ -58,7 +57,7 @@ def read(source, preprocess, phases, *, seed=0, start=0, process_count=1):
   for batch_size, steps in phases:
     shards = [
       list(
-        input_pipeline.train_batches(
+        pipeline.train_batches(
           source,
           preprocess,
           seed=seed,
@@ -140,8 +139,9 @@ def test_process_shards_partition_each_global_batch(per_process, process_count, 
 
 
 def test_stream_is_deterministic_for_a_seed(mnist1d_config):
-  source = input_pipeline.load_source(mnist1d_config, 'train')
-  preprocess = input_pipeline.preprocess_fn(mnist1d_config)
+  spec = catalog.dataset_spec(mnist1d_config)
+  source = pipeline.load_source(mnist1d_config, spec, 'train')
+  preprocess = pipeline.preprocess_fn(mnist1d_config, spec)
   a = read(source, preprocess, [(32, 40)], seed=5)
   b = read(source, preprocess, [(32, 40)], seed=5)
   c = read(source, preprocess, [(32, 40)], seed=6)
@@ -153,7 +153,7 @@ def test_steps_and_arguments_are_checked_up_front():
   source = identity_source(10)
   assert (
     list(
-      input_pipeline.train_batches(
+      pipeline.train_batches(
         source, augment.cast, seed=0, start_examples=0, batch_size=4, num_steps=0
       )
     )
@@ -168,9 +168,9 @@ def test_steps_and_arguments_are_checked_up_front():
   ]:
     arguments = {**dict(seed=0, start_examples=0, num_steps=1), **kwargs}
     with pytest.raises(ValueError, match=match):
-      input_pipeline.train_batches(source, augment.cast, **arguments)
+      pipeline.train_batches(source, augment.cast, **arguments)
   with pytest.raises(ValueError, match='not divisible by the 3 processes'):
-    input_pipeline.eval_batches(source, augment.cast, batch_size=4, process_count=3)
+    pipeline.eval_batches(source, augment.cast, batch_size=4, process_count=3)
 
 
 # Evaluation.
@@ -185,7 +185,7 @@ def test_evaluation_counts_each_example_once(n, batch_size, process_count):
   preprocess = augment.cifar10(seed=0)
   per_process = [
     list(
-      input_pipeline.eval_batches(
+      pipeline.eval_batches(
         source,
         preprocess,
         batch_size=batch_size,
@@ -269,16 +269,17 @@ def mnist1d_config(data_dir):
 
 
 def test_mnist1d_is_generated_offline_once(mnist1d_config):
-  from ibs.datasets import mnist1d
+  from ibs.data import mnist1d
 
-  train = input_pipeline.load_source(mnist1d_config, 'train')
+  spec = catalog.dataset_spec(mnist1d_config)
+  train = pipeline.load_source(mnist1d_config, spec, 'train')
   start = time.perf_counter()
   with mock.patch.object(mnist1d, 'generate', side_effect=AssertionError('generated')):
-    test = input_pipeline.load_source(mnist1d_config, 'test')
+    test = pipeline.load_source(mnist1d_config, spec, 'test')
   assert time.perf_counter() - start < 5  # read, not generated again
   assert train.inputs.shape == (1000, 40) and test.inputs.shape == (200, 40)
   assert set(np.unique(train.labels)) == set(range(10))
-  batch = input_pipeline.preprocess_fn(mnist1d_config)(
+  batch = pipeline.preprocess_fn(mnist1d_config, spec)(
     train.get(np.arange(4)), np.arange(4), True
   )
   np.testing.assert_array_equal(batch['input'], train.inputs[:4])
@@ -291,8 +292,9 @@ def test_fake_source_is_a_pure_function_of_split_and_index(shape):
   config.dataset = 'fake'
   config.fake.shape = shape
   config.fake.num_classes = 1000 if len(shape) == 3 else 10
-  train = input_pipeline.load_source(config, 'train')
-  test = input_pipeline.load_source(config, 'test')
+  spec = catalog.dataset_spec(config)
+  train = pipeline.load_source(config, spec, 'train')
+  test = pipeline.load_source(config, spec, 'test')
   assert len(train) == config.fake.num_train and len(test) == config.fake.num_test
   both = train.get(np.array([7, 3]))
   assert both['input'].shape == (2, *shape) and both['input'].dtype == np.float32
@@ -303,7 +305,7 @@ def test_fake_source_is_a_pure_function_of_split_and_index(shape):
 
 def test_fake_source_is_learnable():
   """Examples of a class are closer to their class mean than to another's."""
-  source = input_pipeline.FakeSource(2000, (16, 16, 3), 4, 0)
+  source = pipeline.FakeSource(2000, (16, 16, 3), 4, 0)
   batch = source.get(np.arange(2000))
   x = batch['input'].reshape(2000, -1)
   means = np.stack([x[batch['label'] == c].mean(0) for c in range(4)])
@@ -318,23 +320,27 @@ def test_unprepared_catalog_dataset_fails_fast_without_download(name, tmp_path):
   config.data_dir = str(tmp_path)
   start = time.perf_counter()
   with pytest.raises(
-    input_pipeline.DatasetNotPreparedError, match=f'python -m ibs.prepare {name}'
+    pipeline.DatasetNotPreparedError, match=f'python -m ibs.data.prepare {name}'
   ):
-    input_pipeline.load_source(config, 'train')
+    pipeline.load_source(config, catalog.dataset_spec(config), 'train')
   assert time.perf_counter() - start < 10
   assert list(tmp_path.iterdir()) == []  # nothing written either
 
 
 def test_bad_dataset_and_split_are_explained():
   config = default.get_config()
+  spec = catalog.dataset_spec(config)  # of mnist1d
   config.dataset = 'mnist'
   with pytest.raises(ValueError, match="Unknown config.dataset='mnist'"):
-    input_pipeline.load_source(config, 'train')
+    catalog.dataset_spec(config)
+  # The loaders are given a resolved spec; they still refuse a name they do not know.
   with pytest.raises(ValueError, match="Unknown config.dataset='mnist'"):
-    input_pipeline.preprocess_fn(config)
+    pipeline.load_source(config, spec, 'train')
+  with pytest.raises(ValueError, match="Unknown config.dataset='mnist'"):
+    pipeline.preprocess_fn(config, spec)
   config.dataset = 'fake'
   with pytest.raises(ValueError, match="Unknown split 'validation'"):
-    input_pipeline.load_source(config, 'validation')
+    pipeline.load_source(config, catalog.dataset_spec(config), 'validation')
 
 
 def test_preprocessing_dispatches_per_dataset():
@@ -345,7 +351,7 @@ def test_preprocessing_dispatches_per_dataset():
     ('cifar10', True),
   ]:
     config.dataset = name
-    preprocess = input_pipeline.preprocess_fn(config)
+    preprocess = pipeline.preprocess_fn(config, catalog.dataset_spec(config))
     images = identity_source(8, image=True).get(np.arange(8))
     train = preprocess(images, np.arange(8), True)['input']
     test = preprocess(images, np.arange(8), False)['input']
@@ -374,14 +380,15 @@ def test_cifar10_with_tfds_mock_data(tmp_path, monkeypatch):
   small_catalog(monkeypatch, 'cifar10', 24, 24)
   config = default.get_config()
   config.dataset, config.data_dir = 'cifar10', str(tmp_path)
+  spec = catalog.dataset_spec(config)
   with tfds.testing.mock_data(num_examples=24, policy=tfds.testing.MockPolicy.USE_CODE):
-    train = input_pipeline.load_source(config, 'train')
+    train = pipeline.load_source(config, spec, 'train')
   assert train.inputs.shape == (24, 32, 32, 3) and train.inputs.dtype == np.uint8
   assert train.labels.dtype == np.int32 and train.labels.max() < 10
   batch = next(
-    input_pipeline.train_batches(
+    pipeline.train_batches(
       train,
-      input_pipeline.preprocess_fn(config),
+      pipeline.preprocess_fn(config, spec),
       seed=0,
       start_examples=0,
       batch_size=8,
@@ -425,8 +432,9 @@ def test_cifar10_prepared_as_array_record_is_read_without_tensorflow_data(
   small_catalog(monkeypatch, 'cifar10', 30, 6)
   config = default.get_config()
   config.dataset, config.data_dir = 'cifar10', str(tmp_path / 'tfds')
-  train = input_pipeline.load_source(config, 'train')
-  test = input_pipeline.load_source(config, 'test')
+  spec = catalog.dataset_spec(config)
+  train = pipeline.load_source(config, spec, 'train')
+  test = pipeline.load_source(config, spec, 'test')
   assert train.inputs.shape == (30, 32, 32, 3) and test.inputs.shape == (6, 32, 32, 3)
   raw = np.frombuffer(
     (tmp_path / 'extracted/cifar-10-batches-bin/test_batch.bin').read_bytes(), np.uint8
@@ -500,10 +508,11 @@ def imagenet_config(imagenet_dir, monkeypatch):
 
 
 def test_imagenet_is_decoded_cropped_and_normalised(imagenet_config):
-  train = input_pipeline.load_source(imagenet_config, 'train')
-  test = input_pipeline.load_source(imagenet_config, 'test')  # TFDS 'validation'
+  spec = catalog.dataset_spec(imagenet_config)
+  train = pipeline.load_source(imagenet_config, spec, 'train')
+  test = pipeline.load_source(imagenet_config, spec, 'test')  # TFDS 'validation'
   assert (len(train), len(test)) == (8, 4)
-  preprocess = input_pipeline.preprocess_fn(imagenet_config)
+  preprocess = pipeline.preprocess_fn(imagenet_config, spec)
   stream = read(train, preprocess, [(4, 6)])
   assert stream['input'].shape == (24, 48, 48, 3) and stream['input'].dtype == np.float32
   assert set(np.unique(stream['label'])) == {0, 1}  # the two synsets' class indices
@@ -514,13 +523,13 @@ def test_imagenet_is_decoded_cropped_and_normalised(imagenet_config):
   )
   # Each epoch sees every image, each position a different crop of it.
   assert not np.array_equal(stream['input'][:8], stream['input'][8:16])
-  indices = data_order.example_indices(0, np.arange(24), 8)
+  indices = order.example_indices(0, np.arange(24), 8)
   for p in range(8):
     later = 8 + np.flatnonzero(indices[8:16] == indices[p])[0]
     assert not np.allclose(stream['input'][p], stream['input'][later], atol=0.1)
-  evaluation = list(input_pipeline.eval_batches(test, preprocess, batch_size=8))
+  evaluation = list(pipeline.eval_batches(test, preprocess, batch_size=8))
   assert len(evaluation) == 1 and evaluation[0]['mask'].tolist() == [1] * 4 + [0] * 4
-  again = list(input_pipeline.eval_batches(test, preprocess, batch_size=8))
+  again = list(pipeline.eval_batches(test, preprocess, batch_size=8))
   np.testing.assert_array_equal(evaluation[0]['input'], again[0]['input'])
 
 
@@ -538,14 +547,15 @@ def test_imagenet_prepared_as_tfrecord_is_refused(
   info['fileFormat'] = 'tfrecord'
   (copy / 'dataset_info.json').write_text(json.dumps(info))
   imagenet_config.data_dir = str(tmp_path)
-  with pytest.raises(input_pipeline.DatasetNotPreparedError, match='array_record'):
-    input_pipeline.load_source(imagenet_config, 'train')
+  spec = catalog.dataset_spec(imagenet_config)
+  with pytest.raises(pipeline.DatasetNotPreparedError, match='array_record'):
+    pipeline.load_source(imagenet_config, spec, 'train')
   # A prepared dataset without the split ibs needs says so.
   info['fileFormat'] = 'array_record'
   info['splits'] = [s for s in info['splits'] if s['name'] != 'validation']
   (copy / 'dataset_info.json').write_text(json.dumps(info))
-  with pytest.raises(input_pipeline.DatasetNotPreparedError, match="not 'validation'"):
-    input_pipeline.load_source(imagenet_config, 'test')
+  with pytest.raises(pipeline.DatasetNotPreparedError, match="not 'validation'"):
+    pipeline.load_source(imagenet_config, spec, 'test')
 
 
 @fast

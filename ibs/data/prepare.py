@@ -1,7 +1,7 @@
 r"""Prepares CIFAR-10 or ImageNet as the array_record files ibs reads.
 
-  python -m ibs.prepare cifar10 --data_dir=DIR [--manual_dir=DIR_WITH_ARCHIVE]
-  python -m ibs.prepare imagenet2012 --data_dir=DIR --manual_dir=DIR_WITH_TARS
+  python -m ibs.data.prepare cifar10 --data_dir=DIR [--manual_dir=DIR_WITH_ARCHIVE]
+  python -m ibs.data.prepare imagenet2012 --data_dir=DIR --manual_dir=DIR_WITH_TARS
 
 Runs TFDS's own dataset builders through their Python API (`download_and_prepare` with
 `file_format='array_record'`), which needs no Apache Beam, so it works from the base
@@ -76,7 +76,7 @@ def prepare(name: str, data_dir: str | None = None, manual_dir: str | None = Non
 
   Already prepared data is left as it is (TFDS skips a builder whose files exist).
   """
-  from ibs.datasets import prepared
+  from ibs.data import prepared
 
   if name not in DATASETS:
     raise PrepareError(f'Unknown dataset {name!r}; ibs prepares {list(DATASETS)}.')
@@ -116,7 +116,7 @@ def prepare(name: str, data_dir: str | None = None, manual_dir: str | None = Non
 def main(argv):
   if len(argv) != 2 or argv[1] not in DATASETS:
     raise app.UsageError(
-      f'Give one dataset: python -m ibs.prepare {"|".join(DATASETS)} --data_dir=DIR '
+      f'Give one dataset: python -m ibs.data.prepare {"|".join(DATASETS)} --data_dir=DIR '
       '[--manual_dir=DIR]'
     )
   from ibs import reporting

@@ -1,6 +1,6 @@
 """Per-dataset preprocessing: (batch, positions, train) → {'input': float32, 'label'}.
 
-Every random choice of position s comes from `data_order.position_uniform(seed, s)`, so
+Every random choice of position s comes from `order.position_uniform(seed, s)`, so
 an example's augmentation is the same whatever the batch size, the number of processes
 or a restart (docs/DESIGN.md decision 5). Evaluation is deterministic.
 
@@ -25,8 +25,8 @@ from collections.abc import Callable
 
 import numpy as np
 
-from ibs import data_order
-from ibs.datasets.sources import Batch
+from ibs.data import order
+from ibs.data.sources import Batch
 
 Preprocess = Callable[[Batch, np.ndarray, bool], Batch]
 
@@ -95,7 +95,7 @@ def cifar10(seed: int, padding: int = CIFAR_PADDING) -> Preprocess:
       CIFAR10_STD,
       out=padded[:, padding : padding + height, padding : padding + width],
     )
-    u = data_order.position_uniform(seed, positions, 3)
+    u = order.position_uniform(seed, positions, 3)
     return {'input': crop_and_flip(padded, u, (height, width)), 'label': batch['label']}
 
   return preprocess
@@ -131,7 +131,7 @@ def imagenet(seed: int, image_size: int) -> Preprocess:
   def preprocess(batch: Batch, positions: np.ndarray, train: bool) -> Batch:
     images = batch['image']
     if train:
-      u = data_order.position_uniform(seed, positions, 4 * CROP_ATTEMPTS + 1)
+      u = order.position_uniform(seed, positions, 4 * CROP_ATTEMPTS + 1)
     else:
       u = np.zeros((len(images), 4 * CROP_ATTEMPTS + 1))
     crops = list(

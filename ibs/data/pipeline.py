@@ -1,14 +1,18 @@
 """Input pipelines: TFDS sources read by example position, phase-aware batches.
 
 A *source* is random access to one split: `len(source)` and `source.get(indices)`
-returning a dict of numpy arrays (ibs.datasets.sources). Training batches are built from
-stream positions (ibs.data_order): the batch of size B at position s is positions
+returning a dict of numpy arrays (ibs.data.sources). Training batches are built from
+stream positions (ibs.data.order): the batch of size B at position s is positions
 [s, s + B), and each process reads only its contiguous slice of it. Preprocessing
 (augmentation, normalisation) is a function of (batch, positions, train) and of the
 data seed, so it is the same after a restart or on another number of hosts.
 
+Both loaders take the run's DatasetSpec (ibs.data.catalog), resolved once per run by
+ibs.config_checks.check_config, so that the sizes and shapes the schedule and the model
+were built for are the ones the data is checked against.
+
 Datasets:
-  mnist1d       local TFDS builder, generated offline on first use (ibs/datasets/mnist1d.py)
+  mnist1d       local TFDS builder, generated offline on first use (ibs/data/mnist1d.py)
   cifar10       TFDS catalog, decoded into memory; prepare it yourself (never downloaded)
   imagenet2012  TFDS catalog (array_record), read by index and decoded per batch
   fake          synthetic data of any shape, for smoke runs of the big configs on CPU
@@ -23,10 +27,9 @@ from typing import Any
 
 import numpy as np
 
-from ibs import data_order
-from ibs.datasets import augment, catalog, prepared
-from ibs.datasets.augment import Batch, Preprocess
-from ibs.datasets.sources import ArraySource, EncodedImageSource, FakeSource
+from ibs.data import augment, catalog, order, prepared
+from ibs.data.augment import Batch, Preprocess
+from ibs.data.sources import ArraySource, EncodedImageSource, FakeSource
 
 __all__ = [
   'ArraySource',
@@ -42,14 +45,14 @@ __all__ = [
 DatasetNotPreparedError = prepared.DatasetNotPreparedError
 
 
-def load_source(config: Any, split: str) -> Any:
+def load_source(config: Any, spec: catalog.DatasetSpec, split: str) -> Any:
   """The random-access source of `config.dataset`'s split ('train' or 'test').
 
-  A catalog dataset that is not on disk raises DatasetNotPreparedError at once, saying
-  how to prepare it; nothing is ever downloaded.
+  `spec` is the run's `catalog.dataset_spec(config)`; the split must hold its number of
+  examples. A catalog dataset that is not on disk raises DatasetNotPreparedError at
+  once, saying how to prepare it; nothing is ever downloaded.
   """
   name = config.dataset
-  spec = catalog.dataset_spec(config)  # raises for an unknown config.dataset
   if split not in catalog.SPLITS:
     raise ValueError(f'Unknown split {split!r}; ibs reads {list(catalog.SPLITS)}.')
   expected = spec.num_train_examples if split == 'train' else spec.num_test_examples
@@ -59,37 +62,41 @@ def load_source(config: Any, split: str) -> Any:
       expected, spec.input_shape, spec.num_classes, catalog.SPLITS.index(split)
     )
   if name == 'mnist1d':
-    from ibs.datasets import mnist1d
+    from ibs.data import mnist1d
 
     source = mnist1d.load_split(
-      config.mnist1d.num_train, config.mnist1d.num_test, split, data_dir
+      spec.num_train_examples, spec.num_test_examples, split, data_dir
     )
   elif name == 'cifar10':
     source = prepared.cifar10(split, data_dir)
-  else:
+  elif name == 'imagenet2012':
     source = prepared.imagenet2012(split, data_dir)
+  else:
+    raise catalog.unknown_dataset(name)
   if len(source) != expected:
     raise ValueError(
       f'{name} {split} split has {len(source)} examples, but the schedule was built for '
-      f'{expected}. The prepared data does not match ibs/datasets/catalog.py: prepare '
+      f'{expected}. The prepared data does not match ibs/data/catalog.py: prepare '
       'it again, or correct the sizes there if this version of the dataset is intended.'
     )
   return source
 
 
-def preprocess_fn(config: Any) -> Preprocess:
+def preprocess_fn(config: Any, spec: catalog.DatasetSpec) -> Preprocess:
   """(batch, positions, train) → model-ready batch, for `config.dataset`.
 
   CIFAR-10: normalisation, plus padded crop and flip in training; ImageNet: decoding,
-  Inception crop (training) or central crop (evaluation), flip, normalisation; MNIST-1D
-  and fake data: none. Randomness is keyed by (config.data_seed, position).
+  Inception crop (training) or central crop (evaluation) to `spec.input_shape`, flip,
+  normalisation; MNIST-1D and fake data: none. Randomness is keyed by
+  (config.data_seed, position).
   """
-  spec = catalog.dataset_spec(config)  # raises for an unknown config.dataset
   if config.dataset == 'cifar10':
     return augment.cifar10(config.data_seed)
   if config.dataset == 'imagenet2012':
     return augment.imagenet(config.data_seed, spec.input_shape[0])
-  return augment.cast
+  if config.dataset in ('mnist1d', 'fake'):
+    return augment.cast
+  raise catalog.unknown_dataset(config.dataset)
 
 
 def _prefetch(batches: Iterator[Callable[[], Any]], size: int) -> Iterator[Any]:
@@ -124,7 +131,7 @@ def train_batches(
   reads the p-th contiguous 1/P of it. Starting anywhere costs O(1): positions, not a
   replayed stream, define the data. Arguments are checked here, not at the first batch.
   """
-  data_order.check_batch_split(batch_size, process_index, process_count)
+  order.check_batch_split(batch_size, process_index, process_count)
   if min(seed, start_examples, num_steps) < 0:
     raise ValueError(
       f'seed={seed} (config.data_seed), start_examples={start_examples} and '
@@ -134,11 +141,9 @@ def train_batches(
 
   def make(step: int) -> Callable[[], Batch]:
     start = start_examples + step * batch_size
-    positions = data_order.process_positions(
-      start, batch_size, process_index, process_count
-    )
+    positions = order.process_positions(start, batch_size, process_index, process_count)
     return lambda: preprocess(
-      source.get(data_order.example_indices(seed, positions, n)), positions, True
+      source.get(order.example_indices(seed, positions, n)), positions, True
     )
 
   return _prefetch((make(i) for i in range(num_steps)), prefetch)
@@ -158,13 +163,11 @@ def eval_batches(
   The last global batch is padded by repeating example 0 and carries `mask` = 0 there,
   so every example counts exactly once in the metrics, on any number of processes.
   """
-  data_order.check_batch_split(batch_size, process_index, process_count)
+  order.check_batch_split(batch_size, process_index, process_count)
   n = len(source)
 
   def make(start: int) -> Callable[[], Batch]:
-    positions = data_order.process_positions(
-      start, batch_size, process_index, process_count
-    )
+    positions = order.process_positions(start, batch_size, process_index, process_count)
     valid = positions < n
 
     def build() -> Batch:

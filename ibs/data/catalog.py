@@ -2,7 +2,8 @@
 
 The schedule arithmetic (and the noise-scale calculator) needs N, the number of training
 examples, before any data is read; the input pipeline checks these against the prepared
-dataset's own metadata.
+dataset's own metadata. A run resolves its spec once (ibs.config_checks.check_config) and
+passes that one value to the model and the loaders, so they cannot disagree.
 """
 
 import dataclasses
@@ -52,4 +53,9 @@ def dataset_spec(config: Any) -> DatasetSpec:
         spec, input_shape=(config.image_size, config.image_size, 3)
       )
     return spec
-  raise ValueError(f'Unknown config.dataset={name!r}. Choose one of {list(DATASETS)}.')
+  raise unknown_dataset(name)
+
+
+def unknown_dataset(name: str) -> ValueError:
+  """The error for a config.dataset ibs does not know, worded alike wherever it is met."""
+  return ValueError(f'Unknown config.dataset={name!r}. Choose one of {list(DATASETS)}.')

@@ -19,7 +19,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from absl import logging
 
-from ibs.datasets import sources
+from ibs.data import sources
 
 SEQUENCE_LENGTH = 40
 

@@ -17,20 +17,20 @@ import os
 import numpy as np
 from etils import epath
 
-from ibs.datasets import catalog
-from ibs.datasets.sources import ArraySource, EncodedImageSource, in_memory
+from ibs.data import catalog
+from ibs.data.sources import ArraySource, EncodedImageSource, in_memory
 
 _HOW_TO_PREPARE = {
   'cifar10': (
     'Prepare it with\n'
-    '  python -m ibs.prepare cifar10 --data_dir={where}\n'
+    '  python -m ibs.data.prepare cifar10 --data_dir={where}\n'
     '(it downloads cifar-10-binary.tar.gz; offline, add --manual_dir=DIR holding that '
     'archive), or point --config.data_dir / TFDS_DATA_DIR at a prepared directory.'
   ),
   'imagenet2012': (
     'ImageNet needs a manual download: put ILSVRC2012_img_train.tar and '
     'ILSVRC2012_img_val.tar from image-net.org into DIR and run\n'
-    '  python -m ibs.prepare imagenet2012 --data_dir={where} --manual_dir=DIR\n'
+    '  python -m ibs.data.prepare imagenet2012 --data_dir={where} --manual_dir=DIR\n'
     'or train on synthetic data with --config=configs/resnet50_tpu.py:fake.'
   ),
 }
@@ -116,7 +116,7 @@ def imagenet2012(split: str, data_dir: str | None) -> EncodedImageSource:
       f'imagenet2012 in {builder.data_dir} is prepared as '
       f'{builder.info.file_format.value if builder.info.file_format else "?"}; ibs reads '
       'ImageNet by random access (the data order is a function of the example index), '
-      'which needs array_record files. Prepare it again (ibs.prepare writes array_record):'
+      'which needs array_record files. Prepare it again (ibs.data.prepare writes array_record):'
       '\n' + _HOW_TO_PREPARE['imagenet2012'].format(where=builder.data_dir_root)
     )
   import tensorflow_datasets as tfds

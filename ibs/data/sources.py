@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from ibs import data_order
+from ibs.data import order
 
 Batch = dict[str, np.ndarray]
 
@@ -47,7 +47,7 @@ class EncodedImageSource:
   """A TFDS data source (array_record) whose images stay JPEG bytes until preprocessing.
 
   ImageNet does not fit in memory decoded; decoding is left to the preprocessing, which
-  knows the crop it needs and can decode at reduced size (ibs.datasets.augment).
+  knows the crop it needs and can decode at reduced size (ibs.data.augment).
   """
 
   records: Sequence[Any]  # tfds data source with the 'image' feature not decoded
@@ -104,7 +104,7 @@ class FakeSource:
     labels = (indices * 7 + self.split_seed) % self.num_classes
     # Two noise fields per example, keyed by (split, index); one output buffer, filled
     # row by row, keeps a 224×224×3 batch to a single pass over memory.
-    u = data_order.position_uniform(self.split_seed + (1 << 32), indices, 2)
+    u = order.position_uniform(self.split_seed + (1 << 32), indices, 2)
     fields = (u * self._NOISE_FIELDS).astype(np.int64)
     patterns, size = self._patterns, self._size
     inputs = np.empty((len(indices), size), np.float32)
