@@ -1,8 +1,8 @@
 """Checkpoints that carry the position: train state + where training stands.
 
 An orbax CheckpointManager stores, per saved step, the TrainState (params, optimizer state
-with its injected hyperparameters and update count, BN statistics) and a small JSON record:
-examples seen, phase, data seed and a fingerprint of the config fields that determine
+with its injected hyperparameters and update count, BN statistics) and a small JSON
+record (CheckpointRecord): examples seen, phase, data seed and a fingerprint of the config fields that determine
 the trajectory (docs/DESIGN.md decision 8). Rerunning the same command on the same workdir
 resumes exactly; rerunning a *different* config on that workdir is refused rather than
 silently mixing two runs (and nothing in the workdir is deleted).
@@ -67,8 +67,13 @@ NON_TRAJECTORY_FIELDS = (
 
 
 @dataclasses.dataclass(frozen=True)
-class Position:
-  """Where a checkpoint stands in training, and a checksum of the state saved with it."""
+class CheckpointRecord:
+  """What is saved beside a checkpoint's state: where it stands, and how to verify it.
+
+  Not ibs.clock.ClockPosition, which is where the schedule says a step stands; a restored
+  record is checked against that (ibs.train.check_restored). Saved as the checkpoint item
+  'position' (JSON), the name it has had since ibs began, so older workdirs resume.
+  """
 
   step: int  # parameter updates done
   examples_seen: int
@@ -88,14 +93,19 @@ class Position:
   train_time_s: float = 0.0
 
   @classmethod
-  def from_record(cls, record: dict[str, Any]) -> Position:
+  def from_json(cls, fields: dict[str, Any]) -> CheckpointRecord:
+    """The record of saved JSON fields; fields this version does not know are dropped."""
     names = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: v for k, v in record.items() if k in names})
+    return cls(**{k: v for k, v in fields.items() if k in names})
+
+
+# The checkpoint item that holds the CheckpointRecord.
+_RECORD_ITEM = 'position'
 
 
 class Restored(NamedTuple):
   state: Any
-  position: Position
+  record: CheckpointRecord
   metrics: Any  # the running train metrics, or None when not saved
 
 
@@ -188,9 +198,12 @@ def checkpoints_dir(workdir: str) -> str:
 
 
 def save(
-  manager: ocp.CheckpointManager, state: Any, position: Position, metrics: Any = None
-) -> Position:
-  """Saves asynchronously, with the state's checksum; returns the position recorded.
+  manager: ocp.CheckpointManager,
+  state: Any,
+  record: CheckpointRecord,
+  metrics: Any = None,
+) -> CheckpointRecord:
+  """Saves asynchronously, with the state's checksum; returns the record saved.
 
   `metrics`, the running train metrics, are saved beside the state and covered by the
   checksum too.
@@ -202,23 +215,23 @@ def save(
   checksum, finite = state_checksum(state if metrics is None else (state, metrics))
   if not finite:
     raise CheckpointError(
-      f'Refusing to checkpoint step {position.step}: the state holds NaN or inf. '
+      f'Refusing to checkpoint step {record.step}: the state holds NaN or inf. '
       f'The last good checkpoint is {last_good(manager)}.'
     )
-  position = dataclasses.replace(
-    position, checksum=checksum, with_metrics=metrics is not None
+  record = dataclasses.replace(
+    record, checksum=checksum, with_metrics=metrics is not None
   )
   items = {
     'state': ocp.args.StandardSave(state),
-    'position': ocp.args.JsonSave(dataclasses.asdict(position)),
+    _RECORD_ITEM: ocp.args.JsonSave(dataclasses.asdict(record)),
   }
   if metrics is not None:
     items['train_metrics'] = ocp.args.StandardSave(metrics)
   try:
-    manager.save(position.step, args=ocp.args.Composite(**items))
+    manager.save(record.step, args=ocp.args.Composite(**items))
   except Exception as e:  # noqa: BLE001 - any failure is reported the same way
-    raise save_error(manager, position.step, e) from None
-  return position
+    raise save_error(manager, record.step, e) from None
+  return record
 
 
 def last_good(manager: ocp.CheckpointManager, exclude: int | None = None) -> str:
@@ -275,7 +288,7 @@ def restore_latest(
   fingerprint: str,
   abstract_metrics: Any = None,
 ) -> Restored | None:
-  """The newest intact (state, position, metrics), or None for a fresh workdir.
+  """The newest intact (state, record, metrics), or None for a fresh workdir.
 
   `metrics` are restored (like `abstract_metrics`) when the checkpoint holds them and
   `abstract_metrics` is given, else None.
@@ -291,23 +304,23 @@ def restore_latest(
   result = None
   for step in sorted(manager.all_steps(), reverse=True):
     try:
-      record = manager.restore(
-        step, args=ocp.args.Composite(position=ocp.args.JsonRestore())
-      )['position']
-      position = Position.from_record(record)
+      fields = manager.restore(
+        step, args=ocp.args.Composite(**{_RECORD_ITEM: ocp.args.JsonRestore()})
+      )[_RECORD_ITEM]
+      record = CheckpointRecord.from_json(fields)
     except Exception as e:  # noqa: BLE001 - a damaged record is any failure to read it
       damaged.append((step, f'position record unreadable: {_cause(e)}'))
       continue
-    if position.config_fingerprint != fingerprint:
+    if record.config_fingerprint != fingerprint:
       raise ConfigMismatchError(
         f'The checkpoint at step {step} in {manager.directory} was written by a '
-        f'different config (fingerprint {position.config_fingerprint}, this config '
+        f'different config (fingerprint {record.config_fingerprint}, this config '
         f'{fingerprint}); a changed dataset, model, optimizer, schedule or seed cannot '
         'resume it. Use a new --workdir, or restore the original config. The '
         'checkpoint was left untouched.'
       )
     items = {'state': ocp.args.StandardRestore(abstract_state)}
-    if position.with_metrics:
+    if record.with_metrics:
       items['train_metrics'] = ocp.args.StandardRestore(abstract_metrics)
     try:
       restored = manager.restore(step, args=ocp.args.Composite(**items))
@@ -315,11 +328,11 @@ def restore_latest(
       damaged.append((step, f'state unreadable: {_cause(e)}'))
       continue
     state, metrics = restored['state'], restored.get('train_metrics')
-    if position.checksum:
+    if record.checksum:
       checksum, _ = state_checksum(state if metrics is None else (state, metrics))
-      if checksum != position.checksum:
+      if checksum != record.checksum:
         damaged.append(
-          (step, f'checksum mismatch (recorded {position.checksum}, read {checksum})')
+          (step, f'checksum mismatch (recorded {record.checksum}, read {checksum})')
         )
         continue
     else:
@@ -328,7 +341,7 @@ def restore_latest(
         'one); restored unverified.',
         step,
       )
-    result = Restored(state, position, metrics if abstract_metrics is not None else None)
+    result = Restored(state, record, metrics if abstract_metrics is not None else None)
     break
   if damaged:
     _quarantine(manager, damaged)

@@ -43,10 +43,11 @@ class PhaseSpan:
 
 
 @dataclasses.dataclass(frozen=True)
-class Position:
-  """Where training stands before `step` (0-based) runs.
+class ClockPosition:
+  """Where the schedule says training stands before `step` (0-based) runs.
 
-  `step` is also the number of parameter updates done so far.
+  `step` is also the number of parameter updates done so far. Derived from the schedule
+  alone; the record saved with a checkpoint is ibs.checkpoint.CheckpointRecord.
   """
 
   step: int
@@ -98,7 +99,7 @@ def nominal_updates(schedule: Any) -> list[float]:
   ]
 
 
-def position(schedule: Any, step: int) -> Position:
+def position(schedule: Any, step: int) -> ClockPosition:
   """Phase, examples seen and fractional epoch before step `step` runs.
 
   `step` may be `num_steps(schedule)`, the end of training (then `phase` is the last).
@@ -111,7 +112,7 @@ def position(schedule: Any, step: int) -> Position:
   examples = (
     spans[p].start_examples + (step - spans[p].first_step) * schedule.phases[p].batch_size
   )
-  return Position(step, p, examples, examples / schedule.num_train_examples)
+  return ClockPosition(step, p, examples, examples / schedule.num_train_examples)
 
 
 def step_at_examples(schedule: Any, examples_seen: int) -> int:

@@ -404,7 +404,7 @@ def _train_and_evaluate(config, spec, schedule, workdir, preempt) -> dict[str, A
           writer.write_scalars(step, {**eval_results, **position})
         if 'checkpoint' in due:
           with progress.timed('checkpoint'):
-            record = checkpoint.Position(
+            record = checkpoint.CheckpointRecord(
               step,
               examples,
               phase_index,

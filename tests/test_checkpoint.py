@@ -6,10 +6,12 @@ intact checkpoint comes back, the damaged one is moved to damaged_checkpoints/ (
 deleted) with a warning naming it and why.
 """
 
+import dataclasses
 import glob
 import logging
 import os
 import shutil
+import types
 
 import jax
 import jax.numpy as jnp
@@ -36,7 +38,9 @@ def workdir(tmp_path):
   manager = checkpoint.create_manager(str(tmp_path))
   for step in (10, 20, 30):
     checkpoint.save(
-      manager, _state(step), checkpoint.Position(step, step * 32, 0, 0, FINGERPRINT)
+      manager,
+      _state(step),
+      checkpoint.CheckpointRecord(step, step * 32, 0, 0, FINGERPRINT),
     )
   manager.wait_until_finished()
   manager.close()
@@ -88,8 +92,8 @@ def _empty(d):
 
 
 def test_intact_checkpoints_restore_verified(workdir):
-  state, position, _ = _restore(workdir)
-  assert position.step == 30 and len(position.checksum) == 16
+  state, record, _ = _restore(workdir)
+  assert record.step == 30 and len(record.checksum) == 16
   jax.tree.map(np.testing.assert_array_equal, state, _state(30))
   assert not os.path.exists(os.path.join(workdir, 'damaged_checkpoints'))
 
@@ -124,8 +128,8 @@ def test_damaged_newest_checkpoint_falls_back(workdir, damage, reason, caplog):
     # the checksum, so nothing was lost.
     jax.tree.map(np.testing.assert_array_equal, restored[0], _state(30))
     return
-  state, position, _ = restored
-  assert position.step == 20
+  state, record, _ = restored
+  assert record.step == 20
   jax.tree.map(np.testing.assert_array_equal, state, _state(20))
   warnings = [r.getMessage() for r in caplog.records if 'damaged checkpoint' in r.message]
   assert len(warnings) == 1 and '/checkpoints/30' in warnings[0], warnings
@@ -139,8 +143,8 @@ def test_damaged_newest_checkpoint_falls_back(workdir, damage, reason, caplog):
 def test_stray_empty_higher_step_dir_is_skipped(workdir, caplog):
   os.mkdir(_step_dir(workdir, 99999))
   with caplog.at_level(logging.WARNING):
-    _, position, _ = _restore(workdir)
-  assert position.step == 30
+    _, record, _ = _restore(workdir)
+  assert record.step == 30
   assert os.path.isdir(os.path.join(workdir, 'damaged_checkpoints', '99999'))
 
 
@@ -152,8 +156,8 @@ def test_half_copied_higher_step_dir_is_skipped(workdir):
   )[::2]:
     if os.path.isfile(path):
       os.remove(path)
-  _, position, _ = _restore(workdir)
-  assert position.step == 30
+  _, record, _ = _restore(workdir)
+  assert record.step == 30
   assert os.path.isdir(os.path.join(workdir, 'damaged_checkpoints', '40'))
 
 
@@ -188,7 +192,7 @@ def test_non_finite_state_is_never_saved(tmp_path):
   manager = checkpoint.create_manager(str(tmp_path))
   bad = dict(_state(1), params=_state(1)['params'].at[0, 0].set(jnp.inf))
   with pytest.raises(checkpoint.CheckpointError, match='NaN or inf'):
-    checkpoint.save(manager, bad, checkpoint.Position(1, 32, 0, 0, FINGERPRINT))
+    checkpoint.save(manager, bad, checkpoint.CheckpointRecord(1, 32, 0, 0, FINGERPRINT))
   manager.wait_until_finished()
   manager.close()
   assert not os.listdir(os.path.join(tmp_path, 'checkpoints'))
@@ -200,15 +204,41 @@ def test_running_metrics_are_saved_verified_and_restored(tmp_path):
   checkpoint.save(
     manager,
     _state(5),
-    checkpoint.Position(5, 160, 0, 0, FINGERPRINT),
+    checkpoint.CheckpointRecord(5, 160, 0, 0, FINGERPRINT),
     metrics=metrics,
   )
   manager.wait_until_finished()
   empty = jax.tree.map(jnp.zeros_like, metrics)
-  state, position, restored = checkpoint.restore_latest(
+  state, record, restored = checkpoint.restore_latest(
     manager, _state(0), FINGERPRINT, empty
   )
   manager.close()
-  assert position.with_metrics
+  assert record.with_metrics
   jax.tree.map(np.testing.assert_array_equal, restored, metrics)
   jax.tree.map(np.testing.assert_array_equal, state, _state(5))
+
+
+def test_a_restored_record_is_checked_against_the_clock():
+  """train.check_restored: the record's step, examples and data seed follow the config."""
+  from configs import default
+  from ibs import clock, schedules, train
+
+  config = default.get_config()
+  schedule = schedules.from_config(config, config.mnist1d.num_train)
+  step = clock.phase_spans(schedule)[1].first_step + 3  # inside the second phase
+  where = clock.position(schedule, step)
+  record = checkpoint.CheckpointRecord(
+    step, where.examples_seen, where.phase, config.data_seed, FINGERPRINT
+  )
+  state = types.SimpleNamespace(step=jnp.int32(step))
+  train.check_restored(record, state, schedule, config)  # agrees: no error
+  seen, seed = where.examples_seen, config.data_seed
+  for changed, what in [
+    (dict(examples_seen=seen + 32), rf'examples seen {seen + 32} \(expected {seen}\)'),
+    (dict(data_seed=seed + 1), rf'data seed {seed + 1} \(expected {seed}\)'),
+    (dict(step=step + 1), rf'step {step} \(expected {step + 1}\)'),
+  ]:
+    with pytest.raises(checkpoint.CheckpointError, match=what):
+      train.check_restored(
+        dataclasses.replace(record, **changed), state, schedule, config
+      )

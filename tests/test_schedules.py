@@ -293,10 +293,10 @@ def test_small_schedule_clock_by_hand():
   )
   assert clock.num_steps(schedule) == 22
   assert clock.nominal_updates(schedule) == [10.0, 7.5, 3.75]
-  assert clock.position(schedule, 0) == clock.Position(0, 0, 0, 0.0)
-  assert clock.position(schedule, 12) == clock.Position(12, 1, 56, 1.4)
-  assert clock.position(schedule, 18) == clock.Position(18, 2, 104, 2.6)
-  assert clock.position(schedule, 22) == clock.Position(22, 2, 168, 4.2)
+  assert clock.position(schedule, 0) == clock.ClockPosition(0, 0, 0, 0.0)
+  assert clock.position(schedule, 12) == clock.ClockPosition(12, 1, 56, 1.4)
+  assert clock.position(schedule, 18) == clock.ClockPosition(18, 2, 104, 2.6)
+  assert clock.position(schedule, 22) == clock.ClockPosition(22, 2, 168, 4.2)
   assert clock.step_at_examples(schedule, 56) == 12
   assert clock.step_at_examples(schedule, 57) == 13
   assert clock.step_at_epoch(schedule, 2.5) == 18  # 100 examples: step 18 begins at 104.
