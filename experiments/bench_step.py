@@ -138,7 +138,7 @@ def ibs_runner(
   # Batches already on the device: the executable behind the TrainStep, called with the
   # layout done once (TrainStep.__call__ does it on every call).
   on_device = sharding.train_batches_to_device(local_batches, plan, mesh, k)
-  count = compiled._counts[k]  # noqa: SLF001
+  count = compiled._counts[k]
   holder = {'state': state, 'metrics': step_lib.empty_metrics(mesh)}
 
   def run(n):
@@ -147,7 +147,7 @@ def ibs_runner(
       if with_transfer:  # As ibs.train calls it.
         state, metrics = compiled(state, local_batches, metrics)
       else:
-        state, metrics = compiled._run(state, on_device, metrics, count)  # noqa: SLF001
+        state, metrics = compiled._run(state, on_device, metrics, count)
     jax.block_until_ready((state, metrics))
     holder['state'], holder['metrics'] = state, metrics
 

@@ -23,7 +23,7 @@ from experiments import reproduce
 
 # The curves themselves (reading event files, drawing) live in ibs.curves, re-exported
 # here for the notebooks and scripts that use them as plots.*.
-from ibs.curves import (  # noqa: E402, F401
+from ibs.curves import (  # noqa: F401
   LEARNING_CURVES,
   LOG_SCALE,
   NAMES,

@@ -99,8 +99,8 @@ def _finish(process, timeout=1800):
 
 
 def _state(workdir):
-  import jax  # noqa: PLC0415
-  import orbax.checkpoint as ocp  # noqa: PLC0415
+  import jax
+  import orbax.checkpoint as ocp
 
   manager = ocp.CheckpointManager(os.path.join(workdir, 'checkpoints'))
   step = manager.latest_step()
@@ -114,7 +114,7 @@ def _state(workdir):
 
 def _scalars(workdir):
   """{(tag, step): [values]} over every event file of the workdir."""
-  import tensorflow as tf  # noqa: PLC0415
+  import tensorflow as tf
 
   values = collections.defaultdict(list)
   for path in sorted(glob.glob(os.path.join(workdir, 'events.out.tfevents.*'))):

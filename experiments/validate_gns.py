@@ -25,14 +25,14 @@ import sys
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 os.environ.setdefault('JAX_NUM_CPU_DEVICES', '8')
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
-from flax import linen as nn  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import linen as nn
 
-from ibs import gns, sharding  # noqa: E402
-from ibs import step as step_lib  # noqa: E402
+from ibs import gns, sharding
+from ibs import step as step_lib
 
 DIM = 16
 SIGMA = 2.0

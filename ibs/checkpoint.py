@@ -229,7 +229,7 @@ def save(
     items['train_metrics'] = ocp.args.StandardSave(metrics)
   try:
     manager.save(record.step, args=ocp.args.Composite(**items))
-  except Exception as e:  # noqa: BLE001 - any failure is reported the same way
+  except Exception as e:  # any failure is reported the same way
     raise save_error(manager, record.step, e) from None
   return record
 
@@ -272,7 +272,7 @@ def check_save_errors(manager: ocp.CheckpointManager, step: int | None) -> None:
   """
   try:
     manager.check_for_errors()
-  except Exception as e:  # noqa: BLE001
+  except Exception as e:
     error = save_error(manager, step if step is not None else -1, e)
     with contextlib.suppress(Exception):
       manager.close()
@@ -308,7 +308,7 @@ def restore_latest(
         step, args=ocp.args.Composite(**{_RECORD_ITEM: ocp.args.JsonRestore()})
       )[_RECORD_ITEM]
       record = CheckpointRecord.from_json(fields)
-    except Exception as e:  # noqa: BLE001 - a damaged record is any failure to read it
+    except Exception as e:  # a damaged record is any failure to read it
       damaged.append((step, f'position record unreadable: {_cause(e)}'))
       continue
     if record.config_fingerprint != fingerprint:
@@ -324,7 +324,7 @@ def restore_latest(
       items['train_metrics'] = ocp.args.StandardRestore(abstract_metrics)
     try:
       restored = manager.restore(step, args=ocp.args.Composite(**items))
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
       damaged.append((step, f'state unreadable: {_cause(e)}'))
       continue
     state, metrics = restored['state'], restored.get('train_metrics')

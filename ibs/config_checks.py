@@ -214,7 +214,7 @@ def _check_model(config: Any, spec: catalog.DatasetSpec) -> None:
       (config.ghost_batch_size, *spec.input_shape), jnp.float32
     )
     jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), dummy)
-  except Exception as e:  # noqa: BLE001 - any failure here is the config's
+  except Exception as e:  # any failure here is the config's
     detail = ' '.join(f'{type(e).__name__}: {e}'.split())[:300]
     raise ConfigError(
       f'config.model={config.model!r} cannot be built with config.model_kwargs='

@@ -111,8 +111,8 @@ def resolve_config_path(argv: list[str]) -> list[str]:
 
 def _user_errors() -> tuple[type[BaseException], ...]:
   """Exception types that are the user's to fix (imported lazily: they pull in JAX)."""
-  from ibs import checkpoint, config_checks, divergence, lock  # noqa: PLC0415
-  from ibs.data import prepared  # noqa: PLC0415
+  from ibs import checkpoint, config_checks, divergence, lock
+  from ibs.data import prepared
 
   return (
     UserError,
@@ -134,7 +134,7 @@ def _is_user_error(e: BaseException) -> bool:
 def run(config, workdir: str) -> None:
   # Imported only now: XLA's C++ logging, like TensorFlow's (which ibs.train imports),
   # reads TF_CPP_MIN_LOG_LEVEL once (set by reporting.quiet_logging).
-  import jax  # noqa: PLC0415
+  import jax
 
   # Before any JAX computation, so that every process sees the global device set.
   if _COORDINATOR.value:
@@ -146,13 +146,13 @@ def run(config, workdir: str) -> None:
   elif _is_multihost_tpu():
     jax.distributed.initialize()
 
-  import tensorflow as tf  # noqa: PLC0415
+  import tensorflow as tf
 
   # TFDS may use TensorFlow; keep it off the accelerators JAX needs.
   tf.config.set_visible_devices([], 'GPU')
   tf.config.set_visible_devices([], 'TPU')
 
-  from ibs import checkpoint, preemption, reporting, train  # noqa: PLC0415
+  from ibs import checkpoint, preemption, reporting, train
 
   logging.info(
     'JAX process %d / %d, local devices: %s',
@@ -184,7 +184,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   verbosity = flags.FLAGS.verbosity
-  from ibs import reporting  # noqa: PLC0415  (absl and etils only)
+  from ibs import reporting  # absl and etils only
 
   reporting.quiet_logging(verbosity)
   try:

@@ -45,7 +45,7 @@ EXIT_PEER_LOST = 76
 
 
 def _client():
-  from jax._src import distributed  # noqa: PLC0415 - the runtime's client, if any
+  from jax._src import distributed  # the runtime's client, if any
 
   return distributed.global_state.client
 
@@ -94,7 +94,7 @@ class PreemptionHandler:
   def should_stop(self, dispatch: int) -> bool:
     """Whether to save and stop after `dispatch` (counted alike on every process)."""
     if self.multiprocess:
-      from jax.experimental import multihost_utils  # noqa: PLC0415
+      from jax.experimental import multihost_utils
 
       if multihost_utils.reached_preemption_sync_point(dispatch):
         self.signal_name = self.signal_name or 'SIGTERM'
@@ -110,7 +110,7 @@ def exit_preempted() -> None:
   XLA, seconds a preemption's grace period can use better. Several: through sys.exit,
   whose atexit handler takes the runtime's shutdown barrier with the other processes.
   """
-  import jax  # noqa: PLC0415
+  import jax
 
   logging.flush()
   sys.stdout.flush()
@@ -153,7 +153,7 @@ class _Watchdog:
         client.key_value_set(
           f'ibs/heartbeat/{self.index}', str(beat), allow_overwrite=True
         )
-      except Exception as e:  # noqa: BLE001 - the coordinator itself is gone
+      except Exception as e:  # the coordinator itself is gone
         if self.stopped.is_set():
           return
         exit_peer_lost({0}, f'the coordination service is unreachable: {_short(e)}')
@@ -161,7 +161,7 @@ class _Watchdog:
       for p in peers:
         try:
           value = client.key_value_try_get(f'ibs/heartbeat/{p}')
-        except Exception:  # noqa: BLE001 - not written yet
+        except Exception:  # not written yet
           value = None
         if value != last[p][0]:
           last[p] = (value, now)
@@ -180,7 +180,7 @@ _watchdog: _Watchdog | None = None
 def start_peer_watchdog(period_s: float = 1.0) -> None:
   """Watches the other processes of a jax.distributed run (no-op for one process)."""
   global _watchdog
-  import jax  # noqa: PLC0415
+  import jax
 
   if jax.process_count() == 1 or _client() is None or _watchdog is not None:
     return
@@ -202,7 +202,7 @@ def stop_peer_watchdog() -> None:
 def _finished(client, process: int) -> bool:
   try:
     return client.key_value_try_get(f'ibs/finished/{process}') == '1'
-  except Exception:  # noqa: BLE001 - not set
+  except Exception:  # not set
     return False
 
 
@@ -231,7 +231,7 @@ def exit_peer_lost(lost: set[int], why: str = '') -> None:
 
   os._exit: the runtime's own shutdown would wait on the dead peer and then abort.
   """
-  import jax  # noqa: PLC0415
+  import jax
 
   names = ', '.join(str(p) for p in sorted(lost))
   print(

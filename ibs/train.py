@@ -417,7 +417,7 @@ def _train_and_evaluate(config, spec, schedule, workdir, preempt) -> dict[str, A
           saved_step = step
   try:
     manager.wait_until_finished()
-  except Exception as e:  # noqa: BLE001 - a failed background save, in one line
+  except Exception as e:  # a failed background save, in one line
     raise checkpoint.save_error(manager, saved_step, e) from None
   manager.close()
   preempted = preempted and step < total_steps  # A signal in the last dispatch: done.
