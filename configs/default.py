@@ -54,15 +54,13 @@ def get_config() -> ml_collections.ConfigDict:
   config.gns = ml_collections.ConfigDict(
     dict(enabled=True, horizon_examples=20_000, split_every=100)
   )
-  config.nonfinite = 'stop'  # a non-finite loss or gradient: 'stop' the run, or 'skip'
-  # the update and go on (ibs/step.py)
+  config.nonfinite = 'stop'  # NaN/inf loss or gradient: 'stop' the run, or 'skip' the
+  # update (parameters kept, skips counted); ibs/step.py, docs/RELIABILITY.md
   config.eval_batch_size = 1000
   config.log_every_epochs = 1.0
   config.eval_every_epochs = 5.0
   config.checkpoint_every_epochs = 25.0
   config.stop_after_steps = 0  # > 0: stop (with a checkpoint) after this many updates
-  config.nonfinite = 'stop'  # NaN/inf loss or gradient: 'stop' the run, or 'skip' the
-  # update (parameters kept, skips counted); docs/RELIABILITY.md
 
   config.seed = 0  # parameter initialisation
   config.data_seed = 0  # data order and augmentation
