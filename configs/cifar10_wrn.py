@@ -38,6 +38,28 @@ SCHEDULES = (
 OPTIMIZERS = ('momentum', 'nesterov', 'sgd', 'adam')
 
 
+def get_grids() -> dict[str, list[str]]:
+  """{experiment: config arguments} of the paper's studies on this config.
+
+  Run by experiments/reproduce.py (`--experiment=cifar10_5_1`, or `--print_commands`
+  for a TPU VM); cifar10_5_2 shares its decaying_lr runs with cifar10_5_1.
+  """
+  return {
+    'cifar10_5_1': variants.grid(
+      optimizer=OPTIMIZERS, schedule=('decaying_lr', 'hybrid', 'increasing_batch')
+    ),
+    'cifar10_5_2': variants.grid(
+      optimizer=('momentum',),
+      schedule=(
+        'decaying_lr',
+        'increasing_batch_5120',
+        'increased_lr',
+        'increased_momentum',
+      ),
+    ),
+  }
+
+
 def get_config(arg: str = '') -> ml_collections.ConfigDict:
   args = variants.parse(
     arg, {'schedule': SCHEDULES, 'optimizer': OPTIMIZERS, 'data': ('cifar10', 'fake')}

@@ -22,6 +22,14 @@ import ml_collections
 from configs import default, variants
 
 
+def get_grids() -> dict[str, list[str]]:
+  """{experiment: config arguments}: Fig. 6's two schedules, then Fig. 7's momenta."""
+  return {
+    'imagenet_5_3': variants.grid(schedule=('decaying_lr', 'increasing_batch'))
+    + variants.grid(momentum=('0.95', '0.975')),
+  }
+
+
 def get_config(arg: str = '') -> ml_collections.ConfigDict:
   args = variants.parse(
     arg,

@@ -21,6 +21,8 @@ Arguments (`--config=configs/mnist1d_study.py:schedule=hybrid,optimizer=nesterov
 
   python -m ibs.main --config=configs/mnist1d_study.py:schedule=hybrid --workdir=/tmp/h
   python -m experiments.reproduce --experiment=mnist1d_5_1     # the whole grid
+
+The study grids (mnist1d_5_1, mnist1d_5_2, mnist1d_adam) are `get_grids` below.
 """
 
 import ml_collections
@@ -40,6 +42,43 @@ SCHEDULES = (
 )
 OPTIMIZERS = ('momentum', 'nesterov', 'sgd', 'adam', 'adamw')
 WEIGHT_DECAY = ('constant', 'scaled')
+
+
+def get_grids() -> dict[str, list[str]]:
+  """{experiment: config arguments} of the studies on this config (experiments/reproduce.py).
+
+  A run in two grids (the same argument) runs once and serves both.
+  """
+  return {
+    # The paper's §5.1 design at CPU scale.
+    'mnist1d_5_1': variants.grid(
+      optimizer=('momentum', 'nesterov', 'sgd', 'adam'),
+      schedule=('decaying_lr', 'hybrid', 'increasing_batch'),
+    ),
+    # §5.2; shares its decaying_lr runs with mnist1d_5_1.
+    'mnist1d_5_2': variants.grid(
+      optimizer=('momentum',),
+      schedule=(
+        'decaying_lr',
+        'increasing_batch_capped',
+        'increased_lr',
+        'increased_momentum',
+      ),
+    ),
+    # Optimizer-aware conversions for Adam (ibs.schedules): shares its optimizer=adam
+    # decaying_lr and increasing_batch runs with mnist1d_5_1.
+    'mnist1d_adam': variants.grid(
+      optimizer=('adam',),
+      schedule=('decaying_lr', 'increasing_batch', 'sqrt_scaling', 'seesaw'),
+    )
+    + variants.grid(optimizer=('adamw',), schedule=('decaying_lr', 'increasing_batch'))
+    # τ = B/(ελN) held constant (scale_weight_decay), under both schedules.
+    + variants.grid(
+      optimizer=('adamw',),
+      schedule=('increasing_batch', 'decaying_lr'),
+      weight_decay=('scaled',),
+    ),
+  }
 
 
 def get_config(arg: str = '') -> ml_collections.ConfigDict:

@@ -31,6 +31,11 @@ import ml_collections
 from configs import default, variants
 
 
+def get_grids() -> dict[str, list[str]]:
+  """{experiment: config arguments}: the recipe ('') and its decaying-LR baseline."""
+  return {'resnet50_5_4': ['', 'decaying_lr']}
+
+
 def get_config(arg: str = '') -> ml_collections.ConfigDict:
   args = variants.parse(
     arg,

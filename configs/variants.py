@@ -1,10 +1,13 @@
 """The variants a config argument selects (`--config=FILE.py:ARGS`, ARGS `k=v,k=v`).
 
-`parse` reads and checks the argument; `set_schedule` and `set_optimizer` apply the
-paper's §5.1/§5.2 variants, which the CIFAR-10 study and its MNIST-1D miniature share,
+`parse` reads and checks the argument; `grid` writes the arguments of a study grid (a
+config's `get_grids`); `set_schedule` and `set_optimizer` apply the paper's §5.1/§5.2
+variants, which the CIFAR-10 study and its MNIST-1D miniature share,
 so that a schedule or optimizer name means the same in both (only the capped increasing
 batch is named per study: increasing_batch_5120, increasing_batch_capped).
 """
+
+import itertools
 
 import ml_collections
 
@@ -28,6 +31,18 @@ def parse(arg: str, allowed: dict[str, tuple[str, ...]]) -> dict[str, str]:
       raise ValueError(f'{key}={value!r}: choose one of {list(allowed[key])}.')
     chosen[key] = value
   return chosen
+
+
+def grid(**axes: tuple[str, ...]) -> list[str]:
+  """The 'k=v,k=v' argument of every combination of the axes, the last axis fastest.
+
+  grid(optimizer=('sgd', 'adam'), schedule=('hybrid',)) is
+  ['optimizer=sgd,schedule=hybrid', 'optimizer=adam,schedule=hybrid'].
+  """
+  return [
+    ','.join(f'{key}={value}' for key, value in zip(axes, values, strict=True))
+    for values in itertools.product(*axes.values())
+  ]
 
 
 def _key_of(value: str, allowed: dict[str, tuple[str, ...]]) -> str:

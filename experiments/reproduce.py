@@ -1,5 +1,8 @@
 r"""Runs a named experiment's whole grid (seeds × schedules × optimizers), one run at a time.
 
+The grids are the configs' own (`get_grids()` in configs/mnist1d_study.py,
+cifar10_wrn.py, imagenet_irv2.py, resnet50_tpu.py), gathered into EXPERIMENTS.
+
 Each run gets its own workdir, ROOT/<config>/<argument>/seed_<k>; a run whose workdir
 holds summary.json is finished and skipped, and an interrupted one resumes from its
 checkpoint, so rerunning the command completes a grid. Runs share a persistent
@@ -13,86 +16,40 @@ compilation cache under ROOT.
   python -m ibs.compare workdirs/mnist1d_study/*/seed_0  # any workdirs, side by side
 """
 
+import importlib
 import importlib.util
-import itertools
 import os
+import pkgutil
 import time
 
 from absl import app, flags, logging
 
+import configs
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _grid(config: str, **axes: tuple[str, ...]) -> list[tuple[str, str]]:
-  """(config file, 'k=v,k=v' argument) for every combination of the axes."""
-  keys = list(axes)
-  return [
-    (config, ','.join(f'{k}={v}' for k, v in zip(keys, values, strict=True)))
-    for values in itertools.product(*(axes[k] for k in keys))
-  ]
+def gather_experiments() -> dict[str, list[tuple[str, str]]]:
+  """{experiment: [(config file, argument), ...]} from every config's `get_grids()`.
+
+  A study's grid lives beside its config (big_vision's `get_hyper` habit), so a config
+  and its variants change in one file; here they are only collected. An experiment name
+  defined by two configs is an error.
+  """
+  experiments: dict[str, list[tuple[str, str]]] = {}
+  for module_info in sorted(pkgutil.iter_modules(configs.__path__), key=lambda m: m.name):
+    module = importlib.import_module(f'configs.{module_info.name}')
+    if not hasattr(module, 'get_grids'):
+      continue
+    path = f'configs/{module_info.name}.py'
+    for name, args in module.get_grids().items():
+      if name in experiments:
+        raise ValueError(f'Experiment {name!r} is defined twice (again in {path}).')
+      experiments[name] = [(path, arg) for arg in args]
+  return experiments
 
 
-_OPTIMIZERS = ('momentum', 'nesterov', 'sgd', 'adam')
-EXPERIMENTS = {
-  # CPU scale: the paper's design on MNIST-1D.
-  'mnist1d_5_1': _grid(
-    'configs/mnist1d_study.py',
-    optimizer=_OPTIMIZERS,
-    schedule=('decaying_lr', 'hybrid', 'increasing_batch'),
-  ),
-  'mnist1d_5_2': _grid(  # Shares its decaying_lr runs with mnist1d_5_1.
-    'configs/mnist1d_study.py',
-    optimizer=('momentum',),
-    schedule=(
-      'decaying_lr',
-      'increasing_batch_capped',
-      'increased_lr',
-      'increased_momentum',
-    ),
-  ),
-  # Optimizer-aware conversions for Adam (ibs.schedules): shares its optimizer=adam
-  # decaying_lr and increasing_batch runs with mnist1d_5_1.
-  'mnist1d_adam': _grid(
-    'configs/mnist1d_study.py',
-    optimizer=('adam',),
-    schedule=('decaying_lr', 'increasing_batch', 'sqrt_scaling', 'seesaw'),
-  )
-  + _grid(
-    'configs/mnist1d_study.py',
-    optimizer=('adamw',),
-    schedule=('decaying_lr', 'increasing_batch'),
-  )
-  + _grid(  # τ = B/(ελN) held constant (scale_weight_decay), under both schedules.
-    'configs/mnist1d_study.py',
-    optimizer=('adamw',),
-    schedule=('increasing_batch', 'decaying_lr'),
-    weight_decay=('scaled',),
-  ),
-  # The paper's own experiments (accelerators and prepared datasets).
-  'cifar10_5_1': _grid(
-    'configs/cifar10_wrn.py',
-    optimizer=_OPTIMIZERS,
-    schedule=('decaying_lr', 'hybrid', 'increasing_batch'),
-  ),
-  'cifar10_5_2': _grid(  # Shares its decaying_lr runs with cifar10_5_1.
-    'configs/cifar10_wrn.py',
-    optimizer=('momentum',),
-    schedule=(
-      'decaying_lr',
-      'increasing_batch_5120',
-      'increased_lr',
-      'increased_momentum',
-    ),
-  ),
-  'imagenet_5_3': _grid(
-    'configs/imagenet_irv2.py', schedule=('decaying_lr', 'increasing_batch')
-  )
-  + _grid('configs/imagenet_irv2.py', momentum=('0.95', '0.975')),
-  'resnet50_5_4': [
-    ('configs/resnet50_tpu.py', ''),
-    ('configs/resnet50_tpu.py', 'decaying_lr'),
-  ],
-}
+EXPERIMENTS = gather_experiments()
 
 
 def define_flags() -> None:

@@ -11,6 +11,7 @@ import re
 import pytest
 
 from configs import resnet50_tpu, variants
+from experiments import reproduce
 from ibs import clock, config_checks, schedules
 from ibs.data import catalog
 
@@ -107,3 +108,37 @@ def test_resnet50_tpu_variants_are_the_recipe_and_its_baseline():
 def test_variants_parse_rejects_what_it_cannot_place(arg, message):
   with pytest.raises(ValueError, match=re.escape(message)):
     variants.parse(arg, {'schedule': ('a', 'b'), 'other': ('b', 'c')})
+
+
+def test_study_grids_are_gathered_from_their_configs():
+  """Each config's get_grids() is an experiment of experiments/reproduce.py, by name."""
+  assert {
+    name: sorted({path for path, _ in runs})
+    for name, runs in reproduce.EXPERIMENTS.items()
+  } == {
+    'mnist1d_5_1': ['configs/mnist1d_study.py'],
+    'mnist1d_5_2': ['configs/mnist1d_study.py'],
+    'mnist1d_adam': ['configs/mnist1d_study.py'],
+    'cifar10_5_1': ['configs/cifar10_wrn.py'],
+    'cifar10_5_2': ['configs/cifar10_wrn.py'],
+    'imagenet_5_3': ['configs/imagenet_irv2.py'],
+    'resnet50_5_4': ['configs/resnet50_tpu.py'],
+  }
+  # §5.1: 4 optimizers × 3 schedules, no run twice.
+  args = [arg for _, arg in reproduce.EXPERIMENTS['cifar10_5_1']]
+  assert len(args) == len(set(args)) == 12
+
+
+@pytest.mark.parametrize('experiment', sorted(reproduce.EXPERIMENTS))
+def test_every_grid_argument_is_one_its_config_accepts(experiment):
+  for path, arg in reproduce.EXPERIMENTS[experiment]:
+    reproduce.load_config(path, arg)  # variants.parse refuses what it cannot place
+
+
+def test_grid_is_every_combination_last_axis_fastest():
+  assert variants.grid(optimizer=('sgd', 'adam'), schedule=('a', 'b')) == [
+    'optimizer=sgd,schedule=a',
+    'optimizer=sgd,schedule=b',
+    'optimizer=adam,schedule=a',
+    'optimizer=adam,schedule=b',
+  ]
