@@ -1,4 +1,4 @@
-"""Every config field is either in the checkpoint fingerprint or explicitly not.
+"""Every config field, in every config and its study variants, is in the fingerprint or not.
 
 The fingerprint (ibs/checkpoint.py) decides whether a workdir's checkpoint may be resumed
 by a config; a field missing from it lets a changed trajectory resume silently, as
@@ -19,15 +19,34 @@ CONFIGS = sorted(
 )
 
 
+def _arguments(module) -> list[str]:
+  """The config's default, every argument of its study grids, and its fake-data variant."""
+  arguments = {''}
+  for grid in getattr(module, 'get_grids', dict)().values():
+    arguments.update(grid)
+  try:
+    module.get_config('data=fake')
+    arguments.add('data=fake')
+  except (TypeError, ValueError):  # no arguments, or no data=fake variant
+    pass
+  return sorted(arguments)
+
+
 @pytest.mark.parametrize('name', CONFIGS)
 def test_every_config_field_is_classified_for_the_fingerprint(name):
-  config = importlib.import_module(f'configs.{name}').get_config()
+  module = importlib.import_module(f'configs.{name}')
+  for arg in _arguments(module):
+    config = module.get_config(arg) if arg else module.get_config()
+    _check_classified(config, f'configs/{name}.py:{arg}')
+
+
+def _check_classified(config, where: str) -> None:
   trajectory = set(checkpoint.TRAJECTORY_FIELDS)
   other = set(checkpoint.NON_TRAJECTORY_FIELDS)
   assert not trajectory & other, trajectory & other
   unclassified = set(config.keys()) - trajectory - other
   assert not unclassified, (
-    f'configs/{name}.py has fields {sorted(unclassified)} in neither '
+    f'{where} has fields {sorted(unclassified)} in neither '
     'checkpoint.TRAJECTORY_FIELDS nor checkpoint.NON_TRAJECTORY_FIELDS'
   )
 
