@@ -9,9 +9,9 @@ factor 5. Arguments (`--config=configs/cifar10_wrn.py:schedule=hybrid,optimizer=
              increased_lr (ε 0.5, B 640), increased_momentum (ε 0.5, m 0.98, B 3200).
   optimizer  momentum (m 0.9), nesterov (m 0.9), sgd (no momentum, ε ×10 = same g),
              adam (ε 1e-3, β1 0.9).
-  data       cifar10 (prepare it with `python -m ibs.data.prepare cifar10 --data_dir=DIR`),
-             or fake (synthetic 32×32×3 and a WRN-10-1, a few epochs: a CPU smoke
-             test of the recipe).
+  data       cifar10 (prepare it with
+             `python -m ibs.data.prepare cifar10 --data_dir=DIR`), or fake (synthetic
+             32×32×3 and a WRN-10-1, a few epochs: a CPU smoke test of the recipe).
 
 Every phase batch must be a multiple of devices × ghost batch (128), and the paper's
 batches are 128 × powers of 5 (and 5120): run them on one device, a GPU. On more, the

@@ -1,7 +1,8 @@
 r"""Input-pipeline throughput beside the train step's consumption, on this machine.
 
 For each workload and batch size it measures, in examples per second:
-  pipeline  `ibs.data.pipeline.train_batches` alone (order, gather, augmentation, prefetch);
+  pipeline  `ibs.data.pipeline.train_batches` alone (order, gather, augmentation,
+            prefetch);
   step      the compiled train step fed one fixed host batch (`train_step(state,
             [batch], metrics)`, which includes its host → device layout);
   loop      both together, one step per dispatch (ibs.train can dispatch several

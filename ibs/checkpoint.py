@@ -1,11 +1,11 @@
 """Checkpoints that carry the position: train state + where training stands.
 
 An orbax CheckpointManager stores, per saved step, the TrainState (params, optimizer state
-with its injected hyperparameters and update count, BN statistics) and a small JSON
-record (CheckpointRecord): examples seen, phase, data seed and a fingerprint of the config fields that determine
-the trajectory (docs/DESIGN.md decision 8). Rerunning the same command on the same workdir
-resumes exactly; rerunning a *different* config on that workdir is refused rather than
-silently mixing two runs (and nothing in the workdir is deleted).
+with its injected hyperparameters and update count, BN statistics) and a small JSON record
+(CheckpointRecord): examples seen, phase, data seed and a fingerprint of the config fields
+that determine the trajectory (docs/DESIGN.md decision 8). Rerunning the same command on
+the same workdir resumes exactly; rerunning a *different* config on that workdir is
+refused rather than silently mixing two runs (and nothing in the workdir is deleted).
 """
 
 from __future__ import annotations

@@ -35,7 +35,7 @@ class Checked(NamedTuple):
 def check_config(
   config: Any, num_devices: int, process_count: int = 1, workdir: str | None = None
 ) -> Checked:
-  """Validates `config` for this many devices and processes; returns its spec and Schedule.
+  """Validates `config` for this many devices and processes; returns spec and Schedule.
 
   The dataset spec is resolved here, once per run: the schedule, the model and the input
   pipeline all read this one (ibs/train.py passes it on). Given `workdir`, also checks

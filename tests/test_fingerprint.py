@@ -1,4 +1,4 @@
-"""Every config field, in every config and its study variants, is in the fingerprint or not.
+"""Every field of every config and study variant is in the fingerprint or explicitly not.
 
 The fingerprint (ibs/checkpoint.py) decides whether a workdir's checkpoint may be resumed
 by a config; a field missing from it lets a changed trajectory resume silently, as
@@ -20,7 +20,7 @@ CONFIGS = sorted(
 
 
 def _arguments(module) -> list[str]:
-  """The config's default, every argument of its study grids, and its fake-data variant."""
+  """The config's default, every argument of its study grids, its fake-data variant."""
   arguments = {''}
   for grid in getattr(module, 'get_grids', dict)().values():
     arguments.update(grid)

@@ -1,4 +1,4 @@
-"""ibs.data.prepare: the real TFDS builders, offline, on fake archives; ibs reads the result."""
+"""ibs.data.prepare: the real TFDS builders, offline, on fake archives; ibs reads them."""
 
 import dataclasses
 import io

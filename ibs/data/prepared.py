@@ -116,8 +116,9 @@ def imagenet2012(split: str, data_dir: str | None) -> EncodedImageSource:
       f'imagenet2012 in {builder.data_dir} is prepared as '
       f'{builder.info.file_format.value if builder.info.file_format else "?"}; ibs reads '
       'ImageNet by random access (the data order is a function of the example index), '
-      'which needs array_record files. Prepare it again (ibs.data.prepare writes array_record):'
-      '\n' + _HOW_TO_PREPARE['imagenet2012'].format(where=builder.data_dir_root)
+      'which needs array_record files. Prepare it again (ibs.data.prepare writes '
+      'array_record):\n'
+      + _HOW_TO_PREPARE['imagenet2012'].format(where=builder.data_dir_root)
     )
   import tensorflow_datasets as tfds
 
