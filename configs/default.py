@@ -41,6 +41,14 @@ def get_config() -> ml_collections.ConfigDict:
   config.schedule.decay_factor = 5.0  # ε ÷ 5 (or B × 5) at each milestone
   config.schedule.max_batch_size = 0  # hybrid's cap B_max
   config.schedule.warmup_epochs = 0.0
+  # kind='adaptive' climbs the ladder above (32, 160, 800, 4000; past max_batch_size, if
+  # set, ε decays instead) when the measured noise scale B_simple has stayed at or above
+  # threshold × B for window_epochs, after min_epochs on the rung; decided every
+  # check_every_epochs (ibs/adaptive.py). threshold = the ladder's factor: the next rung
+  # is still no larger than B_simple.
+  config.schedule.adaptive = ml_collections.ConfigDict(
+    dict(threshold=5.0, window_epochs=2.0, min_epochs=5.0, check_every_epochs=0.5)
+  )
 
   config.max_micro_batch_size = 800  # per-device cap; larger batches accumulate (CPU is
   # fastest near 800 examples per micro-batch for this model)
@@ -54,13 +62,13 @@ def get_config() -> ml_collections.ConfigDict:
   config.gns = ml_collections.ConfigDict(
     dict(enabled=True, horizon_examples=20_000, split_every=100)
   )
-  config.nonfinite = 'stop'  # NaN/inf loss or gradient: 'stop' the run, or 'skip' the
-  # update (parameters kept, skips counted); ibs/step.py, docs/RELIABILITY.md
   config.eval_batch_size = 1000
   config.log_every_epochs = 1.0
   config.eval_every_epochs = 5.0
   config.checkpoint_every_epochs = 25.0
   config.stop_after_steps = 0  # > 0: stop (with a checkpoint) after this many updates
+  config.nonfinite = 'stop'  # NaN/inf loss or gradient: 'stop' the run, or 'skip' the
+  # update (parameters kept, skips counted); docs/RELIABILITY.md
 
   config.seed = 0  # parameter initialisation
   config.data_seed = 0  # data order and augmentation

@@ -13,6 +13,10 @@ Arguments (`--config=configs/mnist1d_study.py:schedule=hybrid,optimizer=nesterov
              Adam only (ibs.schedules): seesaw (B as increasing_batch, ε ÷ √5 per
              milestone), sqrt_scaling (seesaw's B and ε with the square-root rule's β2
              and ε̂; β1 kept at 0.9: the rule needs κ(1 − β1) < 1, and κ = 125).
+             Beyond the paper (docs/REPRODUCTION.md, "The adaptive schedule"): adaptive
+             (increasing_batch's ladder, climbed when the measured noise scale says
+             so); two controls, constant (ε 0.1, B 32 throughout) and
+             increasing_batch_early (the same ladder at epochs 3/6/8, 10× too soon).
   optimizer  momentum (m 0.9), nesterov (m 0.9), sgd (ε 1.0, no momentum: same g),
              adam (ε 1e-3, β1 0.9, L2 5e-4), adamw (ε 1e-3, β1 0.9, decoupled λ 0.1:
              τ = B/(ελN) = 32 epochs at B 32).
@@ -39,6 +43,9 @@ SCHEDULES = (
   'increased_momentum',
   'sqrt_scaling',
   'seesaw',
+  'adaptive',
+  'constant',
+  'increasing_batch_early',
 )
 OPTIMIZERS = ('momentum', 'nesterov', 'sgd', 'adam', 'adamw')
 WEIGHT_DECAY = ('constant', 'scaled')
@@ -97,8 +104,13 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   s.milestones = (30.0, 60.0, 80.0)
   s.decay_factor = 5.0
   s.learning_rate, s.batch_size, s.momentum = 0.1, 32, 0.9
+  if args['schedule'] == 'increasing_batch_early':  # a control: B grows 10× too soon
+    s.milestones = (3.0, 6.0, 8.0)
   variants.set_schedule(
-    s, args['schedule'], hybrid_max_batch_size=160, capped_max_batch_size=1024
+    s,
+    args['schedule'].removesuffix('_early'),
+    hybrid_max_batch_size=160,
+    capped_max_batch_size=1024,
   )
   variants.set_optimizer(config, args['optimizer'])
   if args['weight_decay'] == 'scaled':

@@ -71,7 +71,10 @@ def set_schedule(
 
   §5.1: decaying_lr (= §5.2's original), hybrid (the batch grows to
   `hybrid_max_batch_size`, then ε decays) and increasing_batch; for Adam also seesaw and
-  sqrt_scaling (ibs.schedules; β1 kept, see below). Any other name is a
+  sqrt_scaling (ibs.schedules; β1 kept, see below). Beyond the paper: adaptive
+  (increasing_batch's ladder, climbed when the measured noise scale says so;
+  ibs/adaptive.py) and constant (one phase at the initial ε, B and m: a control). Any
+  other name is a
   §5.2 schedule, all capped at B_max = `capped_max_batch_size`: increasing batch, or
   the same with the initial B scaled up by a larger ε (increased_lr) and also by a
   larger momentum (increased_momentum). `s` must already hold the §5.1 ε, B and m.
@@ -80,8 +83,11 @@ def set_schedule(
     s.kind = 'decaying_lr'
   elif schedule == 'hybrid':
     s.kind, s.max_batch_size = 'hybrid', hybrid_max_batch_size
-  elif schedule in ('increasing_batch', 'seesaw'):
-    s.kind = schedule
+  elif schedule in ('increasing_batch', 'seesaw', 'adaptive'):
+    s.kind = schedule  # adaptive: increasing_batch's ladder, climbed by measurement
+  elif schedule == 'constant':  # a control: neither ε nor B changes
+    s.kind = 'explicit'
+    s.phases = ((0.0, s.batch_size, s.learning_rate, s.momentum),)
   elif schedule == 'sqrt_scaling':
     # Malladi et al.'s rule sets 1 − β1 ← κ(1 − β1); over the three ×5 milestones κ = 125
     # and β1 = 0.9 would become negative, so β1 stays and only β2 and ε̂ follow the rule.

@@ -31,6 +31,11 @@ class Cadence:
       }
     )
 
+  def with_period(self, event: str, period: int) -> Cadence:
+    """This cadence and one more event every `period` examples (e.g. the adaptive
+    schedule's decision points, ibs/adaptive.py)."""
+    return Cadence({**self.periods, event: max(1, int(period))})
+
   def steps_until_next(self, examples: int, batch_size: int) -> int:
     """Steps of `batch_size` from `examples` until the count first passes a multiple of
     some period: the longest dispatch that ends at or before the next event."""

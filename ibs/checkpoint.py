@@ -91,6 +91,11 @@ class CheckpointRecord:
   # Wall-clock seconds of training up to this checkpoint, summed over resumes
   # (ibs/reporting.py).
   train_time_s: float = 0.0
+  # An adaptive schedule's decisions so far (ibs/adaptive.py): each switch as
+  # (examples seen when the new rung begins, rung), and the examples since which the
+  # current rung has been ready to climb (-1: not ready). Empty for fixed schedules.
+  switches: tuple[tuple[int, int], ...] = ()
+  ready_since: int = -1
 
   @classmethod
   def from_json(cls, fields: dict[str, Any]) -> CheckpointRecord:
@@ -127,6 +132,9 @@ def config_fingerprint(config: Any) -> str:
   TRAJECTORY_FIELDS keeps the fingerprint (and the resumability) of configs without it.
   """
   fields = {k: config[k] for k in TRAJECTORY_FIELDS if k in config}
+  if config.get('schedule', {}).get('kind') == 'adaptive':
+    # Its switches follow the measured noise scale: how it is averaged decides them.
+    fields['gns'] = config.gns
   text = json.dumps(fields, sort_keys=True, default=_to_jsonable)
   return hashlib.sha256(text.encode()).hexdigest()[:16]
 

@@ -13,7 +13,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from ibs import models, optim, schedules, sharding, step
+from ibs import adaptive, models, optim, schedules, sharding, step
 from ibs.data import catalog
 
 
@@ -103,6 +103,8 @@ def check_config(
   check_optimizer_rules(config)
   spec = catalog.dataset_spec(config)
   try:
+    if config.schedule.kind == 'adaptive':
+      adaptive.check_config(config)
     schedule = schedules.from_config(config, spec.num_train_examples)
   except schedules.ScheduleError as e:
     raise ConfigError(str(e)) from None

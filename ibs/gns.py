@@ -113,3 +113,8 @@ def estimates(state: GNSState) -> dict[str, float]:
     'gns/trace_cov': s,
     'gns/b_simple': s / g2 if g2 > 0 else float('inf'),
   }
+
+
+def b_simple(state: GNSState) -> float:
+  """The bias-corrected B_simple = tr(Σ)/|G|² alone (NaN before any estimate)."""
+  return estimates(state)['gns/b_simple']

@@ -90,6 +90,7 @@ def create_optimizer(
   weight_decay: float = 0.0,
   decoupled_weight_decay: bool = False,
   weight_decay_mask: Any = None,
+  host_set: bool = False,
 ) -> optax.GradientTransformation:
   """The optimizer `name` following `schedule`'s ε and m, with injected hyperparameters.
 
@@ -97,15 +98,26 @@ def create_optimizer(
   rejects a config that sets m ≠ 0 with it). Where the phases carry λ
   (schedules.scale_weight_decay) it is injected per phase too and `weight_decay` is
   ignored; where they carry Adam's β2 and ε̂ (schedules.sqrt_scaling), so are those.
+
+  With `host_set`, ε and m start as the first phase's numbers and stay what the state
+  holds until the host changes them (`set_hyperparams`): the adaptive schedule decides
+  its switches on the host (ibs/adaptive.py), so the step cannot compute ε from its
+  update count.
   """
   if name not in OPTIMIZERS:
     raise ValueError(
       f'Unknown config.optimizer={name!r}. Choose one of {list(OPTIMIZERS)}.'
     )
-  hyperparams = {'learning_rate': schedules.learning_rate_schedule(schedule)}
-  if name != 'sgd':
-    hyperparams['momentum'] = schedules.momentum_schedule(schedule)
   first = schedule.phases[0]
+  if host_set:
+    hyperparams = {'learning_rate': first.learning_rate, 'momentum': first.momentum}
+  else:
+    hyperparams = {
+      'learning_rate': schedules.learning_rate_schedule(schedule),
+      'momentum': schedules.momentum_schedule(schedule),
+    }
+  if name == 'sgd':
+    del hyperparams['momentum']
   if first.weight_decay is not None:
     weight_decay = schedules.weight_decay_schedule(schedule)
   if first.adam_b2 is not None or first.adam_eps is not None:
@@ -127,3 +139,18 @@ def create_optimizer(
     decoupled=decoupled_weight_decay,
     mask=weight_decay_mask,
   )
+
+
+def set_hyperparams(opt_state: Any, **values: float) -> Any:
+  """`opt_state` (of `create_optimizer(..., host_set=True)`) with new ε or m.
+
+  Each value keeps the dtype and placement of the one it replaces, so the compiled step
+  takes the new state without retracing.
+  """
+  import jax
+
+  hyperparams = dict(opt_state.hyperparams)
+  for name, value in values.items():
+    old = hyperparams[name]
+    hyperparams[name] = jax.device_put(jax.numpy.asarray(value, old.dtype), old.sharding)
+  return opt_state._replace(hyperparams=hyperparams)

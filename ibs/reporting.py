@@ -179,7 +179,6 @@ class Progress:
     total_steps: int,
     start_examples: int = 0,
     start_step: int = 0,
-    batch_sizes: tuple[int, ...] = (),
     every_secs: float = 10.0,
     window_secs: float = 60.0,
     clock: Callable[[], float] = time.perf_counter,
@@ -188,7 +187,6 @@ class Progress:
     self.total_examples = total_examples
     self.n = num_train_examples
     self.total_steps = total_steps
-    self.batch_sizes = batch_sizes
     self.every_secs = every_secs
     self.window_secs = window_secs
     self._clock = clock
@@ -203,6 +201,7 @@ class Progress:
     self._period = [0, 0]  # examples, steps since period_scalars()
     self._period_start, self._period_excluded = now, 0.0
     self._phases: dict[int, list] = {}  # phase → [examples, steps, seconds]
+    self._batch_sizes: dict[int, int] = {}
     self._step, self._examples = start_step, start_examples
 
   @contextlib.contextmanager
@@ -216,7 +215,12 @@ class Progress:
       self._period_excluded += elapsed
       self._timed_totals[name] += elapsed
 
-  def update(self, step: int, examples: int, phase: int) -> None:
+  def set_totals(self, total_steps: int, total_examples: int) -> None:
+    """New totals for the progress line: an adaptive schedule's switch changes them."""
+    self.total_steps, self.total_examples = total_steps, total_examples
+
+  def update(self, step: int, examples: int, phase: int, batch_size: int) -> None:
+    """After a dispatch that ended at `step`, `examples`, in `phase` of `batch_size`."""
     now = self._clock()
     seconds = max(0.0, now - self._last_update - self._excluded)
     self._last_update, self._excluded = now, 0.0
@@ -224,6 +228,7 @@ class Progress:
     self._step, self._examples = step, examples
     self._period[0] += d_examples
     self._period[1] += d_steps
+    self._batch_sizes[phase] = batch_size
     totals = self._phases.setdefault(phase, [0, 0, 0.0])
     totals[0] += d_examples
     totals[1] += d_steps
@@ -271,9 +276,13 @@ class Progress:
     """Per phase trained in this session: examples, steps, seconds, examples/s, step time."""
     rows = []
     for phase, (examples, steps, seconds) in sorted(self._phases.items()):
-      row = {'phase': phase, 'examples': examples, 'steps': steps, 'train_s': seconds}
-      if phase < len(self.batch_sizes):
-        row['batch_size'] = self.batch_sizes[phase]
+      row = {
+        'phase': phase,
+        'batch_size': self._batch_sizes[phase],
+        'examples': examples,
+        'steps': steps,
+        'train_s': seconds,
+      }
       if seconds > 0 and steps:
         row['examples_per_sec'] = examples / seconds
         row['step_time_ms'] = 1e3 * seconds / steps

@@ -49,6 +49,7 @@ SCHEDULE_KINDS = (
   'sqrt_scaling',
   'seesaw',
   'explicit',
+  'adaptive',
 )
 # Kinds whose conversion follows Adam's ε/√B rather than SGD's ε/B (ibs.config_checks refuses
 # them with other optimizers).
@@ -543,7 +544,9 @@ def from_config(config: Any, num_train_examples: int) -> Schedule:
 
   Fields of `config.schedule`:
     kind: 'decaying_lr' | 'increasing_batch' | 'hybrid' | 'sqrt_scaling' | 'seesaw' |
-      'explicit'.
+      'explicit' | 'adaptive'. For 'adaptive' the result is its ladder at the recipe's
+      milestones: the increasing-batch conversion, or the hybrid one when
+      max_batch_size caps it; the run decides when to climb (ibs/adaptive.py).
     num_epochs, warmup_epochs (optional, default 0).
     learning_rate, batch_size, momentum, milestones, decay_factor (a number or one per
       milestone), max_batch_size (hybrid): the step-decay recipe to convert.
@@ -591,6 +594,8 @@ def from_config(config: Any, num_train_examples: int) -> Schedule:
     recipe = scale_batch_with_learning_rate(recipe, lr_factor)
   if target_momentum is not None:
     recipe = scale_batch_with_momentum(recipe, float(target_momentum))
+  if kind == 'adaptive':  # The ladder it climbs, at the recipe's milestones.
+    kind = 'hybrid' if s.get('max_batch_size') else 'increasing_batch'
   cap = s.get('max_batch_size') if kind == 'hybrid' else None
   if isinstance(cap, float) and cap.is_integer():
     cap = int(cap)

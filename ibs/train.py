@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +20,7 @@ from absl import logging
 from clu import metric_writers
 
 from ibs import (
+  adaptive,
   cadence,
   checkpoint,
   clock,
@@ -36,7 +37,7 @@ from ibs import (
   sharding,
 )
 from ibs import step as step_lib
-from ibs.data import pipeline
+from ibs.data import catalog, pipeline
 
 
 def create_model(config: Any, num_classes: int):
@@ -60,6 +61,7 @@ def create_train_state(
     weight_decay=config.weight_decay,
     decoupled_weight_decay=config.decoupled_weight_decay,
     weight_decay_mask=mask,
+    host_set=config.schedule.kind == 'adaptive',  # ε set at its switches
   )
 
   @jax.jit
@@ -84,37 +86,82 @@ def step_options(config: Any) -> step_lib.StepOptions:
   )
 
 
-def compile_phases(config, mesh, state, plans, spans, start_step, example):
-  """Every remaining phase's step, compiled ahead of time, its memory logged."""
-  remaining = [
-    plan
-    for plan, span in zip(plans, spans, strict=True)
+def batch_sizes_to_come(schedule, growth_rules, growth, start_step) -> list[int]:
+  """The batch of every phase still to run: the rest of a fixed schedule, or every rung
+  from the current one up for an adaptive one (its switches cannot wait on a compile)."""
+  if growth_rules is not None:
+    return [p.batch_size for p in growth_rules.ladder[growth.rung :]]
+  return [
+    phase.batch_size
+    for phase, span in zip(schedule.phases, clock.phase_spans(schedule), strict=True)
     if span.first_step + span.num_steps > start_step and span.num_steps
   ]
+
+
+def compile_steps(
+  config, mesh, state, data, batch_sizes
+) -> dict[int, step_lib.TrainStep]:
+  """The train step of every batch size to come, compiled ahead of time, its memory
+  logged and checked against the device's (a batch that cannot fit fails now, not at
+  its phase)."""
+  logging.info('Compiling the train step for every phase shape ahead of time...')
+  plans = {
+    b: sharding.plan_micro_batches(
+      b, jax.device_count(), config.ghost_batch_size, config.max_micro_batch_size
+    )
+    for b in dict.fromkeys(batch_sizes)
+  }
   compiled = step_lib.compile_train_steps(
     mesh,
     state,
-    remaining,
-    example,
+    list(plans.values()),
+    data.example(),
     ghost_batch_size=config.ghost_batch_size,
     steps_per_dispatch=config.steps_per_dispatch,
     options=step_options(config),
   )
-  for shape, train_step in compiled.items():
+  for b, plan in plans.items():
+    train_step = compiled[plan.shape]
     analysis = train_step.memory_analysis()
     logging.info(
-      'Step for batch shape (accumulation, devices × micro-batch) = %s compiled, %d '
-      'update(s) per call; %s',
-      shape,
+      'Step for batch %d, shape (accumulation, devices × micro-batch) = %s, compiled: '
+      '%d update(s) per call; %s',
+      b,
+      plan.shape,
       train_step.steps_per_dispatch,
-      analysis
+      'no memory analysis'
       if analysis is None
       else (
         f'temp {analysis.temp_size_in_bytes / 2**20:.1f} MiB, arguments '
         f'{analysis.argument_size_in_bytes / 2**20:.1f} MiB'
       ),
     )
-  return compiled
+    check_memory(b, analysis)
+  return {b: compiled[plan.shape] for b, plan in plans.items()}
+
+
+def check_memory(batch_size: int, analysis: Any) -> None:
+  """Raises MemoryError when the step's buffers exceed what the device can hold.
+
+  Devices that report a limit (GPU, TPU; `memory_stats()['bytes_limit']`) are checked;
+  XLA:CPU reports none and is not.
+  """
+  stats = jax.local_devices()[0].memory_stats() or {}
+  limit = stats.get('bytes_limit')
+  if analysis is None or not limit:
+    return
+  need = (
+    analysis.temp_size_in_bytes
+    + analysis.argument_size_in_bytes
+    + analysis.output_size_in_bytes
+    - analysis.alias_size_in_bytes
+  )
+  if need > limit:
+    raise MemoryError(
+      f'The train step for batch {batch_size} needs {need / 2**30:.2f} GiB per device, '
+      f'more than the {limit / 2**30:.2f} GiB the device has. Lower '
+      'config.max_micro_batch_size (more accumulation), or use more devices.'
+    )
 
 
 def evaluate(eval_step, state, source, preprocess, config, mesh) -> dict[str, float]:
@@ -210,6 +257,22 @@ def check_finite(state, schedule, manager) -> None:
   )
 
 
+def format_switches(switches: list[dict[str, Any]] | None) -> list[str]:
+  """The adaptive schedule's switches, one line each (none for a fixed schedule)."""
+  if switches is None:
+    return []
+  lines = [
+    '',
+    f'adaptive schedule: {len(switches)} switch(es) decided by the noise scale',
+  ]
+  lines += [
+    f'  step {s["step"]:,} at epoch {s["epoch"]:.2f} ({s["examples"]:,} examples): batch '
+    f'{s["batch_size"]}, lr {s["learning_rate"]:g}'
+    for s in switches
+  ]
+  return lines
+
+
 def format_summary(summary: dict[str, Any], schedule) -> str:
   lines = [
     '',
@@ -221,6 +284,7 @@ def format_summary(summary: dict[str, Any], schedule) -> str:
     f'wall-clock {summary["wall_clock_s"]:.1f} s (compilation {summary["compile_s"]:.1f} s)',
     '',
     noise_scale.format_table(schedule, title='phases'),
+    *format_switches(summary.get('switches')),
     '',
     reporting.format_throughput(summary.get('throughput', [])),
     '=' * 78,
@@ -228,15 +292,290 @@ def format_summary(summary: dict[str, Any], schedule) -> str:
   return '\n'.join(lines)
 
 
+class Data(NamedTuple):
+  """The run's train and test sources and its preprocessing."""
+
+  train: Any
+  test: Any
+  preprocess: Any
+
+  @classmethod
+  def load(cls, config: Any, spec: catalog.DatasetSpec) -> Data:
+    return cls(
+      pipeline.load_source(config, spec, 'train'),
+      pipeline.load_source(config, spec, 'test'),
+      pipeline.preprocess_fn(config, spec),
+    )
+
+  def example(self) -> Any:
+    """One preprocessed training example: the shapes and dtypes to compile for."""
+    index = np.zeros(1, np.int64)
+    return self.preprocess(self.train.get(index), index, True)
+
+  def train_batches(self, config, start_examples, batch_size, num_steps, prefetch):
+    """This process's share of `num_steps` batches from `start_examples` on."""
+    return pipeline.train_batches(
+      self.train,
+      self.preprocess,
+      seed=config.data_seed,
+      start_examples=start_examples,
+      batch_size=batch_size,
+      num_steps=num_steps,
+      process_index=jax.process_index(),
+      process_count=jax.process_count(),
+      prefetch=prefetch,
+    )
+
+
+def use_compilation_cache(directory: str) -> None:
+  """A persistent XLA cache in `directory` ('' leaves it off)."""
+  if directory:
+    jax.config.update('jax_compilation_cache_dir', os.path.expanduser(directory))
+    jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
+
+
+class Start(NamedTuple):
+  """Where this session starts: fresh, or from the newest intact checkpoint."""
+
+  state: step_lib.TrainState
+  metrics: step_lib.Metrics  # the running train metrics since the last log
+  growth: adaptive.Growth  # an adaptive schedule's decisions (empty otherwise)
+  schedule: schedules.Schedule  # as run so far, for an adaptive schedule
+  previous_train_s: float  # training time of earlier sessions
+
+
+def restore_or_start(config, manager, state, mesh, schedule, growth_rules) -> Start:
+  """Restores the newest intact checkpoint (ibs/checkpoint.py) and checks it, or starts.
+
+  The running train metrics are checkpointed too: a resume between two logs logs what an
+  uninterrupted run logs.
+  """
+  metrics = step_lib.empty_metrics(mesh)
+  growth = adaptive.Growth()
+  if growth_rules is not None:
+    schedule = growth_rules.realized(growth)
+  fingerprint = checkpoint.config_fingerprint(config)
+  restored = checkpoint.restore_latest(manager, state, fingerprint, metrics)
+  if not restored:
+    return Start(state, metrics, growth, schedule, 0.0)
+  state, record, saved_metrics = restored
+  state = jax.device_put(state, sharding.replicated(mesh))
+  if saved_metrics is not None:
+    metrics = jax.device_put(saved_metrics, sharding.replicated(mesh))
+  if growth_rules is not None:
+    growth = adaptive.Growth.from_record(record.switches, record.ready_since)
+    check_growth(growth_rules, growth, record)
+    schedule = growth_rules.realized(growth)
+  check_restored(record, state, schedule, config)
+  logging.info(
+    'Resumed at step %d (%d examples seen).', record.step, record.examples_seen
+  )
+  return Start(state, metrics, growth, schedule, record.train_time_s)
+
+
+def check_growth(growth_rules, growth, record) -> None:
+  problems = growth_rules.check_growth(growth, record.examples_seen)
+  if problems:
+    raise checkpoint.CheckpointError(
+      f'The checkpoint of step {record.step} records adaptive switches that this '
+      f"config's ladder cannot have taken: {', '.join(problems)}. Resume it with the "
+      'config that wrote it, or use a new --workdir.'
+    )
+
+
+def stop_step(config: Any, schedule: schedules.Schedule) -> int:
+  """The step this session trains to: the end, or config.stop_after_steps before it."""
+  total = clock.num_steps(schedule)
+  return min(total, config.stop_after_steps or total)
+
+
+def phase_end(config: Any, schedule: schedules.Schedule, phase: int) -> int:
+  span = clock.phase_spans(schedule)[phase]
+  return min(span.first_step + span.num_steps, stop_step(config, schedule))
+
+
+def log_phase(index, phase, plan, step, end) -> None:
+  logging.info(
+    'Phase %d: batch %d = %d devices × %d accumulation × %d micro-batch, lr %g, '
+    'momentum %g, steps %d–%d.',
+    index,
+    phase.batch_size,
+    plan.num_devices,
+    plan.accumulation,
+    plan.micro_batch_size,
+    phase.learning_rate,
+    phase.momentum,
+    step,
+    end,
+  )
+
+
+def apply_decision(decision, state, growth_rules, report, step):
+  """An adaptive decision point: logs what it saw; at a switch sets the new rung's ε and
+  m in the optimizer state. Returns the state and the schedule as run so far."""
+  schedule = growth_rules.realized(decision.growth)
+  rung = decision.growth.rung
+  scalars = {
+    'adaptive/b_simple': decision.b_simple,
+    'adaptive/ready_at': decision.ready_at,
+    'adaptive/rung': rung,
+  }
+  if decision.switched:
+    phase = growth_rules.ladder[rung]
+    values = {'learning_rate': phase.learning_rate, 'momentum': phase.momentum}
+    values = {k: v for k, v in values.items() if k in state.opt_state.hyperparams}
+    state = state.replace(opt_state=optim.set_hyperparams(state.opt_state, **values))
+    scalars['adaptive/switch_to_batch'] = phase.batch_size
+    logging.info(
+      'Adaptive schedule: B_simple %.4g >= %.4g held; rung %d from step %d: batch %d, '
+      'lr %g.',
+      decision.b_simple,
+      decision.ready_at,
+      rung,
+      step,
+      phase.batch_size,
+      phase.learning_rate,
+    )
+    report.progress.set_totals(
+      clock.num_steps(schedule), clock.phase_spans(schedule)[-1].end_examples
+    )
+  report.writer.write_scalars(step, scalars)
+  return state, schedule
+
+
+class Reporter:
+  """The events the loop runs when they are due (log, evaluate, checkpoint) and the
+  session's end (the last save waited for, a preemption said)."""
+
+  def __init__(
+    self,
+    config,
+    mesh,
+    writer,
+    manager,
+    data,
+    eval_step,
+    progress,
+    *,
+    wall_start,
+    previous_train_s,
+  ):
+    self.config, self.mesh, self.writer, self.manager = config, mesh, writer, manager
+    self.data, self.eval_step, self.progress = data, eval_step, progress
+    self.wall_start, self.previous_train_s = wall_start, previous_train_s
+    self.n = progress.n
+    self.fingerprint = checkpoint.config_fingerprint(config)
+    self.eval_results: dict[str, float] = {}
+    self.saved_step: int | None = None  # the step of the last checkpoint saved
+    self.preempted = False
+
+  def __call__(self, due, state, metrics, schedule, step, examples, growth):
+    """Runs the `due` events after step `step`; returns the running train metrics."""
+    position = {
+      'epoch': examples / self.n,
+      'examples_seen': examples,
+      'parameter_updates': step,
+    }
+    phase_index = clock.position(schedule, step - 1).phase  # of the last update
+    if 'log' in due:
+      scalars = {f'train_{k}': float(v) for k, v in metrics.compute().items()}
+      phase = schedule.phases[phase_index]
+      scalars.update(
+        hyperparameter_scalars(state, self.config, phase, phase_index, self.n)
+      )
+      scalars.update(self.progress.period_scalars())  # examples/s and step time
+      self.writer.write_scalars(step, {**scalars, **position})
+      metrics = step_lib.empty_metrics(self.mesh)
+    if 'eval' in due:
+      with self.progress.timed('eval'):
+        self.evaluate(state)
+      self.writer.write_scalars(step, {**self.eval_results, **position})
+    if 'checkpoint' in due:
+      with self.progress.timed('checkpoint'):
+        record = checkpoint.CheckpointRecord(
+          step,
+          examples,
+          phase_index,
+          self.config.data_seed,
+          self.fingerprint,
+          train_time_s=self.train_time_s(),
+          skipped_updates=int(state.nonfinite_updates),
+          **growth.to_record(),
+        )
+        checkpoint.save(self.manager, state, record, metrics=metrics)
+      self.saved_step = step
+    return metrics
+
+  def evaluate(self, state) -> None:
+    self.eval_results = evaluate(
+      self.eval_step, state, self.data.test, self.data.preprocess, self.config, self.mesh
+    )
+
+  def train_time_s(self) -> float:
+    return reporting.cumulative_time(self.previous_train_s, self.wall_start)
+
+  def finish(self, preempt, step, schedule) -> None:
+    """Waits for the last save (a failure in one line); says if a signal stopped the run."""
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:  # a failed background save, in one line
+      raise checkpoint.save_error(self.manager, self.saved_step, e) from None
+    self.manager.close()
+    # A signal in the last dispatch: done, not preempted.
+    self.preempted = preempt.signal_name is not None and step < clock.num_steps(schedule)
+    if self.preempted:
+      logging.warning(
+        '%s: stopped at step %d with a checkpoint of it; rerun the same command to '
+        'resume.',
+        preempt.signal_name,
+        step,
+      )
+
+
+def summarize(report, state, schedule, growth, step, compile_s) -> dict[str, Any]:
+  """The session's summary (see `train_and_evaluate`)."""
+  total_steps = clock.num_steps(schedule)
+  examples_seen = (
+    clock.position(schedule, step).examples_seen
+    if step < total_steps
+    else clock.phase_spans(schedule)[-1].end_examples
+  )
+  summary = {
+    **report.eval_results,
+    'parameter_updates': step,
+    'examples_seen': examples_seen,
+    'epoch': examples_seen / report.n,
+    'wall_clock_s': report.train_time_s(),
+    'session_wall_clock_s': time.perf_counter() - report.wall_start,
+    'compile_s': compile_s,
+    'throughput': report.progress.throughput(),
+    'finished': step == total_steps,
+    'preempted': report.preempted,
+    'skipped_updates': int(state.nonfinite_updates),
+  }
+  if report.config.schedule.kind == 'adaptive':
+    summary['switches'] = [
+      {
+        'examples': s.examples,
+        'epoch': s.examples / report.n,
+        'step': clock.step_at_examples(schedule, s.examples),
+        'batch_size': schedule.phases[i + 1].batch_size,
+        'learning_rate': schedule.phases[i + 1].learning_rate,
+      }
+      for i, s in enumerate(growth.switches)
+    ]
+  return summary
+
+
 def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
   """Trains `config` in `workdir`, resuming from its latest checkpoint; returns a summary.
 
   The summary holds the final test metrics, parameter updates, examples seen, epoch,
-  training time (summed over resumes) and per-phase throughput. When
-  `config.stop_after_steps` > 0 training stops (with a checkpoint) after that many
-  parameter updates, as a preemption would; SIGTERM or SIGINT does the same at the end of
-  the dispatch in flight (summary['preempted']; docs/RELIABILITY.md). One process owns a
-  workdir (ibs/lock.py).
+  training time (summed over resumes), per-phase throughput and, for an adaptive
+  schedule, its switches. When `config.stop_after_steps` > 0 training stops (with a
+  checkpoint) after that many parameter updates, as a preemption would; SIGTERM or SIGINT
+  does the same at the end of the dispatch in flight (summary['preempted'];
+  docs/RELIABILITY.md). One process owns a workdir (ibs/lock.py).
   """
   spec, schedule = config_checks.check_config(
     config, jax.device_count(), jax.process_count(), workdir=workdir
@@ -251,50 +590,18 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
 def _train_and_evaluate(config, spec, schedule, workdir, preempt) -> dict[str, Any]:
   wall_start = time.perf_counter()
   mesh = sharding.make_mesh()
-  n = spec.num_train_examples
-  spans = clock.phase_spans(schedule)
-  plans = [
-    sharding.plan_micro_batches(
-      p.batch_size,
-      jax.device_count(),
-      config.ghost_batch_size,
-      config.max_micro_batch_size,
-    )
-    for p in schedule.phases
-  ]
-  if config.compilation_cache_dir:
-    jax.config.update(
-      'jax_compilation_cache_dir', os.path.expanduser(config.compilation_cache_dir)
-    )
-    jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
+  use_compilation_cache(config.compilation_cache_dir)
+  data = Data.load(config, spec)  # Before compiling: a missing dataset fails at once.
+  growth_rules = None  # An adaptive schedule decides its phases as it runs.
+  if config.schedule.kind == 'adaptive':
+    growth_rules = adaptive.AdaptiveSchedule.from_config(config, spec.num_train_examples)
 
-  # Data first: a dataset that is not prepared must fail before any compilation.
-  train_source = pipeline.load_source(config, spec, 'train')
-  test_source = pipeline.load_source(config, spec, 'test')
-  preprocess = pipeline.preprocess_fn(config, spec)
-
-  # Init, or restore the newest intact checkpoint (ibs/checkpoint.py). The running train
-  # metrics are checkpointed too: a resume between two logs logs what an uninterrupted
-  # run logs.
   model = create_model(config, spec.num_classes)
   state = create_train_state(config, model, schedule, spec.input_shape, mesh)
   manager = checkpoint.create_manager(workdir)
-  fingerprint = checkpoint.config_fingerprint(config)
-  train_metrics = step_lib.empty_metrics(mesh)
-  restored = checkpoint.restore_latest(manager, state, fingerprint, train_metrics)
-  previous_train_s = 0.0  # training time of earlier sessions
-  if restored:
-    state, position, metrics = restored
-    state = jax.device_put(state, sharding.replicated(mesh))
-    if metrics is not None:
-      train_metrics = jax.device_put(metrics, sharding.replicated(mesh))
-    previous_train_s = position.train_time_s
-    check_restored(position, state, schedule, config)
-    logging.info(
-      'Resumed at step %d (%d examples seen).', position.step, position.examples_seen
-    )
+  start = restore_or_start(config, manager, state, mesh, schedule, growth_rules)
+  state, train_metrics, growth, schedule = start[:4]
   step = start_step = int(state.step)
-  total_steps = clock.num_steps(schedule)
 
   writer = metric_writers.create_default_writer(
     workdir, just_logging=jax.process_index() > 0
@@ -305,146 +612,88 @@ def _train_and_evaluate(config, spec, schedule, workdir, preempt) -> dict[str, A
     writer.write_hparams(reporting.flatten_hparams(config))
   logging.info('\n%s', noise_scale.format_table(schedule, title='schedule'))
 
-  logging.info('Compiling the train step for every phase shape ahead of time...')
   compile_start = time.perf_counter()
-  example = preprocess(
-    train_source.get(np.zeros(1, np.int64)), np.zeros(1, np.int64), True
-  )
-  compiled = compile_phases(config, mesh, state, plans, spans, start_step, example)
+  to_come = batch_sizes_to_come(schedule, growth_rules, growth, start_step)
+  compiled = compile_steps(config, mesh, state, data, to_come)
   eval_step = step_lib.jit_eval_step(mesh)
   compile_s = time.perf_counter() - compile_start
 
-  events = cadence.Cadence.from_config(config, n)
-  stop_at = min(total_steps, config.stop_after_steps or total_steps)
+  events = cadence.Cadence.from_config(config, spec.num_train_examples)
+  if growth_rules is not None:
+    events = events.with_period('adapt', growth_rules.rules.check_every_examples)
   progress = reporting.Progress(  # progress, ETA and throughput in examples
-    total_examples=spans[-1].end_examples,
-    num_train_examples=n,
-    total_steps=total_steps,
+    total_examples=clock.phase_spans(schedule)[-1].end_examples,
+    num_train_examples=spec.num_train_examples,
+    total_steps=clock.num_steps(schedule),
     start_examples=clock.position(schedule, start_step).examples_seen,
     start_step=start_step,
-    batch_sizes=tuple(p.batch_size for p in schedule.phases),
     log=logging.info if jax.process_index() == 0 else lambda *a: None,
   )
-  eval_results: dict[str, float] = {}
-  # Dispatches so far (counted alike on every process: the preemption sync point), the
-  # step of the last checkpoint saved, whether a signal asked to stop.
-  dispatch, saved_step, preempted = 0, None, False
+  report = Reporter(
+    config,
+    mesh,
+    writer,
+    manager,
+    data,
+    eval_step,
+    progress,
+    wall_start=wall_start,
+    previous_train_s=start.previous_train_s,
+  )
+  dispatch, preempted = 0, False  # dispatches: counted alike on every process
   with metric_writers.ensure_flushes(writer):
-    for phase_index, (phase, span, plan) in enumerate(
-      zip(schedule.phases, spans, plans, strict=True)
-    ):
-      end = min(span.first_step + span.num_steps, stop_at)
-      if step >= end or preempted:
-        continue
-      train_step = compiled[plan.shape]
-      logging.info(
-        'Phase %d: batch %d = %d devices × %d accumulation × %d micro-batch, lr %g, '
-        'momentum %g, steps %d–%d.',
-        phase_index,
-        phase.batch_size,
-        plan.num_devices,
-        plan.accumulation,
-        plan.micro_batch_size,
-        phase.learning_rate,
-        phase.momentum,
-        step,
-        end,
+    while step < stop_step(config, schedule) and not preempted:
+      where = clock.position(schedule, step)
+      phase, examples = schedule.phases[where.phase], where.examples_seen
+      end, train_step = (
+        phase_end(config, schedule, where.phase),
+        compiled[phase.batch_size],
       )
-      examples = span.start_examples + (step - span.first_step) * phase.batch_size
-      local_batches = pipeline.train_batches(
-        train_source,
-        preprocess,
-        seed=config.data_seed,
-        start_examples=examples,
-        batch_size=phase.batch_size,
-        num_steps=end - step,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
+      log_phase(where.phase, phase, train_step.plan, step, end)
+      batches = data.train_batches(
+        config,
+        examples,
+        phase.batch_size,
+        end - step,
         prefetch=2 * train_step.steps_per_dispatch,
       )
-      while step < end and not preempted:
-        # Up to K updates in one dispatch, ending where an event is due, so that events
-        # happen at the same steps whatever K is.
-        num_steps = min(
-          train_step.steps_per_dispatch,
-          end - step,
-          events.steps_until_next(examples, phase.batch_size),
-        )
-        chunk = [next(local_batches) for _ in range(num_steps)]
-        state, train_metrics = train_step(state, chunk, train_metrics)
-        before, examples = examples, examples + num_steps * phase.batch_size
-        step += num_steps
-        dispatch += 1
-        progress.update(step, examples, phase_index)
-        checkpoint.check_save_errors(manager, saved_step)  # A failed background save.
-        preempted = preempt.should_stop(dispatch)
-        done = step == total_steps
-        due = set(cadence.EVENTS) if done else events.due(before, examples)
-        if step == stop_at or preempted:
-          due.add('checkpoint')
-        if not due:
-          continue
-        check_finite(state, schedule, manager)
-        position = {
-          'epoch': examples / n,
-          'examples_seen': examples,
-          'parameter_updates': step,
-        }
-        if 'log' in due:
-          scalars = {f'train_{k}': float(v) for k, v in train_metrics.compute().items()}
-          scalars.update(hyperparameter_scalars(state, config, phase, phase_index, n))
-          scalars.update(progress.period_scalars())  # examples/s and step time
-          writer.write_scalars(step, {**scalars, **position})
-          train_metrics = step_lib.empty_metrics(mesh)
-        if 'eval' in due:
-          with progress.timed('eval'):
-            eval_results = evaluate(
-              eval_step, state, test_source, preprocess, config, mesh
-            )
-          writer.write_scalars(step, {**eval_results, **position})
-        if 'checkpoint' in due:
-          with progress.timed('checkpoint'):
-            record = checkpoint.CheckpointRecord(
-              step,
-              examples,
-              phase_index,
-              config.data_seed,
-              fingerprint,
-              train_time_s=reporting.cumulative_time(previous_train_s, wall_start),
-              skipped_updates=int(state.nonfinite_updates),
-            )
-            checkpoint.save(manager, state, record, metrics=train_metrics)
-          saved_step = step
-  try:
-    manager.wait_until_finished()
-  except Exception as e:  # a failed background save, in one line
-    raise checkpoint.save_error(manager, saved_step, e) from None
-  manager.close()
-  preempted = preempted and step < total_steps  # A signal in the last dispatch: done.
-  if preempted:
-    logging.warning(
-      '%s: stopped at step %d with a checkpoint of it; rerun the same command to resume.',
-      preempt.signal_name,
-      step,
-    )
-  if step == total_steps and not eval_results:  # Rerun of a finished workdir.
-    eval_results = evaluate(eval_step, state, test_source, preprocess, config, mesh)
+      switched = False
+      with contextlib.closing(batches):
+        while step < end and not preempted and not switched:
+          # Up to K updates in one dispatch, ending where an event is due, so that
+          # events happen at the same steps whatever K is.
+          num_steps = min(
+            train_step.steps_per_dispatch,
+            end - step,
+            events.steps_until_next(examples, phase.batch_size),
+          )
+          chunk = [next(batches) for _ in range(num_steps)]
+          state, train_metrics = train_step(state, chunk, train_metrics)
+          before, examples = examples, examples + num_steps * phase.batch_size
+          step, dispatch = step + num_steps, dispatch + 1
+          progress.update(step, examples, where.phase, phase.batch_size)
+          checkpoint.check_save_errors(manager, report.saved_step)  # A failed save.
+          preempted = preempt.should_stop(dispatch)
+          due = events.due(before, examples)
+          if step == clock.num_steps(schedule):
+            due |= set(cadence.EVENTS)
+          if step == stop_step(config, schedule) or preempted:
+            due.add('checkpoint')
+          if not due:
+            continue
+          check_finite(state, schedule, manager)
+          if 'adapt' in due:  # Before the checkpoint, which records the decision.
+            decision = growth_rules.decide(growth, examples, gns.b_simple(state.gns))
+            growth, switched = decision.growth, decision.switched
+            state, schedule = apply_decision(decision, state, growth_rules, report, step)
+          train_metrics = report(
+            due, state, train_metrics, schedule, step, examples, growth
+          )
 
-  final = clock.position(schedule, step) if step < total_steps else None
-  examples_seen = final.examples_seen if final else spans[-1].end_examples
-  summary = {
-    **eval_results,
-    'parameter_updates': step,
-    'examples_seen': examples_seen,
-    'epoch': examples_seen / n,
-    'wall_clock_s': reporting.cumulative_time(previous_train_s, wall_start),
-    'session_wall_clock_s': time.perf_counter() - wall_start,
-    'compile_s': compile_s,
-    'throughput': progress.throughput(),
-    'finished': step == total_steps,
-    'preempted': preempted,
-    'skipped_updates': int(state.nonfinite_updates),
-  }
+  report.finish(preempt, step, schedule)
+  if step == clock.num_steps(schedule) and not report.eval_results:
+    report.evaluate(state)  # Rerun of a finished workdir.
+  summary = summarize(report, state, schedule, growth, step, compile_s)
   if summary['finished'] and jax.process_index() == 0:
     summary = reporting.finish_summary(workdir, summary, step - start_step)
     print(format_summary(summary, schedule), flush=True)

@@ -59,7 +59,6 @@ def test_progress_is_counted_in_examples_and_reports_every_period():
     total_examples=200,
     num_train_examples=100,
     total_steps=110,
-    batch_sizes=(1, 10),
     every_secs=50.0,
     clock=clock,
     log=lambda fmt, line: lines.append(line),
@@ -70,7 +69,7 @@ def test_progress_is_counted_in_examples_and_reports_every_period():
     batch = 1 if phase == 0 else 10
     clock.now += batch  # 1 example/s whatever the batch
     examples += batch
-    progress.update(step, examples, phase)
+    progress.update(step, examples, phase, batch)
     if step == 100:
       # Half the examples after 91 % of the steps: the progress line says 50 %.
       assert progress.line().startswith('epoch 1.00/2 (50.0% of examples), step 100/110')

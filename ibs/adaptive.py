@@ -1,0 +1,245 @@
+"""The adaptive schedule: the measured gradient noise scale decides when the batch grows.
+
+`config.schedule.kind = 'adaptive'` keeps the recipe's ladder and lets the run choose
+when to climb it (docs/DESIGN.md decision 14):
+
+* **The ladder** is the (B, ε, m) of the recipe's fixed conversion, without its
+  milestones: `increasing_batch` (B₀, B₀·f₁, B₀·f₁·f₂, … at constant ε), or `hybrid`
+  when `config.schedule.max_batch_size` caps it, whose rungs past B_max divide ε by the
+  same factors instead (the paper's hybrid cap rule, docs/PAPER.md "The cap"). Every rung
+  is compiled, and its memory read, before the first step.
+
+* **The rule**, applied at decision points every `check_every_epochs` of examples: with
+  the noise scale B_simple = tr(Σ)/|G|² from the step's moving averages (ibs/gns.py),
+  rung k is *ready* when
+
+      B_simple ≥ threshold · B_eff,k,     B_eff,k = B_k · ε₀ / ε_k,
+
+  B_eff being the batch that gives rung k's noise g ∝ ε/B at the first rung's ε: on batch
+  rungs it is B_k, on the cap's ε rungs the batch they stand in for. The run moves up one
+  rung when rung k has been ready at every decision point for `window_epochs` of examples
+  and has run for `min_epochs`; a point where it is not ready restarts the window. It never
+  moves down. McCandlish et al. (2018) give the reason for the default threshold, the
+  ladder's factor: the examples needed to reach a loss grow as E_min·(1 + B/B_noise), so
+  moving to B_{k+1} = f·B_k while B_simple ≥ f·B_k keeps that overhead under 2×.
+
+* **The record**: each switch (the examples seen when the new rung's first step begins,
+  and the rung) and the example count since which the current rung has been ready are
+  part of the checkpoint's position. A resumed run replays the switches taken and decides
+  the rest from the restored noise-scale averages at the same decision points, so it
+  ends where an uninterrupted run ends (tests/test_adaptive.py, with kill -9).
+
+The run's phases are the switches so far, the current rung lasting to the end of the
+budget (`realized`): an ibs.schedules.Schedule like any other, so the clock, the tables
+and the summary treat an adaptive run as the fixed schedule it turned out to be.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+from ibs import schedules
+
+NOT_READY = -1  # `Growth.ready_since` when the current rung is not ready
+
+
+@dataclasses.dataclass(frozen=True)
+class Switch:
+  """The run moved to `rung` with the step that begins at `examples` examples seen."""
+
+  examples: int
+  rung: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Growth:
+  """What the run decided so far: the checkpointed part of an adaptive schedule."""
+
+  switches: tuple[Switch, ...] = ()
+  ready_since: int = NOT_READY  # examples at the first of the consecutive ready points
+
+  @property
+  def rung(self) -> int:
+    return self.switches[-1].rung if self.switches else 0
+
+  def to_record(self) -> dict[str, Any]:
+    """JSON-friendly fields for the checkpoint's position record."""
+    return {
+      'switches': [[s.examples, s.rung] for s in self.switches],
+      'ready_since': self.ready_since,
+    }
+
+  @classmethod
+  def from_record(cls, switches: Any, ready_since: int) -> Growth:
+    return cls(tuple(Switch(int(e), int(r)) for e, r in switches), int(ready_since))
+
+
+@dataclasses.dataclass(frozen=True)
+class Rules:
+  """When to climb, in examples (converted from the config's epochs once)."""
+
+  threshold: float
+  window_examples: int
+  min_examples: int
+  check_every_examples: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Decision:
+  """What one decision point saw and chose; the loop logs it."""
+
+  growth: Growth
+  b_simple: float
+  ready_at: float  # threshold · B_eff of the rung the point stood on
+  switched: bool
+
+
+class AdaptiveSchedule:
+  """A ladder of rungs, the rules to climb it, and the budget of the run."""
+
+  def __init__(
+    self,
+    ladder: tuple[schedules.Phase, ...],
+    rules: Rules,
+    num_epochs: float,
+    num_train_examples: int,
+  ):
+    self.ladder = tuple(dataclasses.replace(p, start_epoch=0.0) for p in ladder)
+    self.rules = rules
+    self.num_epochs = num_epochs
+    self.n = num_train_examples
+    self.end_examples = round(num_epochs * num_train_examples)  # ibs.clock's rule
+
+  @classmethod
+  def from_config(cls, config: Any, num_train_examples: int) -> AdaptiveSchedule:
+    """The ladder and rules of `config.schedule` (validated: see `check_config`)."""
+    check_config(config)
+    ladder = schedules.from_config(config, num_train_examples).phases
+    a = config.schedule.adaptive
+    n = num_train_examples
+    rules = Rules(
+      threshold=float(a.threshold),
+      window_examples=round(a.window_epochs * n),
+      min_examples=round(a.min_epochs * n),
+      check_every_examples=max(1, round(a.check_every_epochs * n)),
+    )
+    return cls(ladder, rules, float(config.schedule.num_epochs), n)
+
+  def effective_batch(self, rung: int) -> float:
+    """B_eff,k = B_k·ε₀/ε_k: the batch at the first rung's ε with rung k's noise."""
+    first, phase = self.ladder[0], self.ladder[rung]
+    return phase.batch_size * first.learning_rate / phase.learning_rate
+
+  def realized(self, growth: Growth) -> schedules.Schedule:
+    """The phases run so far, the current rung lasting to the end of the budget."""
+    starts = [(0, 0), *((s.examples, s.rung) for s in growth.switches)]
+    phases = tuple(
+      dataclasses.replace(self.ladder[rung], start_epoch=examples / self.n)
+      for examples, rung in starts
+    )
+    return schedules.Schedule(phases, self.num_epochs, self.n)
+
+  def decide(self, growth: Growth, examples: int, b_simple: float) -> Decision:
+    """The rule of the module docstring at the decision point `examples`.
+
+    A NaN B_simple (nothing measured yet) is not ready. A switch needs a rung above, and
+    room for at least one step of it before the budget ends.
+    """
+    rung = growth.rung
+    entered = growth.switches[-1].examples if growth.switches else 0
+    ready_at = self.rules.threshold * self.effective_batch(rung)
+    ready = not math.isnan(b_simple) and b_simple >= ready_at
+    since = (
+      NOT_READY
+      if not ready
+      else (examples if growth.ready_since == NOT_READY else growth.ready_since)
+    )
+    climb = (
+      ready
+      and examples - since >= self.rules.window_examples
+      and examples - entered >= self.rules.min_examples
+      and rung + 1 < len(self.ladder)
+      and examples < self.end_examples
+    )
+    if climb:
+      growth = Growth((*growth.switches, Switch(examples, rung + 1)), NOT_READY)
+    else:
+      growth = Growth(growth.switches, since)
+    return Decision(growth, b_simple, ready_at, climb)
+
+  def check_growth(self, growth: Growth, examples_seen: int) -> list[str]:
+    """What is wrong with a restored record (empty when it fits this ladder)."""
+    problems = []
+    previous_examples, previous_rung = 0, 0
+    for s in growth.switches:
+      if s.rung != previous_rung + 1 or not previous_examples < s.examples:
+        problems.append(f'switch to rung {s.rung} at {s.examples} examples')
+      previous_examples, previous_rung = s.examples, s.rung
+    if growth.rung >= len(self.ladder):
+      problems.append(f'rung {growth.rung} of a {len(self.ladder)}-rung ladder')
+    if previous_examples > examples_seen:
+      problems.append(f'a switch after the {examples_seen} examples seen')
+    return problems
+
+
+# ------------------------------------------------------------------------ the config
+
+ADAPTIVE_FIELDS = ('threshold', 'window_epochs', 'min_epochs', 'check_every_epochs')
+
+
+def check_config(config: Any) -> None:
+  """Refuses an adaptive config that cannot work; each message names the field."""
+  s = config.schedule
+  a = s.get('adaptive')
+  if a is None:
+    raise schedules.ScheduleError(
+      "config.schedule.kind='adaptive' needs config.schedule.adaptive with "
+      f'{", ".join(ADAPTIVE_FIELDS)} (configs/default.py has an example).'
+    )
+  for field in ADAPTIVE_FIELDS:
+    value = a.get(field)
+    if not (isinstance(value, int | float) and not isinstance(value, bool)):
+      raise schedules.ScheduleError(
+        f'config.schedule.adaptive.{field}={value!r} must be a number.'
+      )
+  if not (math.isfinite(a.threshold) and a.threshold > 0):
+    raise schedules.ScheduleError(
+      f'config.schedule.adaptive.threshold={a.threshold!r} must be a positive number '
+      '(climb when B_simple >= threshold × B).'
+    )
+  for field in ('window_epochs', 'min_epochs'):
+    if not (math.isfinite(a[field]) and 0 <= a[field] <= s.num_epochs):
+      raise schedules.ScheduleError(
+        f'config.schedule.adaptive.{field}={a[field]!r} must be between 0 and '
+        f'config.schedule.num_epochs={s.num_epochs!r}.'
+      )
+  if not (
+    math.isfinite(a.check_every_epochs) and 0 < a.check_every_epochs <= s.num_epochs
+  ):
+    raise schedules.ScheduleError(
+      f'config.schedule.adaptive.check_every_epochs={a.check_every_epochs!r} must be '
+      f'positive and at most config.schedule.num_epochs={s.num_epochs!r}.'
+    )
+  if s.get('warmup_epochs'):
+    raise schedules.ScheduleError(
+      "config.schedule.warmup_epochs is not supported with kind='adaptive' (the run "
+      'sets ε from the host at its switches); set it to 0.'
+    )
+  if s.get('scale_weight_decay'):
+    raise schedules.ScheduleError(
+      "config.schedule.scale_weight_decay is not supported with kind='adaptive'; "
+      'remove it.'
+    )
+  if config.optimizer == 'adam':
+    raise schedules.ScheduleError(
+      "config.schedule.kind='adaptive' climbs SGD's ladder (B ∝ ε); for Adam use a fixed "
+      "kind ('sqrt_scaling' or 'seesaw'), or config.optimizer 'momentum', 'nesterov' or "
+      "'sgd'."
+    )
+  if not config.gns.enabled:
+    raise schedules.ScheduleError(
+      "config.schedule.kind='adaptive' decides from the measured noise scale; set "
+      'config.gns.enabled=True.'
+    )
