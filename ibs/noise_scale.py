@@ -301,6 +301,11 @@ def report(config: Any, baseline: bool = False, plot: str | None = None) -> str:
   if optimizer:
     decoupled = optimizer == 'adam' and config.get('decoupled_weight_decay')
     title += f' ({"adamw" if decoupled else optimizer})'
+  if config.schedule.kind == 'adaptive':
+    title += (
+      ": its ladder, at the recipe's milestones; the run decides when to climb "
+      '(ibs/adaptive.py)'
+    )
   parts = [format_table(schedule, title=title, optimizer=optimizer)]
   reference = None
   if baseline:

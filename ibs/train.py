@@ -445,29 +445,37 @@ def apply_decision(decision, state, growth_rules, report, step):
 
 class Reporter:
   """The events the loop runs when they are due (log, evaluate, checkpoint) and the
-  session's end (the last save waited for, a preemption said)."""
+  session's end (the last save waited for, a preemption said).
 
-  def __init__(
-    self,
-    config,
-    mesh,
-    writer,
-    manager,
-    data,
-    eval_step,
-    progress,
-    *,
-    wall_start,
-    previous_train_s,
-  ):
-    self.config, self.mesh, self.writer, self.manager = config, mesh, writer, manager
-    self.data, self.eval_step, self.progress = data, eval_step, progress
-    self.wall_start, self.previous_train_s = wall_start, previous_train_s
-    self.n = progress.n
+  Opening it writes the workdir's config.json (and the hparams of a fresh run) and logs
+  the schedule; it keeps the metric writer, the progress line and the last evaluation.
+  """
+
+  def __init__(self, config, workdir, mesh, manager, data, schedule, start, wall_start):
+    self.config, self.mesh, self.manager, self.data = config, mesh, manager, data
+    self.wall_start, self.previous_train_s = wall_start, start.previous_train_s
+    self.n = schedule.num_train_examples
     self.fingerprint = checkpoint.config_fingerprint(config)
+    self.eval_step = step_lib.jit_eval_step(mesh)
     self.eval_results: dict[str, float] = {}
     self.saved_step: int | None = None  # the step of the last checkpoint saved
     self.preempted = False
+    primary = jax.process_index() == 0
+    self.writer = metric_writers.create_default_writer(workdir, just_logging=not primary)
+    start_step = int(start.state.step)
+    if primary:  # The workdir says what produced it.
+      reporting.write_config_json(config, workdir)
+    if start_step == 0:
+      self.writer.write_hparams(reporting.flatten_hparams(config))
+    logging.info('\n%s', noise_scale.format_table(schedule, title='schedule'))
+    self.progress = reporting.Progress(  # progress, ETA and throughput in examples
+      total_examples=clock.phase_spans(schedule)[-1].end_examples,
+      num_train_examples=self.n,
+      total_steps=clock.num_steps(schedule),
+      start_examples=clock.position(schedule, start_step).examples_seen,
+      start_step=start_step,
+      log=logging.info if primary else lambda *a: None,
+    )
 
   def __call__(self, due, state, metrics, schedule, step, examples, growth):
     """Runs the `due` events after step `step`; returns the running train metrics."""
@@ -603,52 +611,22 @@ def _train_and_evaluate(config, spec, schedule, workdir, preempt) -> dict[str, A
   state, train_metrics, growth, schedule = start[:4]
   step = start_step = int(state.step)
 
-  writer = metric_writers.create_default_writer(
-    workdir, just_logging=jax.process_index() > 0
-  )
-  if jax.process_index() == 0:  # The workdir says what produced it.
-    reporting.write_config_json(config, workdir)
-  if start_step == 0:
-    writer.write_hparams(reporting.flatten_hparams(config))
-  logging.info('\n%s', noise_scale.format_table(schedule, title='schedule'))
-
   compile_start = time.perf_counter()
   to_come = batch_sizes_to_come(schedule, growth_rules, growth, start_step)
   compiled = compile_steps(config, mesh, state, data, to_come)
-  eval_step = step_lib.jit_eval_step(mesh)
   compile_s = time.perf_counter() - compile_start
+  report = Reporter(config, workdir, mesh, manager, data, schedule, start, wall_start)
 
   events = cadence.Cadence.from_config(config, spec.num_train_examples)
-  if growth_rules is not None:
+  if growth_rules is not None:  # Its decision points are one more event.
     events = events.with_period('adapt', growth_rules.rules.check_every_examples)
-  progress = reporting.Progress(  # progress, ETA and throughput in examples
-    total_examples=clock.phase_spans(schedule)[-1].end_examples,
-    num_train_examples=spec.num_train_examples,
-    total_steps=clock.num_steps(schedule),
-    start_examples=clock.position(schedule, start_step).examples_seen,
-    start_step=start_step,
-    log=logging.info if jax.process_index() == 0 else lambda *a: None,
-  )
-  report = Reporter(
-    config,
-    mesh,
-    writer,
-    manager,
-    data,
-    eval_step,
-    progress,
-    wall_start=wall_start,
-    previous_train_s=start.previous_train_s,
-  )
   dispatch, preempted = 0, False  # dispatches: counted alike on every process
-  with metric_writers.ensure_flushes(writer):
+  with metric_writers.ensure_flushes(report.writer):
     while step < stop_step(config, schedule) and not preempted:
       where = clock.position(schedule, step)
       phase, examples = schedule.phases[where.phase], where.examples_seen
-      end, train_step = (
-        phase_end(config, schedule, where.phase),
-        compiled[phase.batch_size],
-      )
+      end = phase_end(config, schedule, where.phase)
+      train_step = compiled[phase.batch_size]
       log_phase(where.phase, phase, train_step.plan, step, end)
       batches = data.train_batches(
         config,
@@ -671,7 +649,7 @@ def _train_and_evaluate(config, spec, schedule, workdir, preempt) -> dict[str, A
           state, train_metrics = train_step(state, chunk, train_metrics)
           before, examples = examples, examples + num_steps * phase.batch_size
           step, dispatch = step + num_steps, dispatch + 1
-          progress.update(step, examples, where.phase, phase.batch_size)
+          report.progress.update(step, examples, where.phase, phase.batch_size)
           checkpoint.check_save_errors(manager, report.saved_step)  # A failed save.
           preempted = preempt.should_stop(dispatch)
           due = events.due(before, examples)
