@@ -410,7 +410,7 @@ def log_phase(index, phase, plan, step, end) -> None:
   )
 
 
-def apply_decision(decision, state, growth_rules, report, step):
+def apply_decision(decision, state, growth_rules, report, step, examples):
   """An adaptive decision point: logs what it saw; at a switch sets the new rung's ε and
   m in the optimizer state. Returns the state and the schedule as run so far."""
   schedule = growth_rules.realized(decision.growth)
@@ -419,6 +419,9 @@ def apply_decision(decision, state, growth_rules, report, step):
     'adaptive/b_simple': decision.b_simple,
     'adaptive/ready_at': decision.ready_at,
     'adaptive/rung': rung,
+    'epoch': examples / report.n,
+    'examples_seen': examples,
+    'parameter_updates': step,
   }
   if decision.switched:
     phase = growth_rules.ladder[rung]
@@ -663,7 +666,9 @@ def _train_and_evaluate(config, spec, schedule, workdir, preempt) -> dict[str, A
           if 'adapt' in due:  # Before the checkpoint, which records the decision.
             decision = growth_rules.decide(growth, examples, gns.b_simple(state.gns))
             growth, switched = decision.growth, decision.switched
-            state, schedule = apply_decision(decision, state, growth_rules, report, step)
+            state, schedule = apply_decision(
+              decision, state, growth_rules, report, step, examples
+            )
           train_metrics = report(
             due, state, train_metrics, schedule, step, examples, growth
           )
