@@ -87,6 +87,17 @@ def get_grids() -> dict[str, list[str]]:
       schedule=('increasing_batch', 'decaying_lr'),
       weight_decay=('scaled',),
     ),
+    # Beyond the paper: the measured noise scale decides when B grows (ibs/adaptive.py),
+    # against the fixed schedule, decaying LR and two controls (docs/REPRODUCTION.md).
+    'mnist1d_adaptive': variants.grid(
+      schedule=(
+        'adaptive',
+        'increasing_batch',
+        'decaying_lr',
+        'constant',
+        'increasing_batch_early',
+      )
+    ),
   }
 
 

@@ -17,28 +17,24 @@ from absl import app, flags
 from experiments import reproduce
 from ibs import curves
 
-_ROOT = flags.DEFINE_string('root', 'workdirs', "Parent of every run's workdir.")
-_SEEDS = flags.DEFINE_list('seeds', ['0', '1', '2'], 'Seeds to draw.')
-_OUT = flags.DEFINE_string(
-  'out', 'docs/figures/adaptive_mnist1d.png', 'Figure to write.'
-)
 _CONFIG = 'configs/mnist1d_study.py'
 
 
 def main(argv):
   del argv
+  root, out = flags.FLAGS.root, flags.FLAGS.out
   import matplotlib
 
   matplotlib.use('Agg')
   from matplotlib import pyplot as plt
 
-  seeds = [int(s) for s in _SEEDS.value]
+  seeds = [int(s) for s in flags.FLAGS.seeds]
   fig, axes = plt.subplots(
     1, len(seeds), figsize=(3.2 * len(seeds), 3.0), sharey=True, squeeze=False
   )
   for ax, seed in zip(axes[0], seeds, strict=True):
-    adaptive = reproduce.run_workdir(_ROOT.value, _CONFIG, 'schedule=adaptive', seed)
-    fixed = reproduce.run_workdir(_ROOT.value, _CONFIG, 'schedule=increasing_batch', seed)
+    adaptive = reproduce.run_workdir(root, _CONFIG, 'schedule=adaptive', seed)
+    fixed = reproduce.run_workdir(root, _CONFIG, 'schedule=increasing_batch', seed)
     scalars = curves.read_scalars(adaptive)
     x, b_simple = curves.against(scalars, 'gns/b_simple', 'epoch')
     ax.plot(x, b_simple, color='C0', lw=1.0, label='measured B_simple')
@@ -59,8 +55,11 @@ def main(argv):
   axes[0][0].legend(fontsize=6, loc='lower right')
   fig.suptitle('MNIST-1D: the adaptive schedule climbs when B_simple ≥ 5·B', fontsize=9)
   fig.tight_layout()
-  fig.savefig(_OUT.value, dpi=150)
+  fig.savefig(out, dpi=150)
 
 
 if __name__ == '__main__':
+  flags.DEFINE_string('root', 'workdirs', "Parent of every run's workdir.")
+  flags.DEFINE_list('seeds', ['0', '1', '2'], 'Seeds to draw.')
+  flags.DEFINE_string('out', 'docs/figures/adaptive_mnist1d.png', 'Figure to write.')
   app.run(main)

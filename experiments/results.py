@@ -62,9 +62,18 @@ def table(runs: dict[str, list[dict]]) -> str:
     wall = statistics.mean(s['wall_clock_s'] for s in summaries)
     lines.append(
       f'| {arg or "default"} | {len(summaries)} | {acc:.2f} ± {sd:.2f} | '
-      f'{summaries[0]["parameter_updates"]:,} | {wall:.0f} |'
+      f'{format_updates(summaries)} | {wall:.0f} |'
     )
   return '\n'.join(lines)
+
+
+def format_updates(summaries: list[dict]) -> str:
+  """The parameter updates: one number when the schedule fixes them, else the mean and
+  the range over seeds (an adaptive schedule decides them per run)."""
+  updates = [s['parameter_updates'] for s in summaries]
+  if len(set(updates)) == 1:
+    return f'{updates[0]:,}'
+  return f'{statistics.mean(updates):,.0f} ({min(updates):,}–{max(updates):,})'
 
 
 def claim_table(runs: dict[str, list[dict]]) -> str:
@@ -85,7 +94,9 @@ def claim_table(runs: dict[str, list[dict]]) -> str:
     diff, se, ok = claim_holds(
       [s['test_accuracy'] for s in summaries], [s['test_accuracy'] for s in baseline]
     )
-    ratio = baseline[0]['parameter_updates'] / summaries[0]['parameter_updates']
+    ratio = statistics.mean(s['parameter_updates'] for s in baseline) / statistics.mean(
+      s['parameter_updates'] for s in summaries
+    )
     lines.append(
       f'| {arg or "default"} | {diff:+.2f} | {2 * se:.2f} | {"yes" if ok else "no"} '
       f'| {ratio:.2f}× |'

@@ -88,9 +88,8 @@ def test_past_the_cap_the_rungs_decay_epsilon_and_compare_their_effective_batch(
   recipe = schedules.StepDecay(0.1, 32, 0.9, (1.0, 2.0, 3.0, 4.0), (5.0,) * 4, 5.0)
   ladder = schedules.hybrid(recipe, 800)
   # By hand: B 32 → 160 → 800, then ε ÷ 5 twice at B = 800.
-  assert [(p.batch_size, p.learning_rate) for p in ladder] == pytest.approx(
-    [(32, 0.1), (160, 0.1), (800, 0.1), (800, 0.02), (800, 0.004)]
-  )
+  assert [p.batch_size for p in ladder] == [32, 160, 800, 800, 800]
+  assert [p.learning_rate for p in ladder] == pytest.approx([0.1, 0.1, 0.1, 0.02, 0.004])
   s = adaptive.AdaptiveSchedule(ladder, _rules(threshold=1.0), 5, N)
   # B_eff = B · ε₀/ε: 800 · 0.1/0.02 = 4000 and 800 · 0.1/0.004 = 20000.
   assert [s.effective_batch(k) for k in range(5)] == pytest.approx(

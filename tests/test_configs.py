@@ -119,6 +119,7 @@ def test_study_grids_are_gathered_from_their_configs():
     'mnist1d_5_1': ['configs/mnist1d_study.py'],
     'mnist1d_5_2': ['configs/mnist1d_study.py'],
     'mnist1d_adam': ['configs/mnist1d_study.py'],
+    'mnist1d_adaptive': ['configs/mnist1d_study.py'],
     'cifar10_5_1': ['configs/cifar10_wrn.py'],
     'cifar10_5_2': ['configs/cifar10_wrn.py'],
     'imagenet_5_3': ['configs/imagenet_irv2.py'],
