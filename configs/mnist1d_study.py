@@ -15,7 +15,8 @@ Arguments (`--config=configs/mnist1d_study.py:schedule=hybrid,optimizer=nesterov
              and ε̂; β1 kept at 0.9: the rule needs κ(1 − β1) < 1, and κ = 125).
              Beyond the paper (docs/REPRODUCTION.md, "The adaptive schedule"): adaptive
              (increasing_batch's ladder, climbed when the measured noise scale says
-             so); two controls, constant (ε 0.1, B 32 throughout) and
+             so; threshold 5), adaptive_cautious (threshold 25: the next rung
+             at most B_simple/5); two controls, constant (ε 0.1, B 32 throughout) and
              increasing_batch_early (the same ladder at epochs 3/6/8, 10× too soon).
   optimizer  momentum (m 0.9), nesterov (m 0.9), sgd (ε 1.0, no momentum: same g),
              adam (ε 1e-3, β1 0.9, L2 5e-4), adamw (ε 1e-3, β1 0.9, decoupled λ 0.1:
@@ -44,6 +45,7 @@ SCHEDULES = (
   'sqrt_scaling',
   'seesaw',
   'adaptive',
+  'adaptive_cautious',
   'constant',
   'increasing_batch_early',
 )
@@ -92,6 +94,7 @@ def get_grids() -> dict[str, list[str]]:
     'mnist1d_adaptive': variants.grid(
       schedule=(
         'adaptive',
+        'adaptive_cautious',
         'increasing_batch',
         'decaying_lr',
         'constant',
@@ -117,9 +120,11 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   s.learning_rate, s.batch_size, s.momentum = 0.1, 32, 0.9
   if args['schedule'] == 'increasing_batch_early':  # a control: B grows 10× too soon
     s.milestones = (3.0, 6.0, 8.0)
+  if args['schedule'] == 'adaptive_cautious':  # climb while the next rung ≤ B_simple/5
+    s.adaptive.threshold = 25.0
   variants.set_schedule(
     s,
-    args['schedule'].removesuffix('_early'),
+    args['schedule'].removesuffix('_early').removesuffix('_cautious'),
     hybrid_max_batch_size=160,
     capped_max_batch_size=1024,
   )

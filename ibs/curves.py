@@ -109,7 +109,7 @@ def seed_band(
   return xs, np.nanmean(table, 0), np.nanmin(table, 0), np.nanmax(table, 0)
 
 
-def _plain_log_formatter(**kwargs):
+def plain_log_formatter(**kwargs):
   """LogFormatter's choice of ticks to label, written 0.2 and 30 rather than 2e-01."""
   from matplotlib import ticker
 
@@ -190,8 +190,8 @@ def plot_runs(
     ax.grid(alpha=0.3, which='both')
     if tag in LOG_SCALE and ax.lines:
       ax.set_yscale('log')
-      ax.yaxis.set_major_formatter(_plain_log_formatter())
-      ax.yaxis.set_minor_formatter(_plain_log_formatter(minor_thresholds=(2, 0.5)))
+      ax.yaxis.set_major_formatter(plain_log_formatter())
+      ax.yaxis.set_minor_formatter(plain_log_formatter(minor_thresholds=(2, 0.5)))
     if 'accuracy' in tag and ax.lines:
       zoom_accuracy(ax)
     if tag == 'batch_size' and ax.lines:

@@ -83,6 +83,12 @@ _FACTORIES = {
 OPTIMIZERS = tuple(_FACTORIES)
 
 
+def factory(name: str):
+  """The chain-building function of optimizer `name` (one of OPTIMIZERS), for callers that
+  inject their own hyperparameters (ibs/branch.py gives ε as a number)."""
+  return _FACTORIES[name]
+
+
 def create_optimizer(
   name: str,
   schedule: schedules.Schedule,
