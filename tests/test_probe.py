@@ -346,3 +346,37 @@ def test_the_continuation_is_exact_under_other_dispatches_too(tmp_path):
   got, want = _continue_the_run(workdir, prober)
   for name in ('params', 'batch_stats'):
     jax.tree.map(np.testing.assert_array_equal, getattr(got, name), getattr(want, name))
+
+
+def test_an_adaptive_runs_point_is_read_from_its_record():
+  """B_run and ε of an adaptive run come from the switches its checkpoint recorded.
+
+  The ladder of B₀ 32 ×2 capped at 64 over milestones 1/2/3 (N = 1000): 32, 64, then ε
+  halves twice at B = 64 (the hybrid cap rule). A run that switched at 1024 and 2048
+  examples stands on rung 2 (B 64, ε 0.05) at step 48 (1024/32 + 1024/64), where the
+  recipe's fixed milestones would put it on rung 1 (ε 0.1).
+  """
+  config = default.get_config()
+  config.schedule.kind = 'adaptive'
+  config.schedule.batch_size, config.schedule.learning_rate = 32, 0.1
+  config.schedule.milestones, config.schedule.decay_factor = (1.0, 2.0, 3.0), 2.0
+  config.schedule.max_batch_size = 64
+  config.schedule.num_epochs = 4.0
+  config.schedule.adaptive.min_epochs = 1.0
+  schedule = train.schedules.from_config(config, 1000)
+  record = checkpoint.CheckpointRecord(
+    step=48,
+    examples_seen=2048,
+    phase=1,
+    data_seed=0,
+    config_fingerprint='',
+    switches=((1024, 1), (2048, 2)),
+  )
+  point = branch.run_point(schedule, config, record)
+  assert point.batch_size == 64
+  assert point.hyperparams['learning_rate'] == pytest.approx(0.05)
+  fixed = config.copy_and_resolve_references()
+  fixed.schedule.kind = 'hybrid'
+  assert branch.run_point(schedule, fixed, record).hyperparams[
+    'learning_rate'
+  ] == pytest.approx(0.1)
