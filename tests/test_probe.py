@@ -352,9 +352,10 @@ def test_an_adaptive_runs_point_is_read_from_its_record():
   """B_run and ε of an adaptive run come from the switches its checkpoint recorded.
 
   The ladder of B₀ 32 ×2 capped at 64 over milestones 1/2/3 (N = 1000): 32, 64, then ε
-  halves twice at B = 64 (the hybrid cap rule). A run that switched at 1024 and 2048
-  examples stands on rung 2 (B 64, ε 0.05) at step 48 (1024/32 + 1024/64), where the
-  recipe's fixed milestones would put it on rung 1 (ε 0.1).
+  halves twice at B = 64 (the hybrid cap rule). A run that switched at 1024 and 1536
+  examples stands on rung 2 (B 64, ε 0.05) at step 40 (1024/32 + 512/64), where the
+  recipe's fixed milestones put it on rung 1 (ε 0.1, steps 32–47 by ibs/clock.py's
+  rule: ceil(1000/32) = 32 steps to 1024, ceil(976/64) = 16 to 2048).
   """
   config = default.get_config()
   config.schedule.kind = 'adaptive'
@@ -365,12 +366,12 @@ def test_an_adaptive_runs_point_is_read_from_its_record():
   config.schedule.adaptive.min_epochs = 1.0
   schedule = train.schedules.from_config(config, 1000)
   record = checkpoint.CheckpointRecord(
-    step=48,
-    examples_seen=2048,
+    step=40,
+    examples_seen=1536,
     phase=1,
     data_seed=0,
     config_fingerprint='',
-    switches=((1024, 1), (2048, 2)),
+    switches=((1024, 1), (1536, 2)),
   )
   point = branch.run_point(schedule, config, record)
   assert point.batch_size == 64
