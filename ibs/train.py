@@ -410,9 +410,10 @@ def log_phase(index, phase, plan, step, end) -> None:
   )
 
 
-def apply_decision(decision, state, growth_rules, report, step, examples):
-  """An adaptive decision point: logs what it saw; at a switch sets the new rung's ε and
-  m in the optimizer state. Returns the state and the schedule as run so far."""
+def apply_decision(decision, growth_rules, report, step, examples):
+  """An adaptive decision point: logs what it saw and, at a switch, the new rung.
+  Returns the schedule as run so far (the new rung's ε and m are set in the optimizer
+  state when its phase begins: `set_phase_hyperparams`)."""
   schedule = growth_rules.realized(decision.growth)
   rung = decision.growth.rung
   scalars = {
@@ -425,9 +426,6 @@ def apply_decision(decision, state, growth_rules, report, step, examples):
   }
   if decision.switched:
     phase = growth_rules.ladder[rung]
-    values = {'learning_rate': phase.learning_rate, 'momentum': phase.momentum}
-    values = {k: v for k, v in values.items() if k in state.opt_state.hyperparams}
-    state = state.replace(opt_state=optim.set_hyperparams(state.opt_state, **values))
     scalars['adaptive/switch_to_batch'] = phase.batch_size
     logging.info(
       'Adaptive schedule: B_simple %.4g >= %.4g held; rung %d from step %d: batch %d, '
@@ -443,7 +441,16 @@ def apply_decision(decision, state, growth_rules, report, step, examples):
       clock.num_steps(schedule), clock.phase_spans(schedule)[-1].end_examples
     )
   report.writer.write_scalars(step, scalars)
-  return state, schedule
+  return schedule
+
+
+def set_phase_hyperparams(state, phase: schedules.Phase):
+  """`state` with `phase`'s ε and m in the optimizer state: an adaptive run sets them
+  from the host when a phase begins, since its step cannot know when it switches
+  (optim.create_optimizer's `host_set`). Idempotent, so a resume does the same."""
+  values = {'learning_rate': phase.learning_rate, 'momentum': phase.momentum}
+  values = {k: v for k, v in values.items() if k in state.opt_state.hyperparams}
+  return state.replace(opt_state=optim.set_hyperparams(state.opt_state, **values))
 
 
 class Reporter:
@@ -630,6 +637,8 @@ def _train_and_evaluate(config, spec, schedule, workdir, preempt) -> dict[str, A
       phase, examples = schedule.phases[where.phase], where.examples_seen
       end = phase_end(config, schedule, where.phase)
       train_step = compiled[phase.batch_size]
+      if growth_rules is not None:  # Its ε and m, set on the host (decision 14).
+        state = set_phase_hyperparams(state, phase)
       log_phase(where.phase, phase, train_step.plan, step, end)
       batches = data.train_batches(
         config,
@@ -666,9 +675,7 @@ def _train_and_evaluate(config, spec, schedule, workdir, preempt) -> dict[str, A
           if 'adapt' in due:  # Before the checkpoint, which records the decision.
             decision = growth_rules.decide(growth, examples, gns.b_simple(state.gns))
             growth, switched = decision.growth, decision.switched
-            state, schedule = apply_decision(
-              decision, state, growth_rules, report, step, examples
-            )
+            schedule = apply_decision(decision, growth_rules, report, step, examples)
           train_metrics = report(
             due, state, train_metrics, schedule, step, examples, growth
           )
