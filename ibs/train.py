@@ -121,6 +121,7 @@ def compile_phases(config, mesh, state, plans, spans, start_step, example):
 def evaluate(eval_step, state, source, preprocess, config, mesh) -> dict[str, float]:
   """Loss and accuracy over the whole test split, each example counted once."""
   total = None
+  one_at_a_time = preemption.dispatch_one_at_a_time()
   for local in input_pipeline.eval_batches(
     source,
     preprocess,
@@ -129,6 +130,8 @@ def evaluate(eval_step, state, source, preprocess, config, mesh) -> dict[str, fl
     process_count=jax.process_count(),
   ):
     batch_metrics = eval_step(state, sharding.eval_batch_to_device(local, mesh))
+    if one_at_a_time:  # A lost peer must not leave a collective behind (preemption.py).
+      jax.block_until_ready(batch_metrics)
     total = batch_metrics if total is None else total.merge(batch_metrics)
   return {f'test_{k}': float(v) for k, v in total.compute().items()}
 
@@ -331,6 +334,8 @@ def _train_and_evaluate(config, schedule, workdir, preempt) -> dict[str, Any]:
   # Dispatches so far (counted alike on every process: the preemption sync point), the
   # step of the last checkpoint saved, whether a signal asked to stop.
   dispatch, saved_step, preempted = 0, None, False
+  # Across processes on XLA:CPU, each dispatch ends before the next (ibs/preemption.py).
+  one_at_a_time = preemption.dispatch_one_at_a_time()
   with metric_writers.ensure_flushes(writer):
     for phase_index, (phase, span, plan) in enumerate(
       zip(schedule.phases, spans, plans, strict=True)
@@ -374,6 +379,8 @@ def _train_and_evaluate(config, schedule, workdir, preempt) -> dict[str, Any]:
         )
         chunk = [next(local_batches) for _ in range(num_steps)]
         state, train_metrics = train_step(state, chunk, train_metrics)
+        if one_at_a_time:  # A lost peer must not leave a collective behind.
+          jax.block_until_ready((state, train_metrics))
         before, examples = examples, examples + num_steps * phase.batch_size
         step += num_steps
         dispatch += 1
