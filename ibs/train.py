@@ -167,6 +167,7 @@ def check_memory(batch_size: int, analysis: Any) -> None:
 def evaluate(eval_step, state, source, preprocess, config, mesh) -> dict[str, float]:
   """Loss and accuracy over the whole test split, each example counted once."""
   total = None
+  one_at_a_time = preemption.dispatch_one_at_a_time()
   for local in pipeline.eval_batches(
     source,
     preprocess,
@@ -175,6 +176,8 @@ def evaluate(eval_step, state, source, preprocess, config, mesh) -> dict[str, fl
     process_count=jax.process_count(),
   ):
     batch_metrics = eval_step(state, sharding.eval_batch_to_device(local, mesh))
+    if one_at_a_time:  # A lost peer must not leave a collective behind (preemption.py).
+      jax.block_until_ready(batch_metrics)
     total = batch_metrics if total is None else total.merge(batch_metrics)
   return {f'test_{k}': float(v) for k, v in total.compute().items()}
 
@@ -631,6 +634,8 @@ def _train_and_evaluate(config, spec, schedule, workdir, preempt) -> dict[str, A
   if growth_rules is not None:  # Its decision points are one more event.
     events = events.with_period('adapt', growth_rules.rules.check_every_examples)
   dispatch, preempted = 0, False  # dispatches: counted alike on every process
+  # Across processes on XLA:CPU, each dispatch ends before the next (ibs/preemption.py).
+  one_at_a_time = preemption.dispatch_one_at_a_time()
   with metric_writers.ensure_flushes(report.writer):
     while step < stop_step(config, schedule) and not preempted:
       where = clock.position(schedule, step)
@@ -659,6 +664,8 @@ def _train_and_evaluate(config, spec, schedule, workdir, preempt) -> dict[str, A
           )
           chunk = [next(batches) for _ in range(num_steps)]
           state, train_metrics = train_step(state, chunk, train_metrics)
+          if one_at_a_time:  # A lost peer must not leave a collective behind.
+            jax.block_until_ready((state, train_metrics))
           before, examples = examples, examples + num_steps * phase.batch_size
           step, dispatch = step + num_steps, dispatch + 1
           report.progress.update(step, examples, where.phase, phase.batch_size)
