@@ -21,7 +21,6 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from configs import default
 from ibs import checkpoint, divergence, lock, preemption, train
 from tests.test_multidevice import (  # noqa: F401 - one_device_run is a fixture
   REPO,
@@ -94,33 +93,11 @@ def _finish(process, timeout=TIMEOUT_S):
   return process.returncode, output
 
 
-def _tiny_config(data_dir):
-  """conftest's tiny_config, for a module-scoped fixture."""
-  config = default.get_config()
-  config.data_dir = data_dir
-  config.mnist1d.num_train = 2000
-  config.mnist1d.num_test = 500
-  config.model_kwargs.width = 16
-  config.schedule.num_epochs = 4.0
-  config.schedule.milestones = (1.0, 2.0, 3.0)
-  config.schedule.batch_size = 32
-  config.schedule.decay_factor = 2.0
-  config.max_micro_batch_size = 64
-  config.eval_batch_size = 250
-  config.eval_every_epochs = 2.0
-  config.checkpoint_every_epochs = 2.0
-  return config
-
-
 @pytest.fixture(scope='module')
-def reference(data_dir, tmp_path_factory):
-  """The tiny default config (1 checkpoint period inside the run), run uninterrupted."""
-  config = _tiny_config(data_dir)
-  config.steps_per_dispatch = 4
-  config.checkpoint_every_epochs = 1.5
-  workdir = str(tmp_path_factory.mktemp('reference'))
-  summary = train.train_and_evaluate(config, workdir)
-  assert summary['finished'] and not summary['preempted']
+def reference(tiny_run):
+  """The tiny default config (1 checkpoint period inside the run), run uninterrupted:
+  (config, workdir), conftest's tiny_run. K = 8 updates per dispatch, the default."""
+  config, workdir, _ = tiny_run
   return config, workdir
 
 
@@ -153,7 +130,9 @@ def _sigterm_trial(config, tmp_path, name, sig=signal.SIGTERM, delay=None, twice
 
 def test_sigterm_saves_the_step_reached_and_the_rerun_ends_identical(reference, tmp_path):
   config, expected = reference
-  rc, step, workdir = _sigterm_trial(config, tmp_path, 'sigterm', delay=0.5)
+  # Signalled as soon as training starts: on an idle machine all of it takes under a
+  # second, and a later signal could find it done (random moments: the slow tests).
+  rc, step, workdir = _sigterm_trial(config, tmp_path, 'sigterm', delay=0.0)
   assert rc == preemption.EXIT_PREEMPTED
   _assert_identical(workdir, expected)
 
@@ -262,7 +241,7 @@ def test_divergence_stops_before_checkpointing_nan_and_keeps_the_good_ones(
   periods than max_to_keep passed."""
   config = tiny_config.copy_and_resolve_references()
   config.checkpoint_every_epochs = 0.25  # every ~16 steps: 15, 32, 47 ... (3 kept)
-  config.steps_per_dispatch = 4
+  # K = 8, the default: a dispatch ends where an event is due, whatever K.
   _poisoned_batches(monkeypatch, 41, 10**9)
   with pytest.raises(divergence.Diverged) as info:
     train.train_and_evaluate(config, str(tmp_path))
@@ -279,7 +258,11 @@ def test_skip_mode_keeps_the_params_and_counts_the_skips(
   tiny_config, tmp_path, monkeypatch
 ):
   config = tiny_config.copy_and_resolve_references()
-  config.nonfinite = 'skip'
+  config.nonfinite = 'skip'  # Another program than 'stop', compiled for this test alone:
+  # two phases, B = 32 then 64, one micro-batch each (the poison is in phase 0), and one
+  # convolution.
+  config.schedule.num_epochs, config.schedule.milestones = 2.0, (1.0,)
+  config.model_kwargs.depth = 1
   _poisoned_batches(monkeypatch, 10, 12)
   summary = train.train_and_evaluate(config, str(tmp_path))
   assert summary['finished'] and summary['skipped_updates'] == 3

@@ -2,6 +2,7 @@
 
 import glob
 import os
+import shutil
 
 import jax
 import numpy as np
@@ -23,9 +24,8 @@ def _final_params(workdir):
   return step, jax.tree.map(np.asarray, restored['state']['params'])
 
 
-def test_default_config_trains_end_to_end(tiny_config, tmp_path):
-  workdir = str(tmp_path)
-  summary = train.train_and_evaluate(tiny_config, workdir)
+def test_default_config_trains_end_to_end(tiny_run):
+  _, workdir, summary = tiny_run  # tiny_config, checkpointed every 1.5 epochs
 
   # Updates by hand: 4 phases of one epoch (2000 examples) at B = 32, 64, 128, 256,
   # each rounded up (the rounding rule); phase p starts where p − 1's last batch ended.
@@ -148,9 +148,8 @@ def test_steps_per_dispatch_changes_neither_the_events_nor_the_training(
 
 
 @pytest.mark.slow
-def test_resume_ends_with_the_same_parameters(tiny_config, tmp_path):
-  uninterrupted = str(tmp_path / 'uninterrupted')
-  train.train_and_evaluate(tiny_config, uninterrupted)
+def test_resume_ends_with_the_same_parameters(tiny_config, tiny_run, tmp_path):
+  _, uninterrupted, _ = tiny_run  # tiny_config, checkpointed every 1.5 epochs
 
   interrupted = str(tmp_path / 'interrupted')
   first = tiny_config.copy_and_resolve_references()
@@ -166,13 +165,14 @@ def test_resume_ends_with_the_same_parameters(tiny_config, tmp_path):
 
 
 def test_a_different_config_does_not_resume_someone_elses_checkpoint(
-  tiny_config, tmp_path
+  tiny_config, tiny_run, tmp_path
 ):
-  first = tiny_config.copy_and_resolve_references()
-  first.stop_after_steps = 5
-  train.train_and_evaluate(first, str(tmp_path))
+  _, first, _ = tiny_run  # tiny_config's checkpoints
+  workdir = tmp_path / 'run'
+  shutil.copytree(first, workdir)
+  step, _ = _final_params(str(workdir))
   other = tiny_config.copy_and_resolve_references()
   other.schedule.learning_rate = 0.05
   with pytest.raises(ValueError, match='different config'):
-    train.train_and_evaluate(other, str(tmp_path))
-  assert os.path.isdir(os.path.join(tmp_path, 'checkpoints', '5'))
+    train.train_and_evaluate(other, str(workdir))
+  assert os.path.isdir(workdir / 'checkpoints' / str(step))
