@@ -156,17 +156,17 @@ def _climbing_config(config):
   """`config` adaptive, with a rule that climbs at the first decision point 0.9 epochs
   into every rung: decision points each epoch, so the climbs fall where the fixed
   schedule's milestones (1, 2, 3) end its phases (hand-traced in the test below)."""
+  config = config.copy_and_resolve_references()
   config.schedule.kind = 'adaptive'
   config.schedule.adaptive.threshold = 1e-6
   config.schedule.adaptive.window_epochs = 0.0
   config.schedule.adaptive.min_epochs = 0.9
   config.schedule.adaptive.check_every_epochs = 1.0
-  config.gns.split_every = 1  # measured from the first update on
   return config
 
 
 def test_an_adaptive_run_that_climbs_at_the_milestones_is_the_fixed_schedule(
-  tiny_config, tmp_path
+  tiny_run, tmp_path
 ):
   """The ladder of the tiny config is 32 → 64 → 128 → 256 over 4 epochs of 2000.
 
@@ -174,12 +174,12 @@ def test_an_adaptive_run_that_climbs_at_the_milestones_is_the_fixed_schedule(
   4000, ceil(2000/128) = 16 to 6048, ceil(1952/256) = 8 to 8096. The adaptive run's
   decision points are the first dispatch ends at or past 2000, 4000 and 6000 examples:
   2016, 4000 and 6048, each ≥ 0.9 epochs (1800 examples) into its rung, so it switches
-  there and must train the same steps to bit-identical parameters.
+  there (B_simple, measured from step 0 on, is positive) and must train the same steps
+  to bit-identical parameters. The reference is the session's fixed tiny run.
   """
-  tiny_config.gns.split_every = 1
-  fixed = train.train_and_evaluate(tiny_config, str(tmp_path / 'fixed'))
-  config = _climbing_config(tiny_config)
-  summary = train.train_and_evaluate(config, str(tmp_path / 'adaptive'))
+  fixed_config, fixed_workdir, fixed = tiny_run
+  workdir = str(tmp_path / 'adaptive')
+  summary = train.train_and_evaluate(_climbing_config(fixed_config), workdir)
 
   assert [(s['examples'], s['batch_size']) for s in summary['switches']] == [
     (2016, 64),
@@ -187,17 +187,17 @@ def test_an_adaptive_run_that_climbs_at_the_milestones_is_the_fixed_schedule(
     (6048, 256),
   ]
   assert summary['parameter_updates'] == fixed['parameter_updates'] == 63 + 31 + 16 + 8
-  step_a, params_a = _final_params(str(tmp_path / 'adaptive'))
-  step_f, params_f = _final_params(str(tmp_path / 'fixed'))
+  step_a, params_a = _final_params(workdir)
+  step_f, params_f = _final_params(fixed_workdir)
   assert step_a == step_f
   for a, f in zip(jax.tree.leaves(params_a), jax.tree.leaves(params_f), strict=True):
     np.testing.assert_array_equal(a, f)
   # TensorBoard shows each decision point and each switch.
-  tags = _logged_tags(str(tmp_path / 'adaptive'))
+  tags = _logged_tags(workdir)
   assert tags['adaptive/switch_to_batch'] == [64, 128, 256]
   # Decision points at 2016, 4000, 6048 and 8096 (the end: no rung left to climb).
   assert tags['adaptive/rung'] == [1, 2, 3, 3]
-  with open(tmp_path / 'adaptive' / 'summary.json') as f:
+  with open(os.path.join(workdir, 'summary.json')) as f:
     assert len(json.load(f)['switches']) == 3
 
 
