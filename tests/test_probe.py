@@ -235,16 +235,16 @@ def _tiny_config(model='cnn1d'):
 
 
 @pytest.fixture(scope='module')
-def tiny_run(tmp_path_factory):
+def probe_source(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp('probe_source'))
   train.train_and_evaluate(_tiny_config(), workdir)
   return workdir
 
 
 @pytest.fixture(scope='module')
-def tiny_prober(tiny_run):
+def tiny_prober(probe_source):
   """The probe's compiled steps for B = 32, 64, 128, shared by the tests of this run."""
-  return branch.Prober.create(branch.load_run_config(tiny_run), [32, 64, 128])
+  return branch.Prober.create(branch.load_run_config(probe_source), [32, 64, 128])
 
 
 def _tree_digest(directory):
@@ -258,12 +258,14 @@ def _tree_digest(directory):
   return digests
 
 
-def test_probe_writes_its_outputs_and_leaves_the_source_untouched(tiny_run, tiny_prober):
-  checkpoints = os.path.join(tiny_run, 'checkpoints')
+def test_probe_writes_its_outputs_and_leaves_the_source_untouched(
+  probe_source, tiny_prober
+):
+  checkpoints = os.path.join(probe_source, 'checkpoints')
   before = _tree_digest(checkpoints)
   assert sorted(os.listdir(checkpoints)) == ['32', '40', '48']
   args = probe.parse_arguments(
-    workdir=tiny_run,
+    workdir=probe_source,
     points=['0.5', '2', '3.2'],
     batch_sizes=['32', '64', '128'],
     branch_examples=512,
@@ -275,7 +277,7 @@ def test_probe_writes_its_outputs_and_leaves_the_source_untouched(tiny_run, tiny
   paths = probe.write_outputs(results, args.out)
 
   assert _tree_digest(checkpoints) == before  # byte for byte, no file added
-  assert os.path.dirname(paths['csv']) == os.path.join(tiny_run, 'probe')
+  assert os.path.dirname(paths['csv']) == os.path.join(probe_source, 'probe')
   # Points 0.5 and 2 share the nearest checkpoint (epoch 2, step 32), measured once.
   assert [p['checkpoint_step'] for p in results['points']] == [32, 40]
   assert results['points'][0]['points'] == [0.5, 2.0]
@@ -323,10 +325,10 @@ def _continue_the_run(workdir, prober):
 
 
 def test_a_branch_at_the_runs_own_batch_and_rate_is_the_runs_continuation(
-  tiny_run, tiny_prober
+  probe_source, tiny_prober
 ):
   """cnn1d on XLA:CPU: one update per dispatch (ibs/step.py), as in the run."""
-  got, want = _continue_the_run(tiny_run, tiny_prober)
+  got, want = _continue_the_run(probe_source, tiny_prober)
   assert int(got.step) == int(want.step) == 40
   for name in ('params', 'batch_stats'):
     jax.tree.map(np.testing.assert_array_equal, getattr(got, name), getattr(want, name))
