@@ -5,6 +5,9 @@ cache in a fresh directory (`_COMPILATION_CACHE_DIR`).
 """
 
 import atexit
+import contextlib
+import fcntl
+import json
 import os
 import shutil
 import tempfile
@@ -53,9 +56,30 @@ def without_compilation_cache():
     compilation_cache.reset_cache()
 
 
+def _session_root(tmp_path_factory):
+  """A directory of this test session shared by pytest-xdist's workers (their parent's
+  temporary directory), or this process's own without xdist."""
+  base = tmp_path_factory.getbasetemp()
+  return base.parent if os.environ.get('PYTEST_XDIST_WORKER') else base
+
+
+@contextlib.contextmanager
+def _once_per_session(tmp_path_factory, name):
+  """(directory, first): `name` under the session root, with an OS lock held so that of
+  all workers only the first builds what the directory holds (`first` is True there)."""
+  root = _session_root(tmp_path_factory)
+  directory = root / name
+  with open(root / f'{name}.lock', 'w') as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+    first = not (directory / '.done').exists()
+    directory.mkdir(exist_ok=True)
+    yield directory, first
+    (directory / '.done').touch()
+
+
 @pytest.fixture(scope='session')
 def data_dir(tmp_path_factory):
-  """MNIST-1D is generated once per test session into this directory."""
+  """MNIST-1D is generated once per test session (per xdist worker) into this directory."""
   return str(tmp_path_factory.mktemp('tfds'))
 
 
@@ -91,12 +115,24 @@ def tiny_run(data_dir, tmp_path_factory):
   Checkpointed every 1.5 epochs, so one checkpoint falls inside the run (the period is
   not part of the training: the parameters are those of any period). Do not write to
   the workdir or change the config: copy them.
+
+  The first xdist worker to ask trains it; the others wait and read its workdir (its
+  data directory too: read-only once the run has generated it).
   """
   from ibs import train
 
-  config = make_tiny_config(data_dir)
-  config.checkpoint_every_epochs = 1.5
-  workdir = str(tmp_path_factory.mktemp('tiny_run'))
-  summary = train.train_and_evaluate(config, workdir)
+  with _once_per_session(tmp_path_factory, 'tiny_run') as (directory, first):
+    workdir = str(directory / 'workdir')
+    if first:
+      config = make_tiny_config(data_dir)
+      config.checkpoint_every_epochs = 1.5
+      train.train_and_evaluate(config, workdir)
+      with open(directory / 'data_dir', 'w') as f:
+        f.write(data_dir)
+    with open(directory / 'data_dir') as f:
+      config = make_tiny_config(f.read())
+    config.checkpoint_every_epochs = 1.5
+  with open(os.path.join(workdir, 'summary.json')) as f:
+    summary = json.load(f)
   assert summary['finished'] and not summary['preempted']
   return config, workdir, summary
