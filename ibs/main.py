@@ -12,6 +12,7 @@ what is wrong and how to fix it, exit status 2, and no traceback unless --verbos
 
 import difflib
 import os
+import signal
 import sys
 
 from absl import app, flags, logging
@@ -190,6 +191,11 @@ def main(argv):
   try:
     config = load_config()  # before TF/JAX: a misspelled path fails in a second
     run(config, _WORKDIR.value)
+    # Trained, saved and summarised: a SIGINT or SIGTERM during the interpreter's
+    # teardown (JAX's atexit clean-up) has nothing left to save, and must not end the
+    # run with a KeyboardInterrupt traceback.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
   except Exception as e:
     if verbosity >= 1 or not _is_user_error(e):
       raise
