@@ -272,23 +272,22 @@ class Prober:
     any branch runs, so that a B that cannot be split or compiled fails first."""
     spec, schedule = config_checks.check_config(config, jax.device_count(), 1)
     mesh = sharding.make_mesh()
-    train_source = pipeline.load_source(config, spec, 'train')
-    test_source = pipeline.load_source(config, spec, 'test')
-    preprocess = pipeline.preprocess_fn(config, spec)
+    data = train.Data.load(config, spec)
+    train_source, test_source, preprocess = data
     model = train.create_model(config, spec.num_classes)
     init_state = train.create_train_state(config, model, schedule, spec.input_shape, mesh)
-    placeholder = run_point(schedule, config, checkpoint.CheckpointRecord(0, 0, 0, 0, ''))
-    tx = probe_optimizer(config, placeholder.hyperparams)
-    template = branch_state(init_state, tx, placeholder.hyperparams, mesh)
+    # The values at step 0 only give the compiled step its shapes and dtypes; every
+    # branch sets its own (branch_state).
+    at_start = run_point(schedule, config, checkpoint.CheckpointRecord(0, 0, 0, 0, ''))
+    tx = probe_optimizer(config, at_start.hyperparams)
+    template = branch_state(init_state, tx, at_start.hyperparams, mesh)
     plans = {
       b: sharding.plan_micro_batches(
         b, jax.device_count(), config.ghost_batch_size, config.max_micro_batch_size
       )
       for b in batch_sizes
     }
-    example = preprocess(
-      train_source.get(np.zeros(1, np.int64)), np.zeros(1, np.int64), True
-    )
+    example = data.example()
     start = time.perf_counter()
     options = dataclasses.replace(train.step_options(config), nonfinite='stop')
     compiled = step_lib.compile_train_steps(
