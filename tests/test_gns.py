@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from ibs import gns
+from tests.test_multidevice import _cpu_env
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -66,9 +67,8 @@ def test_moving_averages_are_bias_corrected_and_skip_non_finite_estimates():
 
 @pytest.mark.slow
 def test_validate_gns_within_ten_percent_of_the_closed_form():
-  env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'JAX_NUM_CPU_DEVICES': '8'}
-  env.pop('XLA_FLAGS', None)
-  env['PYTHONPATH'] = os.pathsep.join([str(REPO), env.get('PYTHONPATH', '')])
+  pythonpath = os.pathsep.join([str(REPO), os.environ.get('PYTHONPATH', '')])
+  env = _cpu_env(8, PYTHONPATH=pythonpath)
   result = subprocess.run(
     [sys.executable, 'experiments/validate_gns.py'],
     cwd=REPO,

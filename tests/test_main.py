@@ -10,11 +10,11 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def ibs_main(*args, cwd):
+def ibs_main(*args, cwd, python_options=()):
   env = {**os.environ, 'PYTHONPATH': REPO}
   start = time.perf_counter()
   result = subprocess.run(
-    [sys.executable, '-m', 'ibs.main', *args],
+    [sys.executable, *python_options, '-m', 'ibs.main', *args],
     capture_output=True,
     text=True,
     cwd=cwd,
@@ -42,21 +42,38 @@ def test_a_misspelled_config_fails_before_tf_and_jax(tmp_path):
     cwd=REPO,
     env={**os.environ, 'PYTHONPATH': REPO},
   ).stderr
-  imported = {line.split('|')[-1].strip() for line in importtime.splitlines()}
+  imported = _imported(importtime)
   assert 'jax' not in imported and 'tensorflow' not in imported
 
 
+def _imported(stderr):
+  """The modules `python -X importtime` reported importing."""
+  return {
+    line.split('|')[-1].strip()
+    for line in stderr.splitlines()
+    if line.startswith('import time:')
+  }
+
+
 def test_config_errors_are_one_line_from_any_directory(tmp_path):
-  """configs/... resolves against the checkout when the working directory lacks it."""
+  """configs/... resolves against the checkout when the working directory lacks it. The
+  config is checked before TensorFlow is imported, and nothing is written."""
   result, _ = ibs_main(
     '--config=configs/default.py',
     '--config.optimizer=adamw',
     f'--workdir={tmp_path / "w"}',
     cwd=tmp_path,
+    python_options=('-X', 'importtime'),
   )
   assert result.returncode == 2
-  assert "error: Unknown config.optimizer='adamw'" in result.stderr
+  errors = [line for line in result.stderr.splitlines() if line.startswith('error:')]
+  assert errors == [
+    "error: Unknown config.optimizer='adamw'. Choose one of "
+    "['sgd', 'momentum', 'nesterov', 'adam']."
+  ]
   assert 'Traceback' not in result.stderr
+  assert 'tensorflow' not in _imported(result.stderr)
+  assert not (tmp_path / 'w').exists()
   verbose, _ = ibs_main(
     '--config=configs/default.py',
     '--config.optimizer=adamw',
@@ -68,15 +85,19 @@ def test_config_errors_are_one_line_from_any_directory(tmp_path):
 
 
 def test_an_unprepared_dataset_names_the_prepare_command(tmp_path):
+  """Found from the data directory alone: before TensorFlow, and no workdir is made."""
   result, _ = ibs_main(
     '--config=configs/cifar10_wrn.py',
     f'--config.data_dir={tmp_path}',
     f'--workdir={tmp_path / "w"}',
     cwd=REPO,
+    python_options=('-X', 'importtime'),
   )
   assert result.returncode == 2
   assert f'python -m ibs.data.prepare cifar10 --data_dir={tmp_path}' in result.stderr
   assert 'Traceback' not in result.stderr
+  assert 'tensorflow' not in _imported(result.stderr)
+  assert not (tmp_path / 'w').exists()
 
 
 @pytest.mark.slow

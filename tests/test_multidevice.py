@@ -45,10 +45,15 @@ NUM_STEPS = 3
 def _cpu_env(num_devices, **extra):
   """This environment for a child JAX process on `num_devices` CPU devices.
 
-  XLA_FLAGS is dropped: no device count set there may compete with JAX_NUM_CPU_DEVICES.
+  A device count in XLA_FLAGS is dropped (it would compete with JAX_NUM_CPU_DEVICES);
+  the other flags are kept, so the child compiles as this process does (conftest.py).
   """
   env = dict(os.environ)
-  env.pop('XLA_FLAGS', None)
+  env['XLA_FLAGS'] = ' '.join(
+    flag
+    for flag in env.get('XLA_FLAGS', '').split()
+    if not flag.startswith('--xla_force_host_platform_device_count')
+  )
   env.update(
     JAX_PLATFORMS='cpu',
     JAX_NUM_CPU_DEVICES=str(num_devices),

@@ -49,20 +49,33 @@ def data_dir_or_default(data_dir: str | None) -> str:
   )
 
 
+def prepared_versions(name: str, data_dir: str | None) -> list[str]:
+  """The versions of catalog dataset `name` prepared in `data_dir`, or
+  DatasetNotPreparedError if there are none.
+
+  Reads the directory only (neither TFDS nor TensorFlow): ibs.main asks this before it
+  imports them, so that a missing dataset fails in about a second.
+  """
+  root = epath.Path(data_dir_or_default(data_dir))
+  found = sorted(p.parent.name for p in (root / name).glob('*/dataset_info.json'))
+  if not found:
+    raise DatasetNotPreparedError(
+      f'Dataset {name!r} is not prepared in {root} (no {name}/<version>/'
+      f'dataset_info.json). ibs never downloads data during training.\n'
+      + _HOW_TO_PREPARE[name].format(where=root)
+    )
+  return found
+
+
 def prepared_builder(name: str, data_dir: str | None):
   """The TFDS builder of `name` in `data_dir`, or DatasetNotPreparedError.
 
   The directory is looked at first: `tfds.builder` of a dataset without local metadata
   may look for it on GCS (older TFDS releases do), which is a network call.
   """
+  found = prepared_versions(name, data_dir)
   root = epath.Path(data_dir_or_default(data_dir))
-  found = sorted(p.parent.name for p in (root / name).glob('*/dataset_info.json'))
   how = _HOW_TO_PREPARE[name].format(where=root)
-  if not found:
-    raise DatasetNotPreparedError(
-      f'Dataset {name!r} is not prepared in {root} (no {name}/<version>/'
-      f'dataset_info.json). ibs never downloads data during training.\n{how}'
-    )
   import tensorflow_datasets as tfds
 
   tfds.disable_progress_bar()
