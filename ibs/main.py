@@ -36,7 +36,6 @@ _NUM_PROCESSES = flags.DEFINE_integer(
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'With --coordinator_address.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
-EXIT_USER_ERROR = 2
 # The directory holding ibs/ and configs/ (a checkout, or an editable install of one).
 _CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -208,21 +207,14 @@ def main(argv):
   from ibs import reporting  # absl and etils only
 
   reporting.quiet_logging(verbosity)
-  try:
+  with reporting.one_line_errors(verbosity, _is_user_error):
     config = load_config()  # before TF/JAX: a misspelled path fails in a second
     run(config, _WORKDIR.value)
-    # Trained, saved and summarised: a SIGINT or SIGTERM during the interpreter's
-    # teardown (JAX's atexit clean-up) has nothing left to save, and must not end the
-    # run with a KeyboardInterrupt traceback.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-  except Exception as e:
-    if verbosity >= 1 or not _is_user_error(e):
-      raise
-    message = str(e).strip()
-    print(f'error: {message}', file=sys.stderr, flush=True)
-    print('(run with --verbosity=1 for the traceback)', file=sys.stderr, flush=True)
-    sys.exit(EXIT_USER_ERROR)
+  # Trained, saved and summarised: a SIGINT or SIGTERM during the interpreter's teardown
+  # (JAX's atexit clean-up) has nothing left to save, and must not end the run with a
+  # KeyboardInterrupt traceback.
+  signal.signal(signal.SIGINT, signal.SIG_IGN)
+  signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 if __name__ == '__main__':

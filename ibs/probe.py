@@ -76,7 +76,8 @@ from typing import Any
 
 from absl import app, flags
 
-EXIT_USER_ERROR = 2
+from ibs import reporting  # absl and etils only: the command's errors stay fast
+
 RULES = ('linear', 'sqrt')
 
 
@@ -731,17 +732,15 @@ def _parse_flags(argv: list[str]) -> list[str]:
     return flags.FLAGS(argv)
   except flags.Error as e:
     print(f'error: {e}', file=sys.stderr, flush=True)
-    sys.exit(EXIT_USER_ERROR)
+    sys.exit(reporting.EXIT_USER_ERROR)
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   verbosity = flags.FLAGS.verbosity
-  from ibs import reporting
-
   reporting.quiet_logging(verbosity)
-  try:
+  with reporting.one_line_errors(verbosity, _is_user_error):
     values = flags.FLAGS
     args = parse_arguments(
       workdir=values.workdir,
@@ -756,11 +755,6 @@ def main(argv):
       out=values.out,
     )
     results = probe(args, log=lambda line: print(line, flush=True))
-  except Exception as e:
-    if verbosity >= 1 or not _is_user_error(e):
-      raise
-    print(f'error: {str(e).strip()}', file=sys.stderr, flush=True)
-    sys.exit(EXIT_USER_ERROR)
   paths = write_outputs(results, args.out)
   print('\n' + format_table(results), flush=True)
   print(f'wrote {paths["csv"]}, {paths["json"]}, {paths["png"]}', flush=True)

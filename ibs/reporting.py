@@ -16,6 +16,8 @@ few clearly separated places (ibs.train):
   finished summary by those of a rerun that trained nothing.
 * `quiet_logging`: other libraries' INFO lines (orbax, TFDS, JAX) and the warnings a
   user cannot act on stay out of a default run's log.
+* `one_line_errors`: the command lines' (ibs.main, ibs.probe) mistakes a user can fix
+  end in one line and exit status 2.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import contextlib
 import json
 import logging as std_logging
 import os
+import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
@@ -32,6 +35,8 @@ from typing import Any
 from absl import logging
 from etils import epath
 
+# The exit status of a command that a user's mistake ended (after its one-line error).
+EXIT_USER_ERROR = 2
 # Scalars of a log period that measure time, not training (tests leave them out).
 TIME_SCALARS = ('examples_per_sec', 'step_time_ms')
 # Timing fields of summary.json that a rerun of a finished workdir must not replace.
@@ -378,3 +383,20 @@ def quiet_logging(verbosity: int = 0) -> None:
   handler = logging.get_absl_handler()
   if not any(isinstance(f, _QuietFilter) for f in handler.filters):
     handler.addFilter(_QuietFilter(own))
+
+
+@contextlib.contextmanager
+def one_line_errors(
+  verbosity: int, is_user_error: Callable[[BaseException], bool]
+) -> Iterator[None]:
+  """A mistake the user can fix (`is_user_error`) raised inside ends the command with
+  `error: <message>`, a hint, and exit status 2; the traceback only at --verbosity >= 1.
+  Anything else propagates with its traceback: it is ibs's bug or the machine's."""
+  try:
+    yield
+  except Exception as e:
+    if verbosity >= 1 or not is_user_error(e):
+      raise
+    print(f'error: {str(e).strip()}', file=sys.stderr, flush=True)
+    print('(run with --verbosity=1 for the traceback)', file=sys.stderr, flush=True)
+    sys.exit(EXIT_USER_ERROR)

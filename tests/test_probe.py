@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from configs import default
-from ibs import branch, checkpoint, probe, train
+from ibs import branch, checkpoint, probe, reporting, train
 
 # ----------------------------------------------------------------------- pure parts
 
@@ -201,7 +201,7 @@ def test_arguments_against_the_run_are_named(tmp_path):
 def test_the_command_line_errors_in_one_line_with_status_2(tmp_path, flags, message):
   command = [sys.executable, '-m', 'ibs.probe', f'--workdir={tmp_path / "nothing"}']
   done = subprocess.run(command + flags, capture_output=True, text=True, timeout=120)
-  assert done.returncode == probe.EXIT_USER_ERROR, done.stderr
+  assert done.returncode == reporting.EXIT_USER_ERROR, done.stderr
   lines = [line for line in done.stderr.splitlines() if line.startswith('error:')]
   assert len(lines) == 1 and re.match(message, lines[0]), done.stderr
   assert 'Traceback' not in done.stderr
