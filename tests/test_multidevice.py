@@ -370,13 +370,14 @@ def _free_port():
     return s.getsockname()[1]
 
 
-def _launch_processes(script, workdir, name, num_processes=2, devices_per_process=2):
-  """One ibs.main per process on localhost (gloo collectives); all must succeed."""
+def start_processes(script, workdir, log_dir, name, num_processes=2, **env):
+  """One ibs.main per process on localhost (gloo collectives), 2 CPU devices each, with
+  the `env` overrides; each Popen's output goes to its `.log`, LOG_DIR/NAME_I.log."""
   port = _free_port()
-  env = _cpu_env(devices_per_process)
-  logs = [open(workdir.parent / f'{name}_{i}.log', 'w+') for i in range(num_processes)]  # noqa: SIM115
-  processes = [
-    subprocess.Popen(
+  processes = []
+  for i in range(num_processes):
+    log = open(log_dir / f'{name}_{i}.log', 'w+')  # noqa: SIM115 - the caller closes it
+    process = subprocess.Popen(
       [
         sys.executable,
         '-m',
@@ -388,12 +389,18 @@ def _launch_processes(script, workdir, name, num_processes=2, devices_per_proces
         f'--process_id={i}',
       ],
       cwd=REPO,
-      env=env,
+      env=_cpu_env(2, **env),
       stdout=log,
       stderr=subprocess.STDOUT,
     )
-    for i, log in enumerate(logs)
-  ]
+    process.log = log
+    processes.append(process)
+  return processes
+
+
+def _launch_processes(script, workdir, name, num_processes=2):
+  """start_processes, then waits for all; all must succeed."""
+  processes = start_processes(script, workdir, workdir.parent, name, num_processes)
   # One deadline for all; a process that fails ends the launch at once (its peers would
   # otherwise wait for it until the coordinator's heartbeat timeout).
   deadline = time.monotonic() + TIMEOUT_S
@@ -410,10 +417,10 @@ def _launch_processes(script, workdir, name, num_processes=2, devices_per_proces
         p.wait()
   codes = [p.returncode for p in processes]
   outputs = []
-  for log in logs:
-    log.seek(0)
-    outputs.append(log.read())
-    log.close()
+  for p in processes:
+    p.log.seek(0)
+    outputs.append(p.log.read())
+    p.log.close()
   assert codes == [0] * num_processes, '\n'.join(
     f'--- process {i}\n{text[-6000:]}' for i, text in enumerate(outputs)
   )

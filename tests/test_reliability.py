@@ -27,24 +27,20 @@ from tests.test_multidevice import (  # noqa: F401 - one_device_run is a fixture
   _assert_states_equal,
   _cpu_env,
   _final_state,
-  _free_port,
   _train_script,
   one_device_run,
+  start_processes,
 )
+from tests.test_train import latest_state
 
 TIMEOUT_S = 300
 
 
 def _state_arrays(workdir):
   """(step, every array of the latest checkpoint's state, flattened by path)."""
-  manager = ocp.CheckpointManager(os.path.join(workdir, 'checkpoints'))
-  step = manager.latest_step()
-  restored = manager.restore(
-    step, args=ocp.args.Composite(state=ocp.args.StandardRestore())
-  )
-  manager.close()
-  leaves = jax.tree_util.tree_leaves_with_path(restored['state'])
-  return step, {jax.tree_util.keystr(p): np.asarray(x) for p, x in leaves}
+  step, state = latest_state(workdir)
+  leaves = jax.tree_util.tree_leaves_with_path(state)
+  return step, {jax.tree_util.keystr(p): x for p, x in leaves}
 
 
 def _assert_identical(workdir_a, workdir_b):
@@ -305,32 +301,6 @@ def test_elastic_resume_on_another_device_count(one_device_run, tmp_path, before
   _assert_states_equal(_final_state(str(workdir)), expected)
 
 
-def _launch(script, workdir, tmp_path, name, num_processes=2, **env):
-  port = _free_port()
-  processes = []
-  for i in range(num_processes):
-    log = open(tmp_path / f'{name}_{i}.log', 'w+')  # noqa: SIM115
-    process = subprocess.Popen(
-      [
-        sys.executable,
-        '-m',
-        'ibs.main',
-        f'--config={script}',
-        f'--workdir={workdir}',
-        f'--coordinator_address=127.0.0.1:{port}',
-        f'--num_processes={num_processes}',
-        f'--process_id={i}',
-      ],
-      cwd=REPO,
-      env=_cpu_env(2, **env),
-      stdout=log,
-      stderr=subprocess.STDOUT,
-    )
-    process.log = log
-    processes.append(process)
-  return processes
-
-
 @pytest.mark.slow
 @pytest.mark.multiprocess
 def test_sigterm_to_one_of_two_processes_saves_the_same_step_on_both(
@@ -344,7 +314,7 @@ def test_sigterm_to_one_of_two_processes_saves_the_same_step_on_both(
   config.steps_per_dispatch = 2
   script = _train_script(config, tmp_path)
   workdir = tmp_path / 'run'
-  processes = _launch(script, workdir, tmp_path, 'first')
+  processes = start_processes(script, workdir, tmp_path, 'first')
   try:
     assert _wait_for(processes[1], r'Phase 0:')
     time.sleep(random.uniform(0.0, 2.0))
@@ -359,7 +329,7 @@ def test_sigterm_to_one_of_two_processes_saves_the_same_step_on_both(
     assert _final_state(str(workdir))[0] == int(steps.pop())
   for _, output in results:
     assert 'Traceback' not in output, output[-4000:]
-  rerun = _launch(script, workdir, tmp_path, 'rerun')
+  rerun = start_processes(script, workdir, tmp_path, 'rerun')
   results = [_finish(p) for p in rerun]
   assert [rc for rc, _ in results] == [0, 0], results
   _assert_states_equal(_final_state(str(workdir)), expected)
@@ -378,7 +348,7 @@ def test_a_lost_peer_ends_the_survivor_with_one_line(one_device_run, tmp_path): 
   config.steps_per_dispatch = 1
   # Phase 1 runs to epoch 50 (~1,500 steps): the kill always lands inside training.
   config.schedule.num_epochs = 50.0
-  processes = _launch(
+  processes = start_processes(
     _train_script(config, tmp_path),
     tmp_path / 'run',
     tmp_path,

@@ -11,8 +11,9 @@ import pytest
 from ibs import reporting, train
 
 
-def _final_params(workdir):
-  """Parameters of the latest checkpoint in `workdir`, as numpy arrays."""
+def latest_state(workdir):
+  """(step, the train state saved by the latest checkpoint in `workdir` as numpy arrays),
+  read by orbax directly: ibs's own restore path is what the tests check."""
   import orbax.checkpoint as ocp
 
   manager = ocp.CheckpointManager(os.path.join(workdir, 'checkpoints'))
@@ -21,7 +22,13 @@ def _final_params(workdir):
     step, args=ocp.args.Composite(state=ocp.args.StandardRestore())
   )
   manager.close()
-  return step, jax.tree.map(np.asarray, restored['state']['params'])
+  return step, jax.tree.map(np.asarray, restored['state'])
+
+
+def _final_params(workdir):
+  """(step, parameters) of the latest checkpoint in `workdir`, as numpy arrays."""
+  step, state = latest_state(workdir)
+  return step, state['params']
 
 
 def test_default_config_trains_end_to_end(tiny_run):
