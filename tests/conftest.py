@@ -46,10 +46,10 @@ def pytest_configure(config):
   Most of a fast test's time is XLA compiling small programs, most of that LLVM
   optimising machine code that then runs for milliseconds. The fast subset
   (`-m "not slow"`) compiles at level 0, in ~23% less time (93 s against 121 s on 2
-  cores, README's Development section): the same HLO programs after
-  the same HLO passes (buffer assignment and memory analysis too), only the machine code
-  less optimised, which can change rounding in the last bits. So its tests compare
-  programs compiled in the same session, never numbers recorded from another build.
+  cores, README's Development section): the same HLO programs after the same HLO passes
+  (buffer assignment and memory analysis too), only the machine code less optimised,
+  which can change rounding in the last bits. So its tests compare programs compiled in
+  the same session, never numbers recorded from another build.
   Every other session compiles at XLA's default, level 3, as users' runs do: the full
   suite (CI) tests what users run, and the slow tests compare long trajectories across
   device counts at a float tolerance measured there (at level 0 one element of
