@@ -140,7 +140,7 @@ def restore(
         f'The checkpoint of step {step} does not match its checksum (recorded '
         f'{position.checksum}, read {got}); it is damaged. Probe at other --points.'
       )
-  return jax.device_put(state, sharding.replicated(mesh))
+  return sharding.replicate(state, mesh)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -239,7 +239,7 @@ def branch_state(run_state: Any, tx: Any, hyperparams: dict[str, float], mesh) -
     count=restored.count, hyperparams=values, inner_state=restored.inner_state
   )
   state = run_state.replace(tx=tx, opt_state=opt_state)
-  return jax.device_put(jax.tree.map(jnp.copy, state), sharding.replicated(mesh))
+  return sharding.replicate(jax.tree.map(jnp.copy, state), mesh)
 
 
 # ----------------------------------------------------------------------- the branches

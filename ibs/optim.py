@@ -154,9 +154,12 @@ def set_hyperparams(opt_state: Any, **values: float) -> Any:
   takes the new state without retracing.
   """
   import jax
+  import numpy as np
 
   hyperparams = dict(opt_state.hyperparams)
   for name, value in values.items():
     old = hyperparams[name]
-    hyperparams[name] = jax.device_put(jax.numpy.asarray(value, old.dtype), old.sharding)
+    # From the host: a device array put on a multi-process sharding can come out
+    # malformed (ibs.sharding.replicate).
+    hyperparams[name] = jax.device_put(np.asarray(value, old.dtype), old.sharding)
   return opt_state._replace(hyperparams=hyperparams)

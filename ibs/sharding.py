@@ -92,6 +92,29 @@ def replicated(mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
+def replicate(tree: Any, mesh) -> Any:
+  """`tree` with every array replicated on every device of `mesh`, in any process layout.
+
+  The one way ibs places a state, metrics or a hyperparameter on the mesh. Arrays that
+  already have that layout are returned as they are; any other value goes through this
+  process's copy on the host. Not `jax.device_put` of a device array: onto a mesh over
+  several processes whose local part is one device (one process per GPU, the usual
+  cluster layout), JAX builds an array whose shards cannot be read ('... must have one
+  shard each'), and orbax fails to save it. Values built on the device should be built
+  on the mesh instead (`jax.jit(..., out_shardings=replicated(mesh))`).
+  """
+  target = replicated(mesh)
+
+  def put(x: Any) -> jax.Array:
+    if isinstance(x, jax.Array):
+      if x.sharding.is_equivalent_to(target, x.ndim):
+        return x
+      x = x.addressable_data(0)  # replicated: any local copy is the value
+    return jax.device_put(np.asarray(x), target)
+
+  return jax.tree.map(put, tree)
+
+
 # Cached: asked for on every dispatch (meshes are hashable).
 @functools.cache
 def train_batch_sharding(mesh) -> NamedSharding:

@@ -681,8 +681,14 @@ def _compile_host_loop(mesh, state_shapes, metric_shapes, batch, plan, options):
 
 
 def empty_metrics(mesh) -> Metrics:
-  """Zero running metrics on the mesh, to start a log period."""
-  return jax.device_put(Metrics.empty(), sharding.replicated(mesh))
+  """Zero running metrics on the mesh, to start a log period (built there, not moved
+  there: sharding.replicate says why)."""
+  return _empty_metrics_on(mesh)()
+
+
+@functools.cache
+def _empty_metrics_on(mesh):
+  return jax.jit(Metrics.empty, out_shardings=sharding.replicated(mesh))
 
 
 def eval_step(state: TrainState, batch: dict[str, jax.Array]) -> Metrics:

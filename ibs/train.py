@@ -9,6 +9,7 @@ that are due (log, evaluate, checkpoint) → summary. Everything is keyed to exa
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import time
 from typing import Any, NamedTuple
@@ -64,7 +65,8 @@ def create_train_state(
     host_set=config.schedule.kind == 'adaptive',  # ε set at its switches
   )
 
-  @jax.jit
+  # Built on the mesh, every array replicated (sharding.replicate says why not moved).
+  @functools.partial(jax.jit, out_shardings=sharding.replicated(mesh))
   def init(rng):
     dummy = jnp.zeros((config.ghost_batch_size, *input_shape), jnp.float32)
     variables = model.init(rng, dummy, train=False)
@@ -75,7 +77,7 @@ def create_train_state(
       tx=tx,
     )
 
-  return jax.device_put(init(jax.random.key(config.seed)), sharding.replicated(mesh))
+  return init(jax.random.key(config.seed))
 
 
 def step_options(config: Any) -> step_lib.StepOptions:
@@ -362,9 +364,9 @@ def restore_or_start(config, manager, state, mesh, schedule, growth_rules) -> St
   if not restored:
     return Start(state, metrics, growth, schedule, 0.0)
   state, record, saved_metrics = restored
-  state = jax.device_put(state, sharding.replicated(mesh))
+  state = sharding.replicate(state, mesh)
   if saved_metrics is not None:
-    metrics = jax.device_put(saved_metrics, sharding.replicated(mesh))
+    metrics = sharding.replicate(saved_metrics, mesh)
   if growth_rules is not None:
     growth = adaptive.Growth.from_record(record.switches, record.ready_since)
     check_growth(growth_rules, growth, record)

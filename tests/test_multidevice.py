@@ -370,9 +370,11 @@ def _free_port():
     return s.getsockname()[1]
 
 
-def start_processes(script, workdir, log_dir, name, num_processes=2, **env):
-  """One ibs.main per process on localhost (gloo collectives), 2 CPU devices each, with
-  the `env` overrides; each Popen's output goes to its `.log`, LOG_DIR/NAME_I.log."""
+def start_processes(
+  script, workdir, log_dir, name, num_processes=2, devices_per_process=2, **env
+):
+  """One ibs.main per process on localhost (gloo collectives), with the `env` overrides;
+  each Popen's output goes to its `.log`, LOG_DIR/NAME_I.log."""
   port = _free_port()
   processes = []
   for i in range(num_processes):
@@ -389,7 +391,7 @@ def start_processes(script, workdir, log_dir, name, num_processes=2, **env):
         f'--process_id={i}',
       ],
       cwd=REPO,
-      env=_cpu_env(2, **env),
+      env=_cpu_env(devices_per_process, **env),
       stdout=log,
       stderr=subprocess.STDOUT,
     )
@@ -398,9 +400,11 @@ def start_processes(script, workdir, log_dir, name, num_processes=2, **env):
   return processes
 
 
-def _launch_processes(script, workdir, name, num_processes=2):
+def _launch_processes(script, workdir, name, num_processes=2, devices_per_process=2):
   """start_processes, then waits for all; all must succeed."""
-  processes = start_processes(script, workdir, workdir.parent, name, num_processes)
+  processes = start_processes(
+    script, workdir, workdir.parent, name, num_processes, devices_per_process
+  )
   # One deadline for all; a process that fails ends the launch at once (its peers would
   # otherwise wait for it until the coordinator's heartbeat timeout).
   deadline = time.monotonic() + TIMEOUT_S
@@ -429,8 +433,11 @@ def _launch_processes(script, workdir, name, num_processes=2):
 
 @pytest.mark.slow
 @pytest.mark.multiprocess
-def test_two_processes_equal_one_process(one_device_run, tmp_path):
-  """2 processes × 2 devices, preempted inside phase 1 and resumed: the one-device run.
+@pytest.mark.parametrize('devices_per_process', [1, 2])
+def test_two_processes_equal_one_process(one_device_run, tmp_path, devices_per_process):
+  """2 processes × 1 or 2 devices, preempted inside phase 1 and resumed: the one-device
+  run. One device per process is the usual GPU-cluster layout; there every array the
+  checkpoint saves must have been laid out on the mesh (sharding.replicate).
 
   Both launches use orbax on one shared directory from two processes; the resumed one
   restores the checkpoint written by both. They share a persistent compilation cache,
@@ -442,9 +449,13 @@ def test_two_processes_equal_one_process(one_device_run, tmp_path):
   workdir = tmp_path / 'run'
   first = config.copy_and_resolve_references()
   first.stop_after_steps = 70  # Phase 1 runs steps 63–93.
-  _launch_processes(_train_script(first, tmp_path), workdir, 'first')
+  _launch_processes(
+    _train_script(first, tmp_path), workdir, 'first', 2, devices_per_process
+  )
   assert _final_state(str(workdir))[0] == 70
 
-  outputs = _launch_processes(_train_script(config, tmp_path), workdir, 'resumed')
+  outputs = _launch_processes(
+    _train_script(config, tmp_path), workdir, 'resumed', 2, devices_per_process
+  )
   assert all('Resumed at step 70' in text for text in outputs)
   _assert_states_equal(_final_state(str(workdir)), expected)
