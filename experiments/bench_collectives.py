@@ -7,7 +7,7 @@ micro-batch over every device's examples, `lax.scan` over the A micro-batches, g
 summed in the carry. XLA then all-reduces the gradient inside the loop, once per
 micro-batch. ibs's step (`ibs/step.py`) sums each device's micro-batch gradients itself
 and all-reduces once per update. Both are compiled (not run) for the same model, batch
-and 8 CPU devices; `ibs.hlo` counts each all-reduce's payload, times A when it sits in
+and 8 CPU devices; `ibs.tools.hlo` counts each all-reduce's payload, times A when it sits in
 the loop. ibs's batch-norm statistics travel by all-gather instead (per micro-batch, a
 mean and a variance per feature and ghost batch); their bytes are reported apart.
 
@@ -35,8 +35,9 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from ibs import hlo, models, sharding
+from ibs import models, sharding
 from ibs import step as step_lib
+from ibs.tools import hlo
 
 
 def plain_accumulating_step(state, batch):

@@ -15,7 +15,7 @@ import os
 from absl import app, flags
 
 from experiments import reproduce
-from ibs import curves
+from ibs.tools import curves
 
 _CONFIG = 'configs/mnist1d_study.py'
 

@@ -17,7 +17,7 @@ import json
 import numpy as np
 from absl import app, flags
 
-from ibs import curves
+from ibs.tools import curves
 
 _INCREASING = flags.DEFINE_string('increasing', None, 'Workdir of the default run.')
 _DECAYING = flags.DEFINE_string('decaying', None, 'Workdir of the decaying-LR run.')

@@ -9,8 +9,8 @@ should get there in far fewer steps.
 
   python -m experiments.plots --experiment=mnist1d_5_1 --root=workdirs --out=docs/figures
 
-`read_scalars(workdir)` (ibs.curves) is the one reader of ibs's logs; the notebooks and
-`python -m ibs.compare` use it too. Accuracy axes are zoomed to the later epochs.
+`read_scalars(workdir)` (ibs.tools.curves) is the one reader of ibs's logs; the notebooks and
+`python -m ibs.tools.compare` use it too. Accuracy axes are zoomed to the later epochs.
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ from absl import app, flags
 
 from experiments import reproduce
 
-# The curves themselves (reading event files, drawing) live in ibs.curves, re-exported
+# The curves themselves (reading event files, drawing) live in ibs.tools.curves, re-exported
 # here for the notebooks and scripts that use them as plots.*.
-from ibs.curves import (  # noqa: F401
+from ibs.tools.curves import (  # noqa: F401
   LEARNING_CURVES,
   LOG_SCALE,
   NAMES,

@@ -13,7 +13,7 @@ compilation cache under ROOT.
       --root=gs://BUCKET/ibs          # the per-run commands for a TPU VM instead
   python -m experiments.results --experiment=mnist1d_5_1 --root=workdirs  # tables
   python -m experiments.plots --experiment=mnist1d_5_1 --root=workdirs    # figures
-  python -m ibs.compare workdirs/mnist1d_study/*/seed_0  # any workdirs, side by side
+  python -m ibs.tools.compare workdirs/mnist1d_study/*/seed_0  # any workdirs, side by side
 """
 
 import importlib
@@ -56,7 +56,7 @@ def define_flags() -> None:
   """--experiment, --root and --seeds; shared with results.py and plots.py.
 
   Defined only when one of them runs as a script, so that importing the package
-  (notebooks, tests, ibs.compare users) defines no absl flags.
+  (notebooks, tests, ibs.tools.compare users) defines no absl flags.
   """
   flags.DEFINE_enum('experiment', None, sorted(EXPERIMENTS), 'Which grid.')
   flags.DEFINE_string('root', 'workdirs', "Parent of every run's workdir.")

@@ -47,7 +47,7 @@ class ClockPosition:
   """Where the schedule says training stands before `step` (0-based) runs.
 
   `step` is also the number of parameter updates done so far. Derived from the schedule
-  alone; the record saved with a checkpoint is ibs.checkpoint.CheckpointRecord.
+  alone; the record saved with a checkpoint is ibs.durability.checkpoint.CheckpointRecord.
   """
 
   step: int

@@ -111,8 +111,9 @@ def resolve_config_path(argv: list[str]) -> list[str]:
 
 def _user_errors() -> tuple[type[BaseException], ...]:
   """Exception types that are the user's to fix (imported lazily: they pull in JAX)."""
-  from ibs import checkpoint, config_checks, divergence, lock
+  from ibs import config_checks
   from ibs.data import prepared
+  from ibs.durability import checkpoint, divergence, lock
 
   return (
     UserError,
@@ -172,7 +173,8 @@ def run(config, workdir: str) -> None:
   tf.config.set_visible_devices([], 'GPU')
   tf.config.set_visible_devices([], 'TPU')
 
-  from ibs import checkpoint, preemption, reporting, train
+  from ibs import reporting, train
+  from ibs.durability import checkpoint, preemption
 
   logging.info(
     'JAX process %d / %d, local devices: %s',
@@ -180,7 +182,7 @@ def run(config, workdir: str) -> None:
     jax.process_count(),
     jax.local_devices(),
   )
-  # Exit statuses: ibs/preemption.py. A lost peer is one line, not a crash.
+  # Exit statuses: ibs/durability/preemption.py. A lost peer is one line, not a crash.
   preemption.start_peer_watchdog()
   try:
     summary = train.train_and_evaluate(config, workdir)

@@ -85,7 +85,7 @@ OPTIMIZERS = tuple(_FACTORIES)
 
 def factory(name: str):
   """The chain-building function of optimizer `name` (one of OPTIMIZERS), for callers that
-  inject their own hyperparameters (ibs/branch.py gives ε as a number)."""
+  inject their own hyperparameters (ibs/tools/branch.py gives ε as a number)."""
   return _FACTORIES[name]
 
 

@@ -16,7 +16,7 @@ few clearly separated places (ibs.train):
   finished summary by those of a rerun that trained nothing.
 * `quiet_logging`: other libraries' INFO lines (orbax, TFDS, JAX) and the warnings a
   user cannot act on stay out of a default run's log.
-* `one_line_errors`: the command lines' (ibs.main, ibs.probe) mistakes a user can fix
+* `one_line_errors`: the command lines' (ibs.main, ibs.tools.probe) mistakes a user can fix
   end in one line and exit status 2.
 """
 

@@ -23,22 +23,19 @@ from clu import metric_writers
 from ibs import (
   adaptive,
   cadence,
-  checkpoint,
   clock,
   config_checks,
-  divergence,
   gns,
-  lock,
   models,
   noise_scale,
   optim,
-  preemption,
   reporting,
   schedules,
   sharding,
 )
 from ibs import step as step_lib
 from ibs.data import catalog, pipeline
+from ibs.durability import checkpoint, divergence, lock, preemption
 
 
 def create_model(config: Any, num_classes: int):
@@ -350,7 +347,7 @@ class Start(NamedTuple):
 
 
 def restore_or_start(config, manager, state, mesh, schedule, growth_rules) -> Start:
-  """Restores the newest intact checkpoint (ibs/checkpoint.py) and checks it, or starts.
+  """Restores the newest intact checkpoint (ibs/durability/checkpoint.py) and checks it, or starts.
 
   The running train metrics are checkpointed too: a resume between two logs logs what an
   uninterrupted run logs.
@@ -598,7 +595,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
   schedule, its switches. When `config.stop_after_steps` > 0 training stops (with a
   checkpoint) after that many parameter updates, as a preemption would; SIGTERM or SIGINT
   does the same at the end of the dispatch in flight (summary['preempted'];
-  docs/RELIABILITY.md). One process owns a workdir (ibs/lock.py).
+  docs/RELIABILITY.md). One process owns a workdir (ibs/durability/lock.py).
   """
   spec, schedule = config_checks.check_config(
     config, jax.device_count(), jax.process_count(), workdir=workdir
@@ -636,7 +633,7 @@ def _train_and_evaluate(config, spec, schedule, workdir, preempt) -> dict[str, A
   if growth_rules is not None:  # Its decision points are one more event.
     events = events.with_period('adapt', growth_rules.rules.check_every_examples)
   dispatch, preempted = 0, False  # dispatches: counted alike on every process
-  # Across processes on XLA:CPU, each dispatch ends before the next (ibs/preemption.py).
+  # Across processes on XLA:CPU, each dispatch ends before the next (ibs/durability/preemption.py).
   one_at_a_time = preemption.dispatch_one_at_a_time()
   with metric_writers.ensure_flushes(report.writer):
     while step < stop_step(config, schedule) and not preempted:

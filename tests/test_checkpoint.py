@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ibs import checkpoint
+from ibs.durability import checkpoint
 
 FINGERPRINT = 'f' * 16
 

@@ -1,4 +1,4 @@
-"""python -m ibs.compare: the table, the differing config fields, the figure."""
+"""python -m ibs.tools.compare: the table, the differing config fields, the figure."""
 
 import json
 import os
@@ -6,7 +6,8 @@ import os
 import pytest
 
 from configs import default
-from ibs import compare, reporting
+from ibs import reporting
+from ibs.tools import compare
 
 
 def fake_run(workdir, kind, updates, accuracies, wall_clock):
@@ -96,7 +97,7 @@ def test_plot_is_a_paper_column_figure(two_runs, tmp_path, suffix):
 def test_accuracy_axes_are_zoomed():
   import numpy as np
 
-  from ibs import curves
+  from ibs.tools import curves
 
   def run(accuracies):
     steps = np.array([100, 500, 1000])

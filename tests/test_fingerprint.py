@@ -1,6 +1,6 @@
 """Every field of every config and study variant is in the fingerprint or explicitly not.
 
-The fingerprint (ibs/checkpoint.py) decides whether a workdir's checkpoint may be resumed
+The fingerprint (ibs/durability/checkpoint.py) decides whether a workdir's checkpoint may be resumed
 by a config; a field missing from it lets a changed trajectory resume silently, as
 `image_size` once did. A new config field must be placed in one list or the other.
 """
@@ -10,7 +10,7 @@ import pathlib
 
 import pytest
 
-from ibs import checkpoint
+from ibs.durability import checkpoint
 
 CONFIGS = sorted(
   p.stem

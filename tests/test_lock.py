@@ -8,12 +8,12 @@ import textwrap
 
 import pytest
 
-from ibs import lock
+from ibs.durability import lock
 
 HOLD = textwrap.dedent(
   """
   import sys, time
-  from ibs import lock
+  from ibs.durability import lock
   lock.WorkdirLock(sys.argv[1]).acquire()
   print('locked', flush=True)
   time.sleep(600)

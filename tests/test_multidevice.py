@@ -29,9 +29,10 @@ import orbax.checkpoint as ocp
 import pytest
 
 from configs import default
-from ibs import hlo, optim, schedules, sharding
+from ibs import optim, schedules, sharding
 from ibs import step as step_lib
 from ibs.models import small
+from ibs.tools import hlo
 
 REPO = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 180  # per subprocess: a hung collective fails the test instead of CI

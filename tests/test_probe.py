@@ -1,4 +1,4 @@
-"""The critical-batch probe (ibs/probe.py, ibs/branch.py) on tiny runs of fake data.
+"""The critical-batch probe (ibs/tools/probe.py, ibs/tools/branch.py) on tiny runs of fake data.
 
 The estimator, the ε rule and the measurement points against hand-computed values; the
 argument errors; the source run's checkpoints byte for byte before and after a probe;
@@ -19,7 +19,9 @@ import numpy as np
 import pytest
 
 from configs import default
-from ibs import branch, checkpoint, probe, reporting, train
+from ibs import reporting, train
+from ibs.durability import checkpoint
+from ibs.tools import branch, probe
 
 # ----------------------------------------------------------------------- pure parts
 
@@ -199,7 +201,7 @@ def test_arguments_against_the_run_are_named(tmp_path):
   ],
 )
 def test_the_command_line_errors_in_one_line_with_status_2(tmp_path, flags, message):
-  command = [sys.executable, '-m', 'ibs.probe', f'--workdir={tmp_path / "nothing"}']
+  command = [sys.executable, '-m', 'ibs.tools.probe', f'--workdir={tmp_path / "nothing"}']
   done = subprocess.run(command + flags, capture_output=True, text=True, timeout=120)
   assert done.returncode == reporting.EXIT_USER_ERROR, done.stderr
   lines = [line for line in done.stderr.splitlines() if line.startswith('error:')]

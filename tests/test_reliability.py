@@ -21,7 +21,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from ibs import checkpoint, divergence, lock, preemption, train
+from ibs import train
+from ibs.durability import checkpoint, divergence, lock, preemption
 from tests.test_multidevice import (  # noqa: F401 - one_device_run is a fixture
   REPO,
   _assert_states_equal,

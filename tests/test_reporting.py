@@ -8,7 +8,8 @@ import pathlib
 import pytest
 
 from configs import default
-from ibs import checkpoint, reporting
+from ibs import reporting
+from ibs.durability import checkpoint
 
 
 def test_flat_hparams_name_every_nested_field():

@@ -1,7 +1,7 @@
 r"""Compares finished (or running) workdirs: final metrics, cost, and what differs.
 
-  python -m ibs.compare /tmp/increasing_batch /tmp/decaying_lr
-  python -m ibs.compare /tmp/increasing_batch /tmp/decaying_lr --plot=/tmp/fig2.pdf
+  python -m ibs.tools.compare /tmp/increasing_batch /tmp/decaying_lr
+  python -m ibs.tools.compare /tmp/increasing_batch /tmp/decaying_lr --plot=/tmp/fig2.pdf
 
 Prints one row per workdir — final test accuracy and loss, final training loss,
 parameter updates, examples seen, epochs, wall-clock (summed over resumes) — and the
@@ -46,7 +46,7 @@ def load_run(workdir: str, read_events: bool = True) -> dict[str, Any]:
     )
   scalars = {}
   if read_events and has_events:
-    from ibs import curves
+    from ibs.tools import curves
 
     scalars = curves.read_scalars(workdir)
   return {'workdir': workdir, 'summary': summary, 'config': config, 'scalars': scalars}
@@ -150,7 +150,7 @@ def compare(workdirs: list[str], plot: str | None = None) -> str:
   runs = [load_run(w) for w in workdirs]
   report = table(runs) + '\n\n' + differences_table(runs)
   if plot:
-    from ibs import curves
+    from ibs.tools import curves
 
     ext = os.path.splitext(plot)[1].lower()
     if ext not in ('.pdf', '.png', '.svg'):
@@ -169,7 +169,7 @@ def compare(workdirs: list[str], plot: str | None = None) -> str:
 
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(
-    prog='python -m ibs.compare', description=__doc__.split('\n\n')[0]
+    prog='python -m ibs.tools.compare', description=__doc__.split('\n\n')[0]
   )
   parser.add_argument('workdirs', nargs='+', help='ibs workdirs (--workdir of ibs.main)')
   parser.add_argument(

@@ -1,6 +1,6 @@
 r"""The critical-batch probe: branch short runs at several B from one run's checkpoints.
 
-  python -m ibs.probe --workdir=/tmp/ibs_default --points=50,75,100 \
+  python -m ibs.tools.probe --workdir=/tmp/ibs_default --points=50,75,100 \
       --batch_sizes=32,64,128,256,512,1024 --branch_examples=20480
 
 Merrill et al. 2025 ("Critical Batch Size Revisited") measure the critical batch
@@ -51,7 +51,7 @@ past it, less than one batch later (exact when L/(2K) is a multiple of every B).
 Each point branches from the nearest checkpoint the run kept (the run keeps its 3
 newest: the default run's checkpoints at epochs 50, 75 and 100), named in the table;
 points that share one are measured once. The source run is read, never written:
-branches restore read-only and write only under --out (ibs/branch.py). Every batch
+branches restore read-only and write only under --out (ibs/tools/branch.py). Every batch
 shape is compiled once, before the first branch. The run's logged `gns/b_simple`
 (McCandlish et al.'s noise scale, ibs/gns.py) at each checkpoint is reported beside B*,
 where the run measured it: Merrill et al. argue that the noise scale alone can mislead,
@@ -323,7 +323,8 @@ def probe(args: Arguments, log=print, prober=None) -> dict[str, Any]:
   """
   import jax  # here: the argument checks above run without JAX
 
-  from ibs import branch, checkpoint, curves
+  from ibs.durability import checkpoint
+  from ibs.tools import branch, curves
 
   wall_start = time.perf_counter()
   _keep_tensorflow_off_accelerators()
@@ -408,7 +409,7 @@ def _choose_checkpoints(points, positions, n, log) -> dict[int, list[float]]:
 
 def _probe_checkpoint(args, prober, manager, position, points, slice_, scalars, log):
   """Every B from one checkpoint: a row per branch and the critical batch."""
-  from ibs import branch
+  from ibs.tools import branch
 
   run = branch.run_point(prober.schedule, prober.config, position)
   run_state = prober.restore(manager, position.step, position)
@@ -680,7 +681,7 @@ def plot(results: dict[str, Any]):
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize='medium')
     ax.grid(alpha=0.3)
-  from ibs import curves  # its log-axis labels: 0.2, not 2×10⁻¹
+  from ibs.tools import curves  # its log-axis labels: 0.2, not 2×10⁻¹
 
   axes[0].set_yscale('log')  # losses span decades where a large B diverges
   axes[0].yaxis.set_major_formatter(curves.plain_log_formatter())
@@ -763,8 +764,9 @@ def main(argv):
 def _is_user_error(e: BaseException) -> bool:
   if isinstance(e, UserError):
     return True
-  from ibs import branch, config_checks
+  from ibs import config_checks
   from ibs.data import prepared
+  from ibs.tools import branch
 
   return isinstance(
     e, branch.BranchError | config_checks.ConfigError | prepared.DatasetNotPreparedError

@@ -1,4 +1,4 @@
-"""Short branches from a run's checkpoints, for the critical-batch probe (ibs/probe.py).
+"""Short branches from a run's checkpoints, for the critical-batch probe (ibs/tools/probe.py).
 
 A branch starts from the state a run saved at step k (parameters, BN statistics, the
 momentum buffer, the noise-scale averages, the update count), trains it for L examples
@@ -43,7 +43,6 @@ import orbax.checkpoint as ocp
 
 from ibs import (
   adaptive,
-  checkpoint,
   clock,
   config_checks,
   models,
@@ -55,6 +54,7 @@ from ibs import (
 )
 from ibs import step as step_lib
 from ibs.data import pipeline
+from ibs.durability import checkpoint
 
 
 class BranchError(RuntimeError):
@@ -331,7 +331,7 @@ class Prober:
   ) -> Branch:
     """Trains a copy of `run_state` on examples [start, start + L) at batch B.
 
-    `num_examples` L is a multiple of B (ibs/probe.py checks): L/B updates. After each
+    `num_examples` L is a multiple of B (ibs/tools/probe.py checks): L/B updates. After each
     update count in `measure_after`, `measure(state)` is recorded (a dispatch ends
     there). The running train loss (train mode, the step's own metric) is kept over
     the updates after the first `window_start`.
