@@ -32,8 +32,10 @@ class Cadence:
     )
 
   def with_period(self, event: str, period: int) -> Cadence:
-    """This cadence and one more event every `period` examples (e.g. the adaptive
-    schedule's decision points, ibs/adaptive.py)."""
+    """This cadence and one more event every `period` examples (e.g. a schedule's
+    decision points, ibs/segments.py); a period of 0 adds none."""
+    if not period:
+      return self
     return Cadence({**self.periods, event: max(1, int(period))})
 
   def steps_until_next(self, examples: int, batch_size: int) -> int:

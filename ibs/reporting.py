@@ -181,7 +181,7 @@ class Progress:
     *,
     total_examples: int,
     num_train_examples: int,
-    total_steps: int,
+    total_steps: int | None,
     start_examples: int = 0,
     start_step: int = 0,
     every_secs: float = 10.0,
@@ -220,10 +220,6 @@ class Progress:
       self._period_excluded += elapsed
       self._timed_totals[name] += elapsed
 
-  def set_totals(self, total_steps: int, total_examples: int) -> None:
-    """New totals for the progress line: an adaptive schedule's switch changes them."""
-    self.total_steps, self.total_examples = total_steps, total_examples
-
   def update(self, step: int, examples: int, phase: int, batch_size: int) -> None:
     """After a dispatch that ended at `step`, `examples`, in `phase` of `batch_size`."""
     now = self._clock()
@@ -253,11 +249,12 @@ class Progress:
   def line(self) -> str:
     done, total = self._examples, self.total_examples
     rate = self.rate()
-    remaining = total - done
+    remaining = max(0, total - done)
     eta = format_duration(remaining / rate) if rate > 0 else '?'
+    steps = f'{self._step:,}' + (f'/{self.total_steps:,}' if self.total_steps else '')
     return (
       f'epoch {done / self.n:.2f}/{total / self.n:g} ({100 * done / total:.1f}% of '
-      f'examples), step {self._step:,}/{self.total_steps:,}, {rate:,.0f} examples/s, '
+      f'examples), step {steps}, {rate:,.0f} examples/s, '
       f'elapsed {format_duration(self._clock() - self._start)}, ETA {eta}'
     )
 

@@ -219,9 +219,9 @@ def test_running_metrics_are_saved_verified_and_restored(tmp_path):
 
 
 def test_a_restored_record_is_checked_against_the_clock():
-  """train.check_restored: the record's step, examples and data seed follow the config."""
+  """setup.check_restored: the record's step, examples and data seed follow the config."""
   from configs import default
-  from ibs import clock, schedules, train
+  from ibs import clock, schedules, setup
 
   config = default.get_config()
   schedule = schedules.from_config(config, config.mnist1d.num_train)
@@ -231,7 +231,7 @@ def test_a_restored_record_is_checked_against_the_clock():
     step, where.examples_seen, where.phase, config.data_seed, FINGERPRINT
   )
   state = types.SimpleNamespace(step=jnp.int32(step))
-  train.check_restored(record, state, schedule, config)  # agrees: no error
+  setup.check_restored(record, state, schedule, config)  # agrees: no error
   seen, seed = where.examples_seen, config.data_seed
   for changed, what in [
     (dict(examples_seen=seen + 32), rf'examples seen {seen + 32} \(expected {seen}\)'),
@@ -239,6 +239,6 @@ def test_a_restored_record_is_checked_against_the_clock():
     (dict(step=step + 1), rf'step {step} \(expected {step + 1}\)'),
   ]:
     with pytest.raises(checkpoint.CheckpointError, match=what):
-      train.check_restored(
+      setup.check_restored(
         dataclasses.replace(record, **changed), state, schedule, config
       )

@@ -4,6 +4,7 @@ import pytest
 
 from configs import default
 from ibs import config_checks, step, train
+from ibs.data import pipeline
 
 
 def _config(**overrides):
@@ -91,7 +92,7 @@ def test_bad_config_fails_before_reading_data_or_compiling(monkeypatch, tmp_path
   def forbidden(*args, **kwargs):
     raise AssertionError('reached data loading or compilation')
 
-  monkeypatch.setattr(train.pipeline, 'load_source', forbidden)
+  monkeypatch.setattr(pipeline, 'load_source', forbidden)
   monkeypatch.setattr(step, 'compile_train_steps', forbidden)
   with pytest.raises(config_checks.ConfigError, match='learning_rate'):
     train.train_and_evaluate(_config(**{'schedule.learning_rate': -1.0}), str(tmp_path))

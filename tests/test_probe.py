@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from configs import default
-from ibs import reporting, train
+from ibs import reporting, schedules, train
 from ibs.durability import checkpoint
 from ibs.tools import branch, probe
 
@@ -368,7 +368,7 @@ def test_an_adaptive_runs_point_is_read_from_its_record():
   config.schedule.max_batch_size = 64
   config.schedule.num_epochs = 4.0
   config.schedule.adaptive.min_epochs = 1.0
-  schedule = train.schedules.from_config(config, 1000)
+  schedule = schedules.from_config(config, 1000)
   record = checkpoint.CheckpointRecord(
     step=40,
     examples_seen=1536,

@@ -22,6 +22,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from ibs import train
+from ibs.data import pipeline
 from ibs.durability import checkpoint, divergence, lock, preemption
 from tests.test_multidevice import (  # noqa: F401 - one_device_run is a fixture
   REPO,
@@ -217,7 +218,7 @@ def test_a_failed_background_save_is_reported_at_once_in_one_line(
 
 def _poisoned_batches(monkeypatch, first, last):
   """Makes the train batches of steps first..last (counted from 0) all NaN."""
-  original = train.pipeline.train_batches
+  original = pipeline.train_batches
 
   def batches(*args, **kwargs):
     start = kwargs['start_examples'] // kwargs['batch_size']
@@ -226,7 +227,7 @@ def _poisoned_batches(monkeypatch, first, last):
         batch = dict(batch, input=np.full_like(batch['input'], np.nan))
       yield batch
 
-  monkeypatch.setattr(train.pipeline, 'train_batches', batches)
+  monkeypatch.setattr(pipeline, 'train_batches', batches)
 
 
 def test_divergence_stops_before_checkpointing_nan_and_keeps_the_good_ones(

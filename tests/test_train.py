@@ -51,7 +51,7 @@ def test_default_config_trains_end_to_end(tiny_run):
   assert step == steps
   # The measured noise scale is logged beside the paper's g at every log.
   tags = _logged_tags(workdir)
-  for tag in ('gns/b_simple', 'gns/grad_sq_norm', 'gns/trace_cov', 'noise_scale'):
+  for tag in ('gns/b_simple', 'gns/grad_sq_norm', 'gns/trace_cov', 'g_sgd'):
     assert tag in tags, sorted(tags)
   b_simple = tags['gns/b_simple']
   assert len(b_simple) == len(tags['batch_size'])

@@ -71,7 +71,7 @@ class CheckpointRecord:
   """What is saved beside a checkpoint's state: where it stands, and how to verify it.
 
   Not ibs.clock.ClockPosition, which is where the schedule says a step stands; a restored
-  record is checked against that (ibs.train.check_restored). Saved as the checkpoint item
+  record is checked against that (ibs.setup.check_restored). Saved as the checkpoint item
   'position' (JSON), the name it has had since ibs began, so older workdirs resume.
   """
 
@@ -290,6 +290,89 @@ def check_save_errors(manager: ocp.CheckpointManager, step: int | None) -> None:
 # ----------------------------------------------------------------------- restoring
 
 
+def open_read_only(workdir: str) -> ocp.CheckpointManager:
+  """A workdir's checkpoints opened read-only: orbax creates, deletes and writes nothing
+  (the probe's branches read a run that may still be training)."""
+  return ocp.CheckpointManager(
+    checkpoints_dir(workdir),
+    options=ocp.CheckpointManagerOptions(read_only=True, create=False),
+  )
+
+
+def read_record(manager: ocp.CheckpointManager, step: int) -> CheckpointRecord:
+  """The record saved beside the checkpoint of `step` (raises if it cannot be read)."""
+  fields = manager.restore(
+    step, args=ocp.args.Composite(**{_RECORD_ITEM: ocp.args.JsonRestore()})
+  )[_RECORD_ITEM]
+  return CheckpointRecord.from_json(fields)
+
+
+def check_fingerprint(manager, step: int, record: CheckpointRecord, fingerprint: str):
+  """Raises ConfigMismatchError, touching nothing, when another config wrote `record`."""
+  if record.config_fingerprint != fingerprint:
+    raise ConfigMismatchError(
+      f'The checkpoint at step {step} in {manager.directory} was written by a '
+      f'different config (fingerprint {record.config_fingerprint}, this config '
+      f'{fingerprint}); a changed dataset, model, optimizer, schedule or seed cannot '
+      'resume it. Use a new --workdir, or restore the original config. The '
+      'checkpoint was left untouched.'
+    )
+
+
+def read_records(
+  manager: ocp.CheckpointManager, fingerprint: str
+) -> dict[int, CheckpointRecord]:
+  """{step: record} of every checkpoint whose record reads; one being written or
+  damaged is left out. Raises ConfigMismatchError if another config wrote one."""
+  records = {}
+  for step in sorted(manager.all_steps()):
+    try:
+      record = read_record(manager, step)
+    except Exception:  # a checkpoint being written or damaged: skip it
+      continue
+    check_fingerprint(manager, step, record, fingerprint)
+    records[step] = record
+  return records
+
+
+class Damaged(CheckpointError):
+  """One checkpoint that cannot be read, or whose state does not match its checksum."""
+
+
+def restore_verified(
+  manager: ocp.CheckpointManager,
+  step: int,
+  record: CheckpointRecord,
+  abstract_state: Any,
+  abstract_metrics: Any = None,
+) -> Restored:
+  """The state (and running metrics, when saved and `abstract_metrics` is given) saved at
+  `step`, verified against the checksum in `record`. Raises Damaged saying why.
+
+  The one reader of a checkpoint's state: resume (`restore_latest`) and the probe's
+  branches (ibs/tools/branch.py) both restore through it.
+  """
+  items = {'state': ocp.args.StandardRestore(abstract_state)}
+  if record.with_metrics:  # the checksum covers the running metrics too
+    items['train_metrics'] = ocp.args.StandardRestore(abstract_metrics)
+  try:
+    restored = manager.restore(step, args=ocp.args.Composite(**items))
+  except Exception as e:
+    raise Damaged(f'state unreadable: {_cause(e)}') from e
+  state, metrics = restored['state'], restored.get('train_metrics')
+  if record.checksum:
+    checksum, _ = state_checksum(state if metrics is None else (state, metrics))
+    if checksum != record.checksum:
+      raise Damaged(f'checksum mismatch (recorded {record.checksum}, read {checksum})')
+  else:
+    logging.warning(
+      'The checkpoint of step %d records no checksum (written before ibs stored '
+      'one); restored unverified.',
+      step,
+    )
+  return Restored(state, record, metrics if abstract_metrics is not None else None)
+
+
 def restore_latest(
   manager: ocp.CheckpointManager,
   abstract_state: Any,
@@ -305,51 +388,23 @@ def restore_latest(
   state does not match its recorded checksum is skipped with a warning naming it and
   why, and moved to `damaged_checkpoints/` beside `checkpoints/` (never deleted).
   Raises CheckpointError when checkpoints exist but none is intact, and
-  ConfigMismatchError (a ValueError), touching nothing, when the newest readable one was written by a config whose
-  trajectory fields differ.
+  ConfigMismatchError (a ValueError), touching nothing, when the newest readable one was
+  written by a config whose trajectory fields differ.
   """
   damaged: list[tuple[int, str]] = []
   result = None
   for step in sorted(manager.all_steps(), reverse=True):
     try:
-      fields = manager.restore(
-        step, args=ocp.args.Composite(**{_RECORD_ITEM: ocp.args.JsonRestore()})
-      )[_RECORD_ITEM]
-      record = CheckpointRecord.from_json(fields)
+      record = read_record(manager, step)
     except Exception as e:  # a damaged record is any failure to read it
       damaged.append((step, f'position record unreadable: {_cause(e)}'))
       continue
-    if record.config_fingerprint != fingerprint:
-      raise ConfigMismatchError(
-        f'The checkpoint at step {step} in {manager.directory} was written by a '
-        f'different config (fingerprint {record.config_fingerprint}, this config '
-        f'{fingerprint}); a changed dataset, model, optimizer, schedule or seed cannot '
-        'resume it. Use a new --workdir, or restore the original config. The '
-        'checkpoint was left untouched.'
-      )
-    items = {'state': ocp.args.StandardRestore(abstract_state)}
-    if record.with_metrics:
-      items['train_metrics'] = ocp.args.StandardRestore(abstract_metrics)
+    check_fingerprint(manager, step, record, fingerprint)
     try:
-      restored = manager.restore(step, args=ocp.args.Composite(**items))
-    except Exception as e:
-      damaged.append((step, f'state unreadable: {_cause(e)}'))
+      result = restore_verified(manager, step, record, abstract_state, abstract_metrics)
+    except Damaged as e:
+      damaged.append((step, str(e)))
       continue
-    state, metrics = restored['state'], restored.get('train_metrics')
-    if record.checksum:
-      checksum, _ = state_checksum(state if metrics is None else (state, metrics))
-      if checksum != record.checksum:
-        damaged.append(
-          (step, f'checksum mismatch (recorded {record.checksum}, read {checksum})')
-        )
-        continue
-    else:
-      logging.warning(
-        'The checkpoint of step %d records no checksum (written before ibs stored '
-        'one); restored unverified.',
-        step,
-      )
-    result = Restored(state, record, metrics if abstract_metrics is not None else None)
     break
   if damaged:
     _quarantine(manager, damaged)

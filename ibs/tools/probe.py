@@ -345,10 +345,10 @@ def probe(args: Arguments, log=print, prober=None) -> dict[str, Any]:
     chosen = _choose_checkpoints(args.points, positions, n, log)
     if prober is None:
       prober = branch.Prober.create(config, list(args.batch_sizes))
-    elif not set(args.batch_sizes) <= set(prober.plans):
-      raise ValueError(f'The prober was compiled for B = {sorted(prober.plans)}.')
+    elif not set(args.batch_sizes) <= set(prober.steps):
+      raise ValueError(f'The prober was compiled for B = {sorted(prober.steps)}.')
     log(
-      f'compiled {len(prober.compiled)} batch shape(s) in {prober.compile_s:.1f} s '
+      f'compiled {len(prober.steps)} batch size(s) in {prober.compile_s:.1f} s '
       f'for B = {", ".join(map(str, args.batch_sizes))}'
     )
     slice_ = branch.Prefix(prober.train_source, args.loss_examples or n)
