@@ -397,3 +397,37 @@ def one_line_errors(
     print(f'error: {str(e).strip()}', file=sys.stderr, flush=True)
     print('(run with --verbosity=1 for the traceback)', file=sys.stderr, flush=True)
     sys.exit(EXIT_USER_ERROR)
+
+
+def format_switches(switches: list[dict[str, Any]] | None) -> list[str]:
+  """The schedule's switches, one line each (none for a fixed schedule)."""
+  if not switches:
+    return []
+  lines = ['', f'{len(switches)} switch(es) decided by the measured noise scale']
+  lines += [
+    f'  step {s["step"]:,} at epoch {s["epoch"]:.2f} ({s["examples"]:,} examples): batch '
+    f'{s["batch_size"]}, lr {s["learning_rate"]:g}'
+    for s in switches
+  ]
+  return lines
+
+
+def format_summary(summary: dict[str, Any], phase_table: str) -> str:
+  """The summary a finished run prints: final metrics, the phases as run (`phase_table`,
+  ibs.noise_scale.format_table), the switches a schedule decided, throughput."""
+  lines = [
+    '',
+    '=' * 78,
+    f'final test accuracy {summary["test_accuracy"]:.4f}  (test loss '
+    f'{summary["test_loss"]:.4f})',
+    f'parameter updates {summary["parameter_updates"]:,}   examples seen '
+    f'{summary["examples_seen"]:,} ({summary["epoch"]:.2f} epochs)',
+    f'wall-clock {summary["wall_clock_s"]:.1f} s (compilation {summary["compile_s"]:.1f} s)',
+    '',
+    phase_table,
+    *format_switches(summary.get('switches')),
+    '',
+    format_throughput(summary.get('throughput', [])),
+    '=' * 78,
+  ]
+  return '\n'.join(lines)

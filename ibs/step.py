@@ -77,7 +77,9 @@ class TrainState(train_state.TrainState):
   halted_at_step: jax.Array
 
   @classmethod
-  def create(cls, *, apply_fn, params, tx, batch_stats, **kwargs) -> 'TrainState':
+  def create(
+    cls, *, apply_fn: Any, params: Any, tx: Any, batch_stats: Any, **kwargs: Any
+  ) -> 'TrainState':
     return super().create(
       apply_fn=apply_fn,
       params=params,
@@ -147,8 +149,11 @@ def _per_example_losses(state: TrainState, batch_stats: Any, micro: dict, loss_f
 
 
 def micro_batch_gradients(
-  state: TrainState, batch_stats: Any, micro: dict, loss_fn=cross_entropy_loss
-):
+  state: TrainState,
+  batch_stats: Any,
+  micro: dict,
+  loss_fn: Callable[..., Any] = cross_entropy_loss,
+) -> tuple[Any, ...]:
   """Gradient of one micro-batch's mean loss, its BN statistics, losses and hits."""
   losses_fn = _per_example_losses(state, batch_stats, micro, loss_fn)
 
@@ -175,8 +180,12 @@ def split_point(batch_size: int, ghost_batch_size: int) -> int:
 
 
 def split_batch_gradients(
-  state: TrainState, batch_stats: Any, micro: dict, split: int, loss_fn
-):
+  state: TrainState,
+  batch_stats: Any,
+  micro: dict,
+  split: int,
+  loss_fn: Callable[..., Any],
+) -> tuple[Any, ...]:
   """The gradients of the batch's two halves, from one forward and two backward passes.
 
   Returns (the whole batch's gradient, the halves' n-weighted mean squared norm, the
@@ -461,13 +470,15 @@ class TrainStep:
       for n in range(steps_per_dispatch + 1)
     ]
 
-  def __call__(self, state, local_batches, running_metrics):
+  def __call__(
+    self, state: TrainState, local_batches: list[Any], running_metrics: Metrics
+  ) -> tuple[TrainState, Metrics]:
     batches = sharding.train_batches_to_device(
       local_batches, self.plan, self.mesh, self.steps_per_dispatch
     )
     return self._run(state, batches, running_metrics, self._counts[len(local_batches)])
 
-  def memory_analysis(self):
+  def memory_analysis(self) -> Any:
     return self._analysed.memory_analysis()
 
   def as_text(self) -> str:
@@ -595,7 +606,7 @@ def batch_shapes(
 
 
 def compile_train_steps(
-  mesh,
+  mesh: jax.sharding.Mesh,
   state: TrainState,
   plans: list[sharding.MicroBatchPlan],
   example: dict[str, np.ndarray],
@@ -680,7 +691,7 @@ def _compile_host_loop(mesh, state_shapes, metric_shapes, batch, plan, options):
   return TrainStep(_HostLoop(micro, finish, plan, mesh, acc), plan, mesh, 1, micro)
 
 
-def empty_metrics(mesh) -> Metrics:
+def empty_metrics(mesh: jax.sharding.Mesh) -> Metrics:
   """Zero running metrics on the mesh, to start a log period (built there, not moved
   there: sharding.replicate says why)."""
   return _empty_metrics_on(mesh)()
@@ -705,7 +716,7 @@ def eval_step(state: TrainState, batch: dict[str, jax.Array]) -> Metrics:
   )
 
 
-def jit_eval_step(mesh):
+def jit_eval_step(mesh: jax.sharding.Mesh) -> Callable[..., Metrics]:
   return jax.jit(
     eval_step,
     in_shardings=(sharding.replicated(mesh), sharding.eval_batch_sharding(mesh)),

@@ -25,32 +25,6 @@ from ibs import step as step_lib
 from ibs.durability import checkpoint, divergence, lock, preemption
 
 
-def hyperparameter_scalars(
-  state: step_lib.TrainState, config: Any, segment: segments.Segment, n: int
-) -> dict[str, float]:
-  """ε and m of the last update (from the optimizer state), B, the paper's g of SGD, the
-  measured noise scale, and the count of updates that were not finite.
-
-  `g_sgd` = εN/(B(1 − m)) (docs/PAPER.md): SGD's noise scale. Under Adam m is β1 and the
-  formula is not Adam's noise, whose update is normalised (ibs/noise_scale.py).
-  """
-  hyperparams = state.opt_state.hyperparams
-  lr = float(hyperparams['learning_rate'])
-  momentum = float(hyperparams.get('momentum', 0.0))
-  batch_size = segment.phase.batch_size
-  scalars = {
-    'learning_rate': lr,
-    'momentum': momentum,
-    'batch_size': batch_size,
-    'phase': segment.index,
-    'g_sgd': noise_scale.noise_scale(lr, n, batch_size, momentum),
-    'nonfinite_updates': int(state.nonfinite_updates),
-  }
-  if config.gns.enabled:
-    scalars.update(gns.estimates(state.gns))
-  return scalars
-
-
 def check_finite(state: Any, segs: segments.Segments, manager: Any) -> None:
   """Raises divergence.Diverged if the step halted on a non-finite update ('stop').
 
@@ -85,57 +59,17 @@ def measure(state: step_lib.TrainState, metrics: step_lib.Metrics) -> segments.M
   return segments.Measured(gns.b_simple(state.gns), loss)
 
 
-def format_switches(switches: list[dict[str, Any]] | None) -> list[str]:
-  """The schedule's switches, one line each (none for a fixed schedule)."""
-  if not switches:
-    return []
-  lines = ['', f'{len(switches)} switch(es) decided by the measured noise scale']
-  lines += [
-    f'  step {s["step"]:,} at epoch {s["epoch"]:.2f} ({s["examples"]:,} examples): batch '
-    f'{s["batch_size"]}, lr {s["learning_rate"]:g}'
-    for s in switches
-  ]
-  return lines
-
-
-def format_summary(summary: dict[str, Any], segs: segments.Segments) -> str:
-  lines = [
-    '',
-    '=' * 78,
-    f'final test accuracy {summary["test_accuracy"]:.4f}  (test loss '
-    f'{summary["test_loss"]:.4f})',
-    f'parameter updates {summary["parameter_updates"]:,}   examples seen '
-    f'{summary["examples_seen"]:,} ({summary["epoch"]:.2f} epochs)',
-    f'wall-clock {summary["wall_clock_s"]:.1f} s (compilation {summary["compile_s"]:.1f} s)',
-    '',
-    noise_scale.format_table(segs.schedule, title='phases'),
-    *format_switches(summary.get('switches')),
-    '',
-    reporting.format_throughput(summary.get('throughput', [])),
-    '=' * 78,
-  ]
-  return '\n'.join(lines)
-
-
 def stop_step(config: Any, segs: segments.Segments) -> int:
   """The step this session trains to: the end, or config.stop_after_steps before it."""
   return min(segs.num_steps, config.stop_after_steps or segs.num_steps)
 
 
 def log_phase(segment: segments.Segment, plan: Any, step: int, end: int) -> None:
-  phase = segment.phase
+  p = segment.phase
   logging.info(
-    'Phase %d: batch %d = %d devices × %d accumulation × %d micro-batch, lr %g, '
-    'momentum %g, steps %d–%d.',
-    segment.index,
-    phase.batch_size,
-    plan.num_devices,
-    plan.accumulation,
-    plan.micro_batch_size,
-    phase.learning_rate,
-    phase.momentum,
-    step,
-    end,
+    f'Phase {segment.index}: batch {p.batch_size} = {plan.num_devices} devices × '
+    f'{plan.accumulation} accumulation × {plan.micro_batch_size} micro-batch, lr '
+    f'{p.learning_rate:g}, momentum {p.momentum:g}, steps {step}–{end}.'
   )
 
 
@@ -187,13 +121,30 @@ class Reporter:
       step, {**decision.scalars(), **self.position(step, examples)}
     )
 
-  def __call__(self, due, state, metrics, segs, step, examples, decisions):
+  def __call__(
+    self,
+    due: set[str],
+    state: step_lib.TrainState,
+    metrics: step_lib.Metrics,
+    segs: segments.Segments,
+    step: int,
+    examples: int,
+    decisions: Any,
+  ) -> step_lib.Metrics:
     """Runs the `due` events after step `step`; returns the running train metrics."""
     position = self.position(step, examples)
     segment = segs.at(step - 1)  # of the last update
     if 'log' in due:
       scalars = {f'train_{k}': float(v) for k, v in metrics.compute().items()}
-      scalars.update(hyperparameter_scalars(state, self.config, segment, self.n))
+      scalars.update(
+        noise_scale.logged_scalars(
+          state.opt_state.hyperparams, segment.phase.batch_size, self.n
+        )
+      )
+      scalars['phase'] = segment.index
+      scalars['nonfinite_updates'] = int(state.nonfinite_updates)
+      if self.config.gns.enabled:
+        scalars.update(gns.estimates(state.gns))
       scalars.update(self.progress.period_scalars())  # examples/s and step time
       self.writer.write_scalars(step, {**scalars, **position})
       metrics = step_lib.empty_metrics(self.run.mesh)
@@ -359,5 +310,6 @@ def train(
   summary = summarize(report, state, segs, decisions, step)
   if summary['finished'] and jax.process_index() == 0:
     summary = reporting.finish_summary(workdir, summary, step - start_step)
-    print(format_summary(summary, segs), flush=True)
+    table = noise_scale.format_table(segs.schedule, title='phases')
+    print(reporting.format_summary(summary, table), flush=True)
   return summary

@@ -20,7 +20,7 @@ LEARNING_CURVES = (
 SCHEDULES = (
   ('learning_rate', 'epoch'),
   ('batch_size', 'epoch'),
-  ('noise_scale', 'epoch'),
+  ('g_sgd', 'epoch'),
 )
 NAMES = {
   'train_loss': 'training cross-entropy',
@@ -30,15 +30,15 @@ NAMES = {
   'learning_rate': 'learning rate ε',
   'momentum': 'momentum m',
   'batch_size': 'batch size B',
-  'noise_scale': 'noise scale g',
+  'g_sgd': 'noise scale g (SGD formula)',
   'epoch': 'epochs',
   'examples_seen': 'examples seen',
   'parameter_updates': 'parameter updates',
 }
 # Quantities spanning decades (cross-entropy, and ε, B, g falling ×5 per phase).
-LOG_SCALE = ('train_loss', 'test_loss', 'learning_rate', 'batch_size', 'noise_scale')
+LOG_SCALE = ('train_loss', 'test_loss', 'learning_rate', 'batch_size', 'g_sgd')
 # ε, B, m, g logged at a step are those of the period just ended: draw them as steps.
-PIECEWISE_CONSTANT = ('learning_rate', 'momentum', 'batch_size', 'noise_scale', 'phase')
+PIECEWISE_CONSTANT = ('learning_rate', 'momentum', 'batch_size', 'g_sgd', 'phase')
 
 Scalars = dict[str, tuple[np.ndarray, np.ndarray]]
 
@@ -70,6 +70,8 @@ def read_scalars(workdir: str) -> Scalars:
   for tag in tags.get(event_accumulator.SCALARS, []):
     for event in accumulator.Scalars(tag):
       by_tag.setdefault(tag, {})[event.step] = float(event.value)
+  if 'noise_scale' in by_tag:  # the name of g_sgd in runs before it was renamed
+    by_tag.setdefault('g_sgd', by_tag.pop('noise_scale'))
   return {
     tag: (
       np.array(sorted(values), np.int64),
