@@ -710,8 +710,8 @@ def batch_size_schedule(schedule: Schedule) -> Callable[[Any], Any]:
 
 
 def host_batch_size_schedule(schedule: Schedule) -> Callable[[int], int]:
-  """step → B as a Python int, for data loaders: a bisect, no JAX (~1 µs a call on a
-  CPU core against ~0.5 ms for the jnp function called from the host).
+  """step → B as a Python int, for data loaders: a bisect, no JAX (a jnp function called
+  from the host dispatches to the device on every call).
 
   Same values as `batch_size_schedule`; steps past the end stay in the last phase.
   """

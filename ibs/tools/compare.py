@@ -114,7 +114,9 @@ def differences_table(runs: list[dict[str, Any]]) -> str:
   with_config = [r for r in runs if r['config']]
   if len(with_config) < len(runs):
     missing = [n for n, r in zip(names, runs, strict=True) if not r['config']]
-    note = f'(no config.json in {", ".join(missing)}: written by ibs since issue 14)'
+    note = (
+      f'(no config.json in {", ".join(missing)}: a workdir from before ibs wrote one)'
+    )
     if len(with_config) < 2:
       return note
   else:
