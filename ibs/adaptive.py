@@ -157,9 +157,9 @@ class AdaptiveSchedule:
     n = num_train_examples
     rules = Rules(
       threshold=float(a.threshold),
-      window_examples=round(a.window_epochs * n),
-      min_examples=round(a.min_epochs * n),
-      check_every_examples=max(1, round(a.check_every_epochs * n)),
+      window_examples=clock.examples_at_epoch(a.window_epochs, n),
+      min_examples=clock.examples_at_epoch(a.min_epochs, n),
+      check_every_examples=max(1, clock.examples_at_epoch(a.check_every_epochs, n)),
     )
     return cls(ladder, rules, float(config.schedule.num_epochs), n)
 

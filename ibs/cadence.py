@@ -12,6 +12,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from ibs import clock
+
 EVENTS = ('log', 'eval', 'checkpoint')
 
 
@@ -26,7 +28,9 @@ class Cadence:
     """`config.{log,eval,checkpoint}_every_epochs`, in examples (at least 1)."""
     return cls(
       {
-        event: max(1, round(config[f'{event}_every_epochs'] * num_train_examples))
+        event: max(
+          1, clock.examples_at_epoch(config[f'{event}_every_epochs'], num_train_examples)
+        )
         for event in EVENTS
       }
     )

@@ -13,8 +13,9 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from ibs import adaptive, models, optim, schedules, sharding, step
+from ibs import adaptive, models, optim, schedules, sharding
 from ibs.data import catalog
+from ibs.durability import divergence
 
 
 class ConfigError(ValueError):
@@ -157,7 +158,7 @@ def _check_step_options(config: Any) -> None:
       f'config.gns.split_every={every!r} must be an integer >= 1 (on one device with one '
       'micro-batch, measure the noise scale on every this-many-th update).'
     )
-  if config.nonfinite not in step.NONFINITE_POLICIES:
+  if config.nonfinite not in divergence.POLICIES:
     raise ConfigError(
       f"config.nonfinite={config.nonfinite!r} must be 'stop' (end the run at a NaN or inf "
       "loss or gradient) or 'skip' (leave the parameters as they were, count it)."

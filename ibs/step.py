@@ -58,9 +58,10 @@ from jax.sharding import PartitionSpec as P
 
 from ibs import gns as gns_lib
 from ibs import sharding
+from ibs.durability import divergence
 from ibs.models import ghost_batch_norm
 
-NONFINITE_POLICIES = ('stop', 'skip')
+NONFINITE_POLICIES = divergence.POLICIES
 
 
 class TrainState(train_state.TrainState):

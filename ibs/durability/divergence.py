@@ -16,6 +16,9 @@ from typing import Any
 import jax
 import numpy as np
 
+# config.nonfinite: what the step does at a non-finite update (ibs/step.py).
+POLICIES = ('stop', 'skip')
+
 
 class Diverged(RuntimeError):
   """Training met a non-finite loss or gradient (config.nonfinite = 'stop'); one line."""

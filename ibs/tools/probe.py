@@ -76,7 +76,7 @@ from typing import Any
 
 from absl import app, flags
 
-from ibs import reporting  # absl and etils only: the command's errors stay fast
+from ibs import clock, reporting  # pure Python, absl and etils: errors stay fast
 
 RULES = ('linear', 'sqrt')
 
@@ -394,7 +394,7 @@ def _choose_checkpoints(points, positions, n, log) -> dict[int, list[float]]:
   examples = {s: p.examples_seen for s, p in positions.items()}
   chosen: dict[int, list[float]] = {}
   for point in points:
-    step = nearest_checkpoint(round(point * n), examples)
+    step = nearest_checkpoint(clock.examples_at_epoch(point, n), examples)
     chosen.setdefault(step, []).append(point)
   for step, pts in sorted(chosen.items()):
     epoch = examples[step] / n
