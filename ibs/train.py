@@ -64,12 +64,21 @@ def stop_step(config: Any, segs: segments.Segments) -> int:
   return min(segs.num_steps, config.stop_after_steps or segs.num_steps)
 
 
-def log_phase(segment: segments.Segment, plan: Any, step: int, end: int) -> None:
+def log_phase(
+  segment: segments.Segment, plan: Any, step: int, end: int, decides: bool
+) -> None:
+  """The phase that begins: its batch split, ε, m and steps (for a schedule that decides,
+  its end is the budget's unless a decision comes first)."""
   p = segment.phase
+  steps = (
+    f'steps from {step} until a decision or, at most, {end}'
+    if decides
+    else f'steps {step}–{end}'
+  )
   logging.info(
     f'Phase {segment.index}: batch {p.batch_size} = {plan.num_devices} devices × '
     f'{plan.accumulation} accumulation × {plan.micro_batch_size} micro-batch, lr '
-    f'{p.learning_rate:g}, momentum {p.momentum:g}, steps {step}–{end}.'
+    f'{p.learning_rate:g}, momentum {p.momentum:g}, {steps}.'
   )
 
 
@@ -261,7 +270,8 @@ def train(
       end = min(segment.end_step, stop_step(config, segs))
       train_step = run.steps[phase.batch_size]
       state = segments.begin_phase(run.schedule, state, phase)  # ε, m if host-set
-      log_phase(segment, train_step.plan, step, end)
+      decides = bool(run.schedule.decide_every_examples)
+      log_phase(segment, train_step.plan, step, end, decides)
       batches = run.data.train_batches(
         config,
         examples,
