@@ -96,6 +96,9 @@ class CheckpointRecord:
   # current rung has been ready to climb (-1: not ready). Empty for fixed schedules.
   switches: tuple[tuple[int, int], ...] = ()
   ready_since: int = -1
+  # Any other schedule kind's decisions (ibs/segments.py, `RunSchedule.to_record`), as
+  # JSON: what it decided, replayed on resume, never re-derived.
+  decisions: dict[str, Any] = dataclasses.field(default_factory=dict)
 
   @classmethod
   def from_json(cls, fields: dict[str, Any]) -> CheckpointRecord:
