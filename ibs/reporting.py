@@ -16,8 +16,11 @@ few clearly separated places (ibs.train):
   finished summary by those of a rerun that trained nothing.
 * `quiet_logging`: other libraries' INFO lines (orbax, TFDS, JAX) and the warnings a
   user cannot act on stay out of a default run's log.
-* `one_line_errors`: the command lines' (ibs.main, ibs.tools.probe) mistakes a user can fix
-  end in one line and exit status 2.
+* `run_command`, `parse_flags`, `one_line_errors`: the one error path of every command
+  line (ibs.main, ibs.noise_scale, ibs.tools.probe, ibs.tools.compare, ibs.data.prepare):
+  a mistake a user can fix (a misspelled flag, config field or variant, a missing flag or
+  file, a config training refuses) ends in one line naming it and the fix, exit status 2,
+  the traceback only with --verbosity=1; `~` and `$VARS` in path flags are expanded.
 """
 
 from __future__ import annotations
@@ -385,18 +388,236 @@ def quiet_logging(verbosity: int = 0) -> None:
     handler.addFilter(_QuietFilter(own))
 
 
+# Command lines: one error path for every entry point (ibs.main, ibs.noise_scale,
+# ibs.tools.probe, ibs.tools.compare, ibs.data.prepare).
+
+# Flags (and config fields) that name files or directories: `~` and `$VARS` in them are
+# expanded, since bash leaves a `--flag=~/x` word alone (it would create a directory
+# named `~` in the working directory).
+PATH_FLAGS = (
+  'config',
+  'workdir',
+  'data_dir',
+  'manual_dir',
+  'out',
+  'plot',
+  'root',
+  'config.data_dir',
+  'config.compilation_cache_dir',
+)
+# The directory holding ibs/ and configs/ (a checkout, or an editable install of one).
+_CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_HINT = '(run with --verbosity=1 for the traceback)'
+
+
+def expand_path(path: str) -> str:
+  """`~` and `$VARS` expanded; gs:// and other URLs are left as they are."""
+  return path if '://' in path else os.path.expandvars(os.path.expanduser(path))
+
+
+def expand_path_arguments(argv: list[str], names=PATH_FLAGS) -> list[str]:
+  """argv with `~` and `$VARS` expanded in the values of the path flags `names`."""
+  out = list(argv)
+  for i, arg in enumerate(out):
+    name, sep, value = arg.lstrip('-').partition('=')
+    if not arg.startswith('-') or name not in names:
+      continue
+    if sep:
+      out[i] = arg[: len(arg) - len(value)] + expand_path(value)
+    elif i + 1 < len(out) and not out[i + 1].startswith('-'):
+      out[i + 1] = expand_path(out[i + 1])
+  return out
+
+
+def resolve_config_path(argv: list[str]) -> list[str]:
+  """argv with a relative --config path that is not under the working directory but is
+  under the checkout (`configs/cifar10_wrn.py`) made absolute: configs load from any
+  working directory."""
+  out = list(argv)
+  for i, arg in enumerate(out):
+    prefix = '--config=' if arg.startswith('--config=') else None
+    if arg == '--config' and i + 1 < len(out):
+      i, prefix, arg = i + 1, '', out[i + 1]
+    if prefix is None:
+      continue
+    path, sep, rest = arg[len(prefix) :].partition(':')
+    candidate = os.path.join(_CHECKOUT, path)
+    if (
+      path
+      and not os.path.isabs(path)
+      and not os.path.exists(path)
+      and os.path.exists(candidate)
+    ):
+      out[i] = f'{prefix}{candidate}{sep}{rest}'
+  return out
+
+
+def requested_verbosity(argv: list[str]) -> int:
+  """absl's --verbosity (or -v) as written in argv, for errors before flags are parsed."""
+  for i, arg in enumerate(argv):
+    name, sep, value = arg.lstrip('-').partition('=')
+    if arg.startswith('-') and name in ('verbosity', 'v'):
+      value = value if sep else (argv[i + 1] if i + 1 < len(argv) else '0')
+      try:
+        return int(value)
+      except ValueError:
+        return 0
+  return 0
+
+
+def _config_argument(argv: list[str]) -> str:
+  """The raw --config argument (the flag keeps it only once the file has loaded)."""
+  for i, arg in enumerate(argv):
+    for prefix in ('--config=', '-config='):
+      if arg.startswith(prefix):
+        return arg[len(prefix) :]
+    if arg in ('--config', '-config') and i + 1 < len(argv):
+      return argv[i + 1]
+  return ''
+
+
+def config_file_message(argv: list[str], cause: BaseException) -> str:
+  """Why --config did not load: no such file (with the nearest name), or its error."""
+  import difflib
+
+  path = _config_argument(argv).split(':', 1)[0]
+  if path and not os.path.exists(path):
+    folder = os.path.dirname(path) or '.'
+    names = os.listdir(folder) if os.path.isdir(folder) else []
+    close = difflib.get_close_matches(os.path.basename(path), names, n=1)
+    hint = (
+      f'Did you mean {os.path.join(os.path.dirname(path), close[0])}?'
+      if close
+      else f'The configs are in {os.path.join(_CHECKOUT, "configs")}.'
+    )
+    return f'--config={path}: no such file. {hint}'
+  while cause.__cause__ is not None:
+    cause = cause.__cause__
+  last = str(cause).strip().splitlines()[-1:] or ['']
+  return f'--config={path} could not be loaded: {type(cause).__name__}: {last[0]}'
+
+
+def _override_message(argv: list[str], text: str) -> str | None:
+  """A misspelled `--config.a.b=v` field: its name, ml_collections' nearest, the fix."""
+  import re
+
+  match = re.search(r'(\w+)', text)  # KeyError text: "'batchsize'\nDid you mean ..."
+  if not match:
+    return None
+  wrong = match.group(1)
+  suggestion = re.search(r'Did you mean "(\w+)" instead of', text)
+  for arg in argv:
+    name, sep, value = arg.lstrip('-').partition('=')
+    parts = name.split('.')
+    if not (arg.startswith('-') and parts[0] == 'config' and wrong in parts[1:]):
+      continue
+    parent = '.'.join(parts[: parts.index(wrong)])
+    message = f'--{name}: {parent} has no field {wrong!r}.'
+    if suggestion:
+      fixed = '.'.join(suggestion.group(1) if p == wrong else p for p in parts)
+      return f'{message} Did you mean --{fixed}{sep}{value}?'
+    return f'{message} The fields are in the file given to --config.'
+  return None
+
+
+def user_error_message(e: BaseException, argv: list[str]) -> str | None:
+  """The one line for a mistake made on the command line, or None if `e` is not one.
+
+  absl's flag errors (a missing required flag, an unknown flag, a value of the wrong
+  type), ml_collections' (a misspelled --config.field, a config file that is not there
+  or fails to load, a variant it refuses) and absl's UsageError.
+  """
+  import re
+
+  from absl import app, flags
+
+  text = str(e).strip()
+  if isinstance(e, KeyError | AttributeError):  # ml_collections: an unknown field
+    return _override_message(argv, text)
+  if isinstance(e, OSError) and (
+    'Configuration is not available' in text or 'Failed loading config file' in text
+  ):
+    return config_file_message(argv, e)
+  if isinstance(e, app.UsageError):
+    return text
+  if not isinstance(e, flags.Error):
+    return None
+  missing = re.findall(r'Flag --(\w+) must have a value other than None', text)
+  if missing:
+    if len(missing) == 1:
+      return f'missing --{missing[0]}: {flags.FLAGS[missing[0]].help}'
+    return (
+      f'missing {", ".join(f"--{m}" for m in missing)} (--helpshort says what each is)'
+    )
+  if 'Error whilst parsing config file' in text:
+    # A ValueError or TypeError of get_config (a variant it refuses): its own message.
+    last = text.splitlines()[-1].strip()
+    reason = re.sub(r'^\w+(Error|Exception): ', '', last)
+    return f'--config={_config_argument(argv)}: {reason}'
+  if isinstance(e, flags.UnrecognizedFlagError):
+    return f'{text.splitlines()[0]} (--helpshort lists the flags)'
+  return ' '.join(text.split())
+
+
+def _exit_with(message: str) -> None:
+  print(f'error: {message}', file=sys.stderr, flush=True)
+  print(_HINT, file=sys.stderr, flush=True)
+  sys.exit(EXIT_USER_ERROR)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing (app.run's `flags_parser`) with the one error path.
+
+  Paths are expanded first (`expand_path_arguments`); a mistake in the flags ends in
+  `error: <one line>` and exit status 2, the traceback only with --verbosity=1.
+  """
+  from absl import flags
+
+  typed = expand_path_arguments(argv)
+  try:
+    return flags.FLAGS(resolve_config_path(typed))
+  except Exception as e:
+    message = user_error_message(e, typed)
+    if message is None or requested_verbosity(argv) >= 1:
+      raise
+    _exit_with(message)
+    raise  # unreachable: for type checkers
+
+
 @contextlib.contextmanager
 def one_line_errors(
-  verbosity: int, is_user_error: Callable[[BaseException], bool]
+  verbosity: int, is_user_error: Callable[[BaseException], bool] = lambda e: False
 ) -> Iterator[None]:
-  """A mistake the user can fix (`is_user_error`) raised inside ends the command with
-  `error: <message>`, a hint, and exit status 2; the traceback only at --verbosity >= 1.
-  Anything else propagates with its traceback: it is ibs's bug or the machine's."""
+  """A mistake the user can fix (`is_user_error`, or a command-line mistake that
+  `user_error_message` knows) raised inside ends the command with `error: <message>`, a
+  hint, and exit status 2; the traceback only at --verbosity >= 1. Anything else
+  propagates with its traceback: it is ibs's bug or the machine's."""
   try:
     yield
   except Exception as e:
-    if verbosity >= 1 or not is_user_error(e):
+    if verbosity >= 1:
       raise
-    print(f'error: {str(e).strip()}', file=sys.stderr, flush=True)
-    print('(run with --verbosity=1 for the traceback)', file=sys.stderr, flush=True)
-    sys.exit(EXIT_USER_ERROR)
+    message = user_error_message(e, sys.argv)
+    if message is None:
+      if not is_user_error(e):
+        raise
+      message = str(e).strip()
+    _exit_with(message)
+
+
+def run_command(
+  main: Callable[[list[str]], Any],
+  is_user_error: Callable[[BaseException], bool] = lambda e: False,
+  argv: list[str] | None = None,
+) -> None:
+  """absl's app.run of `main` on the one error path: flags parsed by `parse_flags`,
+  `main` run inside `one_line_errors`, after `quiet_logging`."""
+  from absl import app, flags
+
+  def wrapped(args):
+    verbosity = flags.FLAGS.verbosity
+    quiet_logging(verbosity)
+    with one_line_errors(verbosity, is_user_error):
+      return main(args)
+
+  app.run(wrapped, argv=sys.argv if argv is None else argv, flags_parser=parse_flags)
