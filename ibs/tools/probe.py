@@ -69,7 +69,6 @@ import dataclasses
 import json
 import math
 import os
-import sys
 import time
 from collections.abc import Sequence
 from typing import Any
