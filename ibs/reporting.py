@@ -29,6 +29,7 @@ import collections
 import contextlib
 import json
 import logging as std_logging
+import math
 import os
 import sys
 import time
@@ -341,6 +342,144 @@ def finish_summary(
   if write:
     path.write_text(json.dumps(summary, indent=2))
   return summary
+
+
+# Metric lines: short and grouped in the log, every scalar in TensorBoard.
+
+# The longest metric log line (characters after the step): the full set is in
+# TensorBoard, the log is for reading.
+MAX_LINE = 150
+# (group, [(tag, short name, format)]) in the order a reader looks for them.
+_GROUPS = (
+  ('', [('epoch', 'epoch', '.2f')]),
+  ('train', [('train_loss', 'loss', '.4f'), ('train_accuracy', 'acc', '.4f')]),
+  ('test', [('test_loss', 'loss', '.4f'), ('test_accuracy', 'acc', '.4f')]),
+  (
+    '',
+    [
+      ('learning_rate', 'ε', '.4g'),
+      ('momentum', 'm', '.4g'),
+      ('batch_size', 'B', ',.0f'),
+      ('noise_scale', 'g', '.4g'),
+      ('phase', 'phase', '.0f'),
+    ],
+  ),
+  ('', [('examples_per_sec', 'examples/s', ',.0f'), ('step_time_ms', 'ms/step', '.3g')]),
+)
+# Shown only where they say something, or written out by `_gns_group`.
+_QUIET = {
+  'examples_seen',
+  'parameter_updates',
+  'nonfinite_updates',
+  'gns/b_simple',
+  'gns/grad_sq_norm',
+  'gns/trace_cov',
+}
+
+
+class Unresolved:
+  """How many logged noise-scale measurements left |G|² unresolved (estimate ≤ 0)."""
+
+  def __init__(self):
+    self.unresolved, self.measured = 0, 0
+
+
+def _gns_group(scalars: Mapping[str, float], counter: Unresolved) -> str:
+  """B_simple with its two terms; where |G|² is not resolved, that and the count."""
+  if 'gns/b_simple' not in scalars:
+    return ''
+  g2, trace = scalars.get('gns/grad_sq_norm'), scalars.get('gns/trace_cov')
+  if g2 is None or not math.isfinite(g2):
+    return 'B_simple – (not measured yet)'
+  counter.measured += 1
+  if not g2 > 0:
+    counter.unresolved += 1
+    return (
+      f'B_simple unresolved (|G|² estimate {g2:.3g} ≤ 0: noise dominates; '
+      f'{counter.unresolved} of {counter.measured} logs)'
+    )
+  return f'B_simple {scalars["gns/b_simple"]:,.0f} (|G|² {g2:.3g}, tr(Σ) {trace:.3g})'
+
+
+def metric_lines(
+  step: int, scalars: Mapping[str, Any], counter: Unresolved | None = None
+) -> list[str]:
+  """The log lines of one write: `[step] group | group`, each ≤ MAX_LINE characters."""
+  counter = counter or Unresolved()
+  groups, used = [], set(_QUIET)
+  for title, fields in _GROUPS:
+    items = []
+    for tag, short, spec in fields:
+      if tag in scalars:
+        used.add(tag)
+        value = format(float(scalars[tag]), spec)
+        items.append(f'{value} {short}' if '/' in short else f'{short} {value}')
+    if items:
+      groups.append(' '.join(([title] if title else []) + items))
+  gns_text = _gns_group(scalars, counter)
+  if gns_text:
+    groups.append(gns_text)
+  if scalars.get('nonfinite_updates'):
+    groups.append(f'non-finite updates {int(scalars["nonfinite_updates"])}')
+  for key in sorted(set(scalars) - used):
+    value = scalars[key]
+    groups.append(f'{key} {value:.4g}' if isinstance(value, float) else f'{key} {value}')
+  prefix = f'[{step:,}] '
+  lines, line = [], ''
+  for group in groups:
+    joined = f'{line} | {group}' if line else group
+    if line and len(prefix) + len(joined) > MAX_LINE:
+      lines.append(prefix + line)
+      joined = group
+    line = joined
+  if line:
+    lines.append(prefix + line)
+  return lines
+
+
+# The hyperparameters a reader identifies a run by; all of them go to TensorBoard.
+_KEY_HPARAMS = (
+  'dataset',
+  'model',
+  'optimizer',
+  'schedule.kind',
+  'schedule.learning_rate',
+  'schedule.batch_size',
+  'schedule.momentum',
+  'schedule.num_epochs',
+)
+
+
+def hparams_line(hparams: Mapping[str, Any]) -> str:
+  """One short line: the identifying fields; the rest are in config.json and HParams."""
+  shown = ', '.join(f'{k}={hparams[k]}' for k in _KEY_HPARAMS if k in hparams)
+  return f'hyperparameters: {shown} (all {len(hparams)} in config.json, HParams)'
+
+
+def create_writer(workdir: str, just_logging: bool = False):
+  """clu's asynchronous MultiWriter of the short log lines and (on the process that
+  writes) TensorBoard's SummaryWriter, which gets every scalar."""
+  from clu import metric_writers  # imports TensorFlow and JAX: only when training
+  from clu.metric_writers import logging_writer
+
+  class MetricLinesWriter(logging_writer.LoggingWriter):
+    """clu's LoggingWriter with `metric_lines` and `hparams_line` as its format."""
+
+    def __init__(self):
+      super().__init__()
+      self.counter = Unresolved()
+
+    def write_scalars(self, step, scalars):
+      for line in metric_lines(step, scalars, self.counter):
+        logging.info('%s', line)
+
+    def write_hparams(self, hparams):
+      logging.info('%s', hparams_line(hparams))
+
+  writers = [MetricLinesWriter()]
+  if not just_logging:
+    writers.append(metric_writers.SummaryWriter(os.fspath(workdir)))
+  return metric_writers.AsyncMultiWriter(writers)
 
 
 # Logging.
