@@ -437,22 +437,22 @@ def metric_lines(
   return lines
 
 
-# The hyperparameters a reader identifies a run by; all of them go to TensorBoard.
+# The hyperparameters a reader identifies a run by (short names); all go to TensorBoard.
 _KEY_HPARAMS = (
-  'dataset',
-  'model',
-  'optimizer',
-  'schedule.kind',
-  'schedule.learning_rate',
-  'schedule.batch_size',
-  'schedule.momentum',
-  'schedule.num_epochs',
+  ('dataset', ''),
+  ('model', ''),
+  ('optimizer', ''),
+  ('schedule.kind', ''),
+  ('schedule.learning_rate', 'ε '),
+  ('schedule.batch_size', 'B '),
+  ('schedule.momentum', 'm '),
+  ('schedule.num_epochs', 'epochs '),
 )
 
 
 def hparams_line(hparams: Mapping[str, Any]) -> str:
   """One short line: the identifying fields; the rest are in config.json and HParams."""
-  shown = ', '.join(f'{k}={hparams[k]}' for k in _KEY_HPARAMS if k in hparams)
+  shown = ', '.join(f'{name}{hparams[k]}' for k, name in _KEY_HPARAMS if k in hparams)
   return f'hyperparameters: {shown} (all {len(hparams)} in config.json, HParams)'
 
 
