@@ -81,7 +81,7 @@ if name == 'ibs.main':
   config_checks.check_config(module.load_config(), 1)
 if hasattr(module, 'DATASETS'):
   assert argv[1:] and argv[1] in module.DATASETS, argv
-print('ok')
+print('parsed')
 """
 
 
@@ -160,8 +160,18 @@ def test_every_bash_command_runs_or_parses(tmp_path):
     started.append((command, subprocess.Popen(run, **pipes, cwd=tmp_path, env=env)))
     checked.add(module)
   for command, process in started:
-    _, stderr = process.communicate(timeout=300)
+    stdout, stderr = process.communicate(timeout=300)
     assert process.returncode == 0, (command, stderr[-2000:])
+    # What each command prints when it has done its work.
+    done = {'ibs.tools.compare': 'wrote ', 'ibs.noise_scale': 'wrote '}
+    done = {
+      **dict.fromkeys(('ibs.main', 'ibs.tools.probe', 'ibs.data.prepare'), 'parsed'),
+      **done,
+    }
+    assert done.get(command[2], '') in stdout, (command, stdout[-2000:])
+  for command, _ in started:
+    plots = [a.split('=', 1)[1] for a in command if a.startswith('--plot=')]
+    assert all(os.path.getsize(p) > 5_000 for p in plots), command
   assert checked >= {
     'pip',
     'jupyter',

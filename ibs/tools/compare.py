@@ -209,3 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     names = None if args.labels is None else [n.strip() for n in args.labels.split(',')]
     print(compare(args.workdirs, args.plot, names))
   return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())

@@ -159,6 +159,14 @@ def plain_log_formatter(**kwargs):
 LOG_X = ('parameter_updates', 'examples_seen')
 
 
+def short_count(value: float, _=None) -> str:
+  """300, 3k, 30k, 3M: a count as a tick label."""
+  for unit, size in (('M', 1e6), ('k', 1e3)):
+    if value >= size:
+      return f'{value / size:g}{unit}'
+  return f'{value:g}'
+
+
 def plot_runs(
   runs: dict[str, list[Scalars]],
   panels=LEARNING_CURVES,
@@ -214,7 +222,9 @@ def plot_runs(
       continue
     if axis in LOG_X:
       ax.set_xscale('log')
-      ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f'{v:,.0f}'))
+      # 1k 3k 10k 30k: two labelled ticks a decade, short enough for a paper column.
+      ax.xaxis.set_major_locator(ticker.LogLocator(base=10, subs=(1.0, 3.0)))
+      ax.xaxis.set_major_formatter(ticker.FuncFormatter(short_count))
       ax.xaxis.set_minor_formatter(ticker.NullFormatter())
     if tag in LOG_SCALE:
       ax.set_yscale('log')
