@@ -331,7 +331,9 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   values = flags.FLAGS
-  print(report(values.config, baseline=values.baseline, plot=values.plot))
+  config = values.config
+  config.keys()  # a config file that failed to load says so here, before JAX's imports
+  print(report(config, baseline=values.baseline, plot=values.plot))
 
 
 def _is_user_error(e: BaseException) -> bool:

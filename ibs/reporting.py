@@ -37,7 +37,6 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from absl import logging
-from etils import epath
 
 # The exit status of a command that a user's mistake ended (after its one-line error).
 EXIT_USER_ERROR = 2
@@ -105,6 +104,8 @@ def flatten_hparams(config: Any) -> dict[str, bool | int | float | str]:
 
 def write_config_json(config: Any, workdir: str) -> str:
   """Writes the resolved config to `workdir`/config.json (local or gs://)."""
+  from etils import epath  # imported where used: command-line errors stay fast
+
   path = epath.Path(workdir) / 'config.json'
   path.parent.mkdir(parents=True, exist_ok=True)
   path.write_text(json.dumps(config_dict(config), indent=2, sort_keys=True) + '\n')
@@ -112,6 +113,8 @@ def write_config_json(config: Any, workdir: str) -> str:
 
 
 def read_config_json(workdir: str) -> dict[str, Any] | None:
+  from etils import epath  # imported where used: command-line errors stay fast
+
   path = epath.Path(workdir) / 'config.json'
   return json.loads(path.read_text()) if path.exists() else None
 
@@ -331,6 +334,8 @@ def finish_summary(
   the summary already there: its `wall_clock_s` is the time that produced the result,
   not the seconds the rerun took to evaluate it.
   """
+  from etils import epath
+
   path = epath.Path(workdir) / 'summary.json'
   if trained_steps == 0 and path.exists():
     try:

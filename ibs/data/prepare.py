@@ -86,6 +86,15 @@ def _check_manual_dir(name: str, manual_dir: str | None) -> None:
     )
 
 
+def _check_download(name: str, manual_dir: str | None) -> None:
+  """A download that cannot happen fails now, naming --manual_dir and the archive."""
+  if name == 'cifar10' and not manual_dir and not reachable(CIFAR10_HOST):
+    raise PrepareError(
+      f'{CIFAR10_HOST} cannot be reached (offline?). Download {CIFAR10_URL} where '
+      f'there is a network, and rerun with --manual_dir=DIR holding {CIFAR10_ARCHIVE}.'
+    )
+
+
 def prepare(name: str, data_dir: str | None = None, manual_dir: str | None = None) -> str:
   """Builds `name` as array_record files in `data_dir`; returns the dataset directory.
 
@@ -100,17 +109,16 @@ def prepare(name: str, data_dir: str | None = None, manual_dir: str | None = Non
   manual_dir = reporting.expand_path(manual_dir) if manual_dir else manual_dir
   _check_manual_dir(name, manual_dir)
   data_dir = reporting.expand_path(prepared.data_dir_or_default(data_dir))
+  if not os.path.isdir(os.path.join(data_dir, name)):
+    # Nothing there to find prepared: ask before importing TFDS (and TensorFlow).
+    _check_download(name, manual_dir)
   import tensorflow_datasets as tfds
 
   builder = tfds.builder(name, data_dir=data_dir)
   if builder.is_prepared():
     logging.info('%s is already prepared in %s.', name, builder.data_dir)
   else:
-    if name == 'cifar10' and not manual_dir and not reachable(CIFAR10_HOST):
-      raise PrepareError(
-        f'{CIFAR10_HOST} cannot be reached (offline?). Download {CIFAR10_URL} where '
-        f'there is a network, and rerun with --manual_dir=DIR holding {CIFAR10_ARCHIVE}.'
-      )
+    _check_download(name, manual_dir)
     from tensorflow_datasets.core.download import download_manager
 
     try:
