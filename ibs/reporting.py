@@ -391,7 +391,9 @@ def one_line_errors(
 ) -> Iterator[None]:
   """A mistake the user can fix (`is_user_error`) raised inside ends the command with
   `error: <message>`, a hint, and exit status 2; the traceback only at --verbosity >= 1.
-  Anything else propagates with its traceback: it is ibs's bug or the machine's."""
+  Anything else propagates with its traceback: it is ibs's bug or the machine's. An
+  error marked `exit_at_once` (ibs.durability.checkpoint.SaveError) exits without the
+  interpreter's teardown, so that its line stays the last."""
   try:
     yield
   except Exception as e:
@@ -399,4 +401,8 @@ def one_line_errors(
       raise
     print(f'error: {str(e).strip()}', file=sys.stderr, flush=True)
     print('(run with --verbosity=1 for the traceback)', file=sys.stderr, flush=True)
+    if getattr(e, 'exit_at_once', False):  # a full disk: the teardown's writes would fail
+      logging.flush()
+      sys.stdout.flush()
+      os._exit(EXIT_USER_ERROR)
     sys.exit(EXIT_USER_ERROR)

@@ -251,16 +251,20 @@ def test_divergence_stops_before_checkpointing_nan_and_keeps_the_good_ones(
   assert all(np.isfinite(a).all() for a in arrays.values() if a.dtype.kind == 'f')
 
 
+def _skip_config(tiny_config):
+  config = tiny_config.copy_and_resolve_references()
+  config.nonfinite = 'skip'  # Another program than 'stop', compiled for these tests:
+  # two phases, B = 32 then 64, one micro-batch each, and one convolution.
+  config.schedule.num_epochs, config.schedule.milestones = 2.0, (1.0,)
+  config.model_kwargs.depth = 1
+  return config
+
+
 def test_skip_mode_keeps_the_params_and_counts_the_skips(
   tiny_config, tmp_path, monkeypatch
 ):
-  config = tiny_config.copy_and_resolve_references()
-  config.nonfinite = 'skip'  # Another program than 'stop', compiled for this test alone:
-  # two phases, B = 32 then 64, one micro-batch each (the poison is in phase 0), and one
-  # convolution.
-  config.schedule.num_epochs, config.schedule.milestones = 2.0, (1.0,)
-  config.model_kwargs.depth = 1
-  _poisoned_batches(monkeypatch, 10, 12)
+  config = _skip_config(tiny_config)
+  _poisoned_batches(monkeypatch, 10, 12)  # in phase 0
   summary = train.train_and_evaluate(config, str(tmp_path))
   assert summary['finished'] and summary['skipped_updates'] == 3
   _, arrays = _state_arrays(str(tmp_path))
@@ -271,6 +275,37 @@ def test_skip_mode_keeps_the_params_and_counts_the_skips(
   )['position']
   manager.close()
   assert record['skipped_updates'] == 3
+
+
+def test_skip_mode_at_a_huge_learning_rate_saves_nothing_non_finite_and_stops(
+  tiny_config, tmp_path
+):
+  """ε = 10⁴. Before, the update was judged by its loss and gradient only: the
+  parameters overflowed and the first save was refused. Now an update that would leave
+  the state non-finite is skipped too: with every skip allowed the run ends, every
+  checkpoint finite; with the default fraction it stops at the first event."""
+  config = _skip_config(tiny_config)
+  config.schedule.learning_rate = 1e4
+  config.checkpoint_every_epochs = 0.25
+  config.nonfinite_max_skipped = 1.0
+  summary = train.train_and_evaluate(config, str(tmp_path / 'all'))
+  assert summary['finished'] and summary['skipped_updates'] > 0
+  steps = [int(n) for n in os.listdir(tmp_path / 'all' / 'checkpoints') if n.isdigit()]
+  assert len(steps) == 3, steps
+  for step in steps:
+    leaves = jax.tree.leaves(latest_state(str(tmp_path / 'all'), step)[1])
+    assert all(np.isfinite(a).all() for a in leaves if a.dtype.kind == 'f'), step
+  print(f'skipped {summary["skipped_updates"]} of {summary["parameter_updates"]}')
+
+  config.nonfinite_max_skipped = 0.5
+  with pytest.raises(divergence.Diverged) as info:
+    train.train_and_evaluate(config, str(tmp_path / 'half'))
+  message = str(info.value)
+  print(message)  # pytest -s
+  assert '\n' not in message and 'skipped as not finite' in message, message
+  assert 'config.nonfinite_max_skipped=0.5' in message and 'ε=10000' in message
+  match = re.search(r'(\d+) of the (\d+) updates', message)
+  assert int(match.group(1)) > 0.5 * int(match.group(2)), message
 
 
 # -------------------------------------------------------------- elastic, multi-process
