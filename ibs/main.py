@@ -219,7 +219,9 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   verbosity = flags.FLAGS.verbosity
   from ibs import reporting  # absl and etils only
+  from ibs.durability import preemption  # absl only
 
+  preemption.exit_on_signals_until_training()  # start-up: nothing to save
   reporting.quiet_logging(verbosity)
   with reporting.one_line_errors(verbosity, _is_user_error):
     config = load_config()  # before TF/JAX: a misspelled path fails in a second

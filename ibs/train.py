@@ -656,6 +656,7 @@ def _train_and_evaluate(config, spec, schedule, workdir, preempt) -> dict[str, A
     skips = divergence.SkipWindow(
       config.nonfinite_max_skipped, step, int(state.nonfinite_updates)
     )
+  preempt.training = True  # A signal from now on saves the step reached.
   with checkpoint.metric_writes_confirmed(report.writer, manager):  # a full disk
     while step < stop_step(config, schedule) and not preempted:
       where = clock.position(schedule, step)
