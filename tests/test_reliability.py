@@ -228,7 +228,7 @@ def test_sigterm_during_compilation_exits_75_at_once(tiny_config, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_full_disk_ends_in_one_line(tiny_config, tmp_path):
+def test_a_full_disk_ends_in_one_line(tiny_run, tmp_path):
   """A real write failure, without root: RLIMIT_FSIZE (10 kB, above the tiny run's
   small files, below its checkpoint data and metadata files) makes the first save's
   writes fail (EFBIG, as ENOSPC would). The run stops at the failed save: its one line
@@ -236,7 +236,7 @@ def test_a_full_disk_ends_in_one_line(tiny_config, tmp_path):
   it (before: 750 steps trained on without a checkpoint, then 90 tracebacks)."""
   import resource  # noqa: PLC0415
 
-  config = tiny_config.copy_and_resolve_references()
+  config = tiny_run[0].copy_and_resolve_references()  # its data generated: only read
   config.checkpoint_every_epochs = 1.0
   script = _train_script(config, tmp_path)
   limit = 10_000

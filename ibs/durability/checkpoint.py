@@ -411,6 +411,11 @@ def restore_latest(
     items = {'state': ocp.args.StandardRestore(abstract_state)}
     if record.with_metrics:
       items['train_metrics'] = ocp.args.StandardRestore(abstract_metrics)
+    missing = _missing_manifest(manager, step, items)
+    if missing:  # orbax's failed read would leave tensorstore reads behind, each
+      # printing an 'Event loop is closed' traceback as it completes
+      damaged.append((step, f'state unreadable: {missing} is missing'))
+      continue
     try:
       restored = manager.restore(step, args=ocp.args.Composite(**items))
     except Exception as e:
@@ -447,6 +452,18 @@ def restore_latest(
       + f'. They were moved to {_damaged_root(manager)}; a rerun starts from scratch.'
     )
   return result
+
+
+def _missing_manifest(manager: ocp.CheckpointManager, step: int, items) -> str:
+  """The first OCDBT manifest of an item written in that format that is not there."""
+  for name in items:
+    item = os.path.join(str(manager.directory), str(step), name)
+    written = os.path.isdir(item) and any(
+      entry.startswith('ocdbt.process_') for entry in os.listdir(item)
+    )
+    if written and not os.path.exists(os.path.join(item, 'manifest.ocdbt')):
+      return f'{name}/manifest.ocdbt'
+  return ''
 
 
 def _damaged_root(manager: ocp.CheckpointManager) -> str:
