@@ -252,9 +252,9 @@ def soak(args):
     if kind == 'sigterm':
       if rc == EXIT_PREEMPTED:
         exit_times.append(exit_s)
-        note = f'saved step {saved.group(1) if saved else "?"}, exit {exit_s:.2f} s'
+        note += f'saved step {saved.group(1) if saved else "?"}, exit {exit_s:.2f} s'
       else:
-        note = f'rc {rc} (the signal came after training)'
+        note += f'rc {rc} (the signal came after training)'
     reruns = 0
     while True:
       reruns += 1
