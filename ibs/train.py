@@ -18,7 +18,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
-from clu import metric_writers
 
 from ibs import (
   adaptive,
@@ -489,7 +488,7 @@ class Reporter:
     self.saved_step: int | None = None  # the step of the last checkpoint saved
     self.preempted = False
     primary = jax.process_index() == 0
-    self.writer = metric_writers.create_default_writer(workdir, just_logging=not primary)
+    self.writer = reporting.create_writer(workdir, just_logging=not primary)
     start_step = int(start.state.step)
     if primary:  # The workdir says what produced it.
       reporting.write_config_json(config, workdir)
