@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
+from clu import metric_writers  # noqa: F401 - tests/test_train.py patches it
 
 from ibs import (
   adaptive,
