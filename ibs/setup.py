@@ -356,8 +356,13 @@ def build(
   compile_start = time.perf_counter()
   if mode is Mode.TRAIN:
     manager = checkpoint.create_manager(workdir)
+
+    def validate(record: Any, restored_state: Any) -> None:  # a record that fails: damage
+      realized = run_sched.realized(decisions_of(run_sched, record))
+      check_restored(record, restored_state, realized, config)
+
     restored = checkpoint.restore_latest(
-      manager, state, checkpoint.config_fingerprint(config), metrics
+      manager, state, checkpoint.config_fingerprint(config), metrics, validate
     )
     if restored:
       state, record, saved_metrics = restored
@@ -365,7 +370,6 @@ def build(
       if saved_metrics is not None:
         metrics = sharding.replicate(saved_metrics, mesh)
       decisions = decisions_of(run_sched, record)
-      check_restored(record, state, run_sched.realized(decisions), config)
       previous_train_s = record.train_time_s
       logging.info(
         'Resumed at step %d (%d examples seen).', record.step, record.examples_seen

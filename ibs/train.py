@@ -18,31 +18,40 @@ from typing import Any
 import jax
 import numpy as np
 from absl import logging
-from clu import metric_writers
+from clu import metric_writers  # noqa: F401 - tests/test_train.py patches it
 
 from ibs import cadence, gns, noise_scale, reporting, segments, setup
 from ibs import step as step_lib
 from ibs.durability import checkpoint, divergence, lock, preemption
 
 
-def check_finite(state: Any, segs: segments.Segments, manager: Any) -> None:
-  """Raises divergence.Diverged if the step halted on a non-finite update ('stop').
+def check_finite(
+  state: Any, segs: segments.Segments, manager: Any, skips: Any = None
+) -> None:
+  """Raises divergence.Diverged if the step halted on a non-finite update ('stop'), or
+  if `skips` (a divergence.SkipWindow, 'skip') finds too many skipped since the last
+  event.
 
   The step itself never applies such an update and freezes the state at the first one
   (ibs/step.py), so checking before every event is enough: no log, evaluation or
   checkpoint ever sees a non-finite state.
   """
   halted = int(state.halted_at_step)
-  if halted < 0:
+  window = (
+    skips.exceeded(int(state.step), int(state.nonfinite_updates)) if skips else None
+  )
+  if halted < 0 and window is None:
     return
   manager.wait_until_finished()
-  segment = segs.at(halted)
-  examples = segment.examples_at(halted)
+  first, last, count = (halted, halted, 1) if window is None else window
+  segment = segs.at(last)
+  examples = segment.examples_at(last)
   raise divergence.Diverged(
     divergence.message(
-      first_step=halted,
-      last_step=halted,
-      count=1,
+      first_step=first,
+      last_step=last,
+      count=count,
+      max_skipped=None if window is None else skips.max_fraction,
       phase_index=segment.index,
       examples_seen=examples,
       epoch=examples / segs.schedule.num_train_examples,
@@ -263,7 +272,13 @@ def train(
   dispatch, preempted = 0, False  # dispatches: counted alike on every process
   # Across processes on XLA:CPU, each dispatch ends before the next (preemption.py).
   one_at_a_time = preemption.dispatch_one_at_a_time()
-  with metric_writers.ensure_flushes(report.writer):
+  skips = None  # With 'skip': too many skipped updates between two events stop the run.
+  if config.nonfinite == 'skip':
+    skips = divergence.SkipWindow(
+      config.nonfinite_max_skipped, step, int(state.nonfinite_updates)
+    )
+  preempt.training = True  # A signal from now on saves the step reached.
+  with checkpoint.metric_writes_confirmed(report.writer, manager):  # a full disk
     while step < stop_step(config, segs) and not preempted:
       segment = segs.at(step)
       phase, examples = segment.phase, segment.examples_at(step)
@@ -296,7 +311,7 @@ def train(
           before, examples = examples, examples + num_steps * phase.batch_size
           step, dispatch = step + num_steps, dispatch + 1
           report.progress.update(step, examples, segment.index, phase.batch_size)
-          checkpoint.check_save_errors(manager, report.saved_step)  # A failed save.
+          checkpoint.check_save_errors(manager)  # A failed save.
           preempted = preempt.should_stop(dispatch)
           due = events.due(before, examples)
           if step == segs.num_steps:
@@ -305,7 +320,7 @@ def train(
             due.add('checkpoint')
           if not due:
             continue
-          check_finite(state, segs, manager)
+          check_finite(state, segs, manager, skips)
           if 'decide' in due:  # Before the checkpoint, which records the decision.
             decision = run.schedule.decide(decisions, examples, measure(state, metrics))
             decisions, switched = decision.decisions, decision.switched
