@@ -38,7 +38,7 @@ CONFIG_FILE = textwrap.dedent(
         weight_decay=5e-4, weight_decay_mask='all', decoupled_weight_decay=False,
         eval_every_epochs=1.0, checkpoint_every_epochs=1.0, log_every_epochs=1.0,
         seed=0, data_seed=0, eval_batch_size=1000, stop_after_steps=0,
-        steps_per_dispatch=1, nonfinite='stop',
+        steps_per_dispatch=1, nonfinite='stop', nonfinite_max_skipped=0.5,
         gns=ml_collections.ConfigDict(dict(
             enabled=True, horizon_examples=50000.0, split_every=1))))
     config.schedule = ml_collections.ConfigDict(dict(
