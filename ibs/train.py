@@ -662,7 +662,7 @@ def _train_and_evaluate(config, spec, schedule, workdir, preempt) -> dict[str, A
             events.steps_until_next(examples, phase.batch_size),
           )
           chunk = [next(batches) for _ in range(num_steps)]
-          state, train_metrics = train_step(state, chunk, train_metrics)
+          state, train_metrics = train_step(state, chunk, train_metrics, step)
           if one_at_a_time:  # A lost peer must not leave a collective behind.
             jax.block_until_ready((state, train_metrics))
           before, examples = examples, examples + num_steps * phase.batch_size
