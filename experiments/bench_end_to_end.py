@@ -12,7 +12,8 @@ on all alike. Per run: training s (ibs: the summary's per-phase training time, w
 leaves out evaluation and checkpoints; lean: its epoch dispatches), compilation s (ibs:
 the summary's `compile_s`, the ahead-of-time compile of every phase's step; lean: its four
 epoch functions and the evaluation) and the whole run, the subprocess's wall-clock from
-start to exit (imports, data, compilation, training, evaluation, checkpoints). The table
+start to exit (imports, data, compilation, training, evaluation, checkpoints), and its
+CPU time (user + system: on a shared machine less sensitive to other load). The table
 gives medians and, for ibs, the median over repetitions of the paired ratio
 lean / ibs (≥ 1: ibs faster) and no_gns / ibs (the noise scale's end-to-end cost).
 MNIST-1D must be generated first (any earlier run does it).
@@ -27,6 +28,7 @@ import argparse
 import json
 import os
 import random
+import resource
 import statistics
 import subprocess
 import sys
@@ -43,7 +45,7 @@ COMMANDS = {
     '--config.gns.enabled=False',
   ],
 }
-FIELDS = ('train_s', 'compile_s', 'whole_s', 'test_accuracy')
+FIELDS = ('train_s', 'compile_s', 'whole_s', 'cpu_s', 'test_accuracy')
 
 
 def run_once(name: str, scratch: str, extra: list[str]) -> dict[str, float]:
@@ -52,9 +54,9 @@ def run_once(name: str, scratch: str, extra: list[str]) -> dict[str, float]:
   workdir = os.path.join(scratch, f'{name}_workdir')
   args = [sys.executable, *COMMANDS[name], *extra]
   args += [f'--out={out}'] if name == 'lean' else [f'--workdir={workdir}']
-  start = time.perf_counter()
+  start, cpu = time.perf_counter(), _children_cpu_s()
   done = subprocess.run(args, capture_output=True, text=True, check=False)
-  whole = time.perf_counter() - start
+  whole, cpu = time.perf_counter() - start, _children_cpu_s() - cpu
   if done.returncode:
     raise RuntimeError(f'{" ".join(args)} failed:\n{done.stderr[-3000:]}')
   if name == 'lean':
@@ -71,7 +73,14 @@ def run_once(name: str, scratch: str, extra: list[str]) -> dict[str, float]:
   return {
     **{k: result[k] for k in ('train_s', 'compile_s', 'test_accuracy')},
     'whole_s': whole,
+    'cpu_s': cpu,
   }
+
+
+def _children_cpu_s() -> float:
+  """User + system CPU seconds of the finished subprocesses so far."""
+  usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+  return usage.ru_utime + usage.ru_stime
 
 
 def paired(runs: dict[str, list[dict]], base: str, name: str, field: str) -> float:
@@ -83,8 +92,8 @@ def paired(runs: dict[str, list[dict]], base: str, name: str, field: str) -> flo
 
 def table(runs: dict[str, list[dict]]) -> str:
   lines = [
-    '| run | training s | compile s | whole run s | test acc |',
-    '|---|---|---|---|---|',
+    '| run | training s | compile s | whole run s | whole run CPU s | test acc |',
+    '|---|---|---|---|---|---|',
   ]
   for name, results in runs.items():
     cells = []
@@ -103,7 +112,7 @@ def table(runs: dict[str, list[dict]]) -> str:
     if base in runs and name in runs:
       ratios = ', '.join(
         f'{field} {paired(runs, base, name, field):.3f}'
-        for field in ('train_s', 'compile_s', 'whole_s')
+        for field in ('train_s', 'compile_s', 'whole_s', 'cpu_s')
       )
       lines.append(f'- {base} / {name}: {ratios}')
   return '\n'.join(lines)

@@ -41,8 +41,10 @@ K (updates per dispatch), of the XLA:CPU host loop and of the conditional split
 measurement is made once, in `_loop_structure`.
 """
 
+import concurrent.futures
 import dataclasses
 import functools
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -192,8 +194,10 @@ def split_batch_gradients(
   cotangents = jnp.stack(
     [jnp.where(first, 1.0 / split, 0.0), jnp.where(first, 0.0, 1.0 / (n - split))]
   ).astype(losses.dtype)
-  (first_half,) = vjp(cotangents[0])
-  (second_half,) = vjp(cotangents[1])
+  # Both halves in one batched backward pass: one backward to compile, not two.
+  (halves,) = jax.vmap(vjp)(cotangents)
+  first_half = jax.tree.map(lambda x: x[0], halves)
+  second_half = jax.tree.map(lambda x: x[1], halves)
   w1, w2 = split / n, (n - split) / n
   grads = jax.tree.map(lambda a, b: w1 * a + w2 * b, first_half, second_half)
   small_sq = w1 * _sq_norm(first_half) + w2 * _sq_norm(second_half)
@@ -707,9 +711,9 @@ def compile_train_steps(
     steps_per_dispatch, host_loop, options, state_shapes, plans, example
   )
   batch_spec = P(None, None, sharding.DATA_AXIS)
-  compiled = {}
+  compiled, lowered = {}, {}
   for plan in plans:
-    if plan.shape in compiled:
+    if plan.shape in compiled or plan.shape in lowered:
       continue
     batch = batch_shapes(plan, example, k)
     if host_loop and plan.accumulation > 1:
@@ -718,7 +722,7 @@ def compile_train_steps(
       )
       continue
 
-    def compile_updates(measure_now: bool, num_updates: int, plan=plan):
+    def lower_updates(measure_now: bool, num_updates: int, plan=plan):
       updates = functools.partial(
         _updates,
         plan=plan,
@@ -727,32 +731,34 @@ def compile_train_steps(
         measure_now=measure_now,
       )
       per_device = _per_device(updates, mesh, (P(), batch_spec, P(), P()), (P(), P()))
-      return (
-        jax.jit(per_device, donate_argnums=(0, 2))
-        .lower(
-          state_shapes,
-          batch_shapes(plan, example, num_updates),
-          metric_shapes,
-          count_shape,
-        )
-        .compile()
+      return jax.jit(per_device, donate_argnums=(0, 2)).lower(
+        state_shapes, batch_shapes(plan, example, num_updates), metric_shapes, count_shape
       )
 
-    if measures_sometimes(plan, options, ghost_batch_size):
-      executable = compile_updates(False, k)
-      compiled[plan.shape] = TrainStep(
-        executable,
-        plan,
-        mesh,
-        k,
-        executable,
-        measuring=compile_updates(True, 1),
-        every=options.gns_split_every,
-      )
-    else:
-      executable = compile_updates(True, k)
-      compiled[plan.shape] = TrainStep(executable, plan, mesh, k, executable)
-  return compiled
+    sometimes = measures_sometimes(plan, options, ghost_batch_size)
+    lowered[plan.shape] = (
+      plan,
+      lower_updates(not sometimes, k),
+      lower_updates(True, 1) if sometimes else None,
+    )
+  # XLA compiles one program on one core: the programs compile side by side.
+  with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+    futures = {
+      shape: [pool.submit(program.compile) if program else None for program in programs]
+      for shape, (_, *programs) in lowered.items()
+    }
+  for shape, (plan, *_) in lowered.items():
+    executable, measuring = (f.result() if f else None for f in futures[shape])
+    compiled[shape] = TrainStep(
+      executable,
+      plan,
+      mesh,
+      k,
+      executable,
+      measuring=measuring,
+      every=options.gns_split_every if measuring else 0,
+    )
+  return {plan.shape: compiled[plan.shape] for plan in plans}
 
 
 def _compile_host_loop(mesh, state_shapes, metric_shapes, batch, plan, options):
