@@ -14,20 +14,24 @@ gradients itself; then
     |G_b|² = mean_a |G_a|²,  b = b_micro      over micro-batches on one device (A > 1)
 
 and the two squared norms feed McCandlish et al.'s estimators and their moving averages
-(ibs/gns.py). One device with one micro-batch has only one batch size, so there the
-gradient comes from one forward pass and two backward passes over the two halves of the
-batch, split at a ghost-batch boundary (exact halves: ghost BN couples no examples across
-it) or, for a batch of one ghost batch, at its middle (the halves then share BN
-statistics, which biases tr(Σ) slightly). It costs a second backward pass, so only the
-updates whose step is a multiple of `config.gns.split_every` measure there (see
-`_updates`); `config.gns.enabled=False` turns the measurement off everywhere.
+(ibs/gns.py). One device with one micro-batch has only one batch size, so there the batch
+is cut into equal groups of whole ghost batches (halves, for an even count), which ghost
+BN does not couple: their forward and backward passes run as one `jax.vmap`ped pass, the
+arithmetic of one full-batch pass, and every update measures at no extra cost
+(`grouped_gradients`). A batch of a single ghost batch has no such split: its halves,
+which share BN statistics (a slight bias of tr(Σ)), are back-propagated apart, a second
+backward pass, on every `config.gns.split_every`-th update only, in an executable of its
+own that `TrainStep` dispatches those updates to; no compiled step holds a conditional.
+`config.gns.enabled=False` turns the measurement off everywhere.
 
 With ghost batch norm the loss of a batch is the mean of its ghost-batch losses, so the
 mean of the micro-batch gradients *is* the whole batch's gradient (docs/PAPER.md, "Batch
-norm"), and memory does not grow with A (a `fori_loop` indexing the batch in place). The BN running averages move once
-per ghost batch, in order: for micro-batch a, device 0's ghost batches, then device
-1's, ... (ibs/models/ghost_batch_norm.py gathers those few floats; on one device this is
-stream order).
+norm"), and memory does not grow with A (a `fori_loop` indexing the batch in place). The
+BN running averages move once per ghost batch, in order: for micro-batch a, device 0's
+ghost batches, then device 1's, ... Each device carries its closed-form share of those
+updates over its micro-batches and the shares are summed in the update's one all-reduce
+(ibs/models/ghost_batch_norm.py): 2F floats per BN layer, whatever B; on one device this
+is the sequential update itself.
 
 Non-finite updates (docs/DESIGN.md decision 12): an update whose loss or gradient is not
 finite is never applied. With `nonfinite='stop'` the state then freezes (every later
@@ -37,8 +41,8 @@ non-finite state. With 'skip' the update is dropped, counted, and training goes 
 Compilation (docs/DESIGN.md decision 4): `compile_train_steps` compiles one executable
 per distinct batch shape ahead of time; ε and m are values in the optimizer state, so
 phases that share a shape share the executable, and it never recompiles. The choice of
-K (updates per dispatch), of the XLA:CPU host loop and of the conditional split
-measurement is made once, in `_loop_structure`.
+K (updates per dispatch), of the XLA:CPU host loop and of the split measurement is made
+once, in `_loop_structure`; the programs compile side by side, one per core.
 """
 
 import concurrent.futures
@@ -111,9 +115,10 @@ class StepOptions:
 
   gns_horizon_examples: horizon H of the noise-scale averages; 0 turns the measurement
     off (config.gns.enabled=False).
-  gns_split_every: on one device with one micro-batch, measure on every this-many-th
-    update only (config.gns.split_every): each measurement costs a second backward pass.
-    0: never (chosen for convolutional models on XLA:CPU, see `_loop_structure`).
+  gns_split_every: on one device with one micro-batch of a single ghost batch, measure
+    on every this-many-th update only (config.gns.split_every): each measurement costs a
+    second backward pass. 0: no split measurement on one device with one micro-batch,
+    grouped or not (chosen for convolutional models on XLA:CPU, see `_loop_structure`).
   nonfinite: 'stop' or 'skip' (see the module docstring).
   per_example_loss: (model output, labels) → per-example losses; cross-entropy with
     integer labels for every ibs model (experiments/validate_gns.py passes a squared
@@ -650,13 +655,13 @@ def _loop_structure(
 ) -> tuple[int, bool, StepOptions]:
   """(K, host loop, options): the one place that decides how updates are looped.
 
-  K updates per dispatch run in a loop, the micro-batches of an accumulated update too,
-  and the every-n-th noise-scale measurement of a one-micro-batch update runs in a
-  conditional; on XLA:CPU a convolutional model is ~20× slower inside any of them (its
-  convolutions lose their fast layouts outside the entry computation). There, K falls
-  back to 1, accumulation to the host loop, and the split measurement is left out (the
-  noise scale is then measured only where devices or micro-batches give it for free).
-  `host_loop` forces the choice (tests).
+  K updates per dispatch run in a loop, the micro-batches of an accumulated update too;
+  on XLA:CPU a convolutional model is ~20× slower inside either (its convolutions lose
+  their fast layouts outside the entry computation). There, K falls back to 1,
+  accumulation to the host loop, and the one-micro-batch split measurement is left out
+  (the noise scale is then measured only where devices or micro-batches give it): it
+  ran in a conditional when this was decided, and its vmapped form has not been timed
+  on XLA:CPU convolutions. `host_loop` forces the choice (tests).
   """
   slow = bool(plans) and _slow_in_a_loop(state, plans[0], example)
   host_loop = slow if host_loop is None else host_loop
@@ -668,8 +673,8 @@ def _loop_structure(
     )
   if slow and options.gns_horizon_examples and options.gns_split_every > 1:
     logging.warning(
-      'On XLA:CPU a convolutional model runs much slower inside a conditional: the '
-      'noise scale is not measured on steps with one device and one micro-batch.'
+      'On XLA:CPU a convolutional model: the noise scale is not measured on steps '
+      'with one device and one micro-batch.'
     )
     options = dataclasses.replace(options, gns_split_every=0)
   return (1 if host_loop else requested_k), host_loop, options
