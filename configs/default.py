@@ -70,6 +70,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.stop_after_steps = 0  # > 0: stop (with a checkpoint) after this many updates
   config.nonfinite = 'stop'  # NaN/inf loss or gradient: 'stop' the run, or 'skip' the
   # update (parameters kept, skips counted); docs/RELIABILITY.md
+  config.nonfinite_max_skipped = 0.5  # 'skip': stop when more than this fraction of the
+  # updates between two events (log, evaluation, checkpoint) were skipped
 
   config.seed = 0  # parameter initialisation
   config.data_seed = 0  # data order and augmentation

@@ -163,6 +163,17 @@ def _check_step_options(config: Any) -> None:
       f"config.nonfinite={config.nonfinite!r} must be 'stop' (end the run at a NaN or inf "
       "loss or gradient) or 'skip' (leave the parameters as they were, count it)."
     )
+  fraction = config.nonfinite_max_skipped
+  if (
+    isinstance(fraction, bool)
+    or not isinstance(fraction, int | float)
+    or not 0.0 <= fraction <= 1.0
+  ):
+    raise ConfigError(
+      f'config.nonfinite_max_skipped={fraction!r} must be a fraction in [0, 1] (with '
+      "nonfinite='skip', the run stops when more of the updates between two events "
+      'were skipped).'
+    )
 
 
 def check_optimizer_rules(config: Any) -> None:

@@ -735,7 +735,9 @@ def one_line_errors(
   """A mistake the user can fix (`is_user_error`, or a command-line mistake that
   `user_error_message` knows) raised inside ends the command with `error: <message>`, a
   hint, and exit status 2; the traceback only at --verbosity >= 1. Anything else
-  propagates with its traceback: it is ibs's bug or the machine's."""
+  propagates with its traceback: it is ibs's bug or the machine's. An error marked
+  `exit_at_once` (ibs.durability.checkpoint.SaveError) exits without the interpreter's
+  teardown, so that its line stays the last."""
   try:
     yield
   except Exception as e:
@@ -746,6 +748,12 @@ def one_line_errors(
       if not is_user_error(e):
         raise
       message = str(e).strip()
+    if getattr(e, 'exit_at_once', False):  # a full disk: the teardown's writes would fail
+      print(f'error: {message}', file=sys.stderr, flush=True)
+      print(_HINT, file=sys.stderr, flush=True)
+      logging.flush()
+      sys.stdout.flush()
+      os._exit(EXIT_USER_ERROR)
     _exit_with(message)
 
 

@@ -34,8 +34,9 @@ updates over its micro-batches and the shares are summed in the update's one all
 is the sequential update itself.
 
 Non-finite updates (docs/DESIGN.md decision 12): an update whose loss or gradient is not
-finite is never applied. With `nonfinite='stop'` the state then freezes (every later
-update is a no-op) and records the step; the loop stops and never checkpoints a
+finite, or that would leave a parameter, BN statistic or optimizer moment non-finite (a
+finite gradient times a large ε), is never applied. With `nonfinite='stop'` the state
+then freezes (every later update is a no-op) and records the step; the loop stops and never checkpoints a
 non-finite state. With 'skip' the update is dropped, counted, and training goes on.
 
 Compilation (docs/DESIGN.md decision 4): `compile_train_steps` compiles one executable
@@ -351,10 +352,16 @@ def _finish(
       gns_state, small_sq, big_sq, small_b, plan.batch_size, options.gns_horizon_examples
     )
 
-  finite = jnp.isfinite(big_sq) & jnp.isfinite(batch_metrics.loss.total)
+  updated = state.apply_gradients(grads=grads, batch_stats=batch_stats, gns=gns_state)
+  # Finite loss and gradient, and finite parameters, BN statistics and optimizer state
+  # after the update: a finite gradient times a large ε can still overflow them.
+  finite = (
+    jnp.isfinite(big_sq)
+    & jnp.isfinite(batch_metrics.loss.total)
+    & _all_finite((updated.params, updated.batch_stats, updated.opt_state))
+  )
   healthy = state.halted_at_step < 0
   apply = finite & healthy if options.nonfinite == 'stop' else finite
-  updated = state.apply_gradients(grads=grads, batch_stats=batch_stats, gns=gns_state)
   # Not applied: everything as it was but the clock (step, and the optimizer's count so
   # that ε and m stay on schedule), which must follow the data.
   opt_state = state.opt_state
@@ -371,6 +378,17 @@ def _finish(
     else state.halted_at_step,
   )
   return new_state, running.merge(batch_metrics)
+
+
+def _all_finite(tree: Any) -> jax.Array:
+  """Whether every float in `tree` is finite: Σ 0·x is 0, or NaN if any x is NaN or ±inf
+  (one fused reduction per leaf; unlike Σ x, it cannot overflow)."""
+  total = sum(
+    jnp.sum(x * 0, dtype=jnp.float32)
+    for x in jax.tree.leaves(tree)
+    if jnp.issubdtype(x.dtype, jnp.inexact)
+  )
+  return jnp.isfinite(total)
 
 
 def _update(

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
-from clu import metric_writers
+from clu import metric_writers  # noqa: F401 - tests/test_train.py patches it
 
 from ibs import (
   adaptive,
@@ -232,23 +232,30 @@ def check_restored(position, state, schedule, config) -> None:
     )
 
 
-def check_finite(state, schedule, manager) -> None:
-  """Raises divergence.Diverged if the step halted on a non-finite update ('stop').
+def check_finite(state, schedule, manager, skips=None) -> None:
+  """Raises divergence.Diverged if the step halted on a non-finite update ('stop'), or
+  if `skips` (a divergence.SkipWindow, 'skip') finds too many skipped since the last
+  event.
 
   The step itself never applies such an update and freezes the state at the first one
   (ibs/step.py), so checking before every event is enough: no log, evaluation or
   checkpoint ever sees a non-finite state.
   """
   halted = int(state.halted_at_step)
-  if halted < 0:
+  window = (
+    skips.exceeded(int(state.step), int(state.nonfinite_updates)) if skips else None
+  )
+  if halted < 0 and window is None:
     return
   manager.wait_until_finished()
-  where = clock.position(schedule, halted)
+  first, last, count = (halted, halted, 1) if window is None else window
+  where = clock.position(schedule, last)
   raise divergence.Diverged(
     divergence.message(
-      first_step=halted,
-      last_step=halted,
-      count=1,
+      first_step=first,
+      last_step=last,
+      count=count,
+      max_skipped=None if window is None else skips.max_fraction,
       phase_index=where.phase,
       examples_seen=where.examples_seen,
       epoch=where.epoch,
@@ -357,7 +364,16 @@ def restore_or_start(config, manager, state, mesh, schedule, growth_rules) -> St
   if growth_rules is not None:
     schedule = growth_rules.realized(growth)
   fingerprint = checkpoint.config_fingerprint(config)
-  restored = checkpoint.restore_latest(manager, state, fingerprint, metrics)
+
+  def validate(record, restored_state) -> None:  # A record that fails is damage.
+    realized = schedule
+    if growth_rules is not None:
+      growth = adaptive.Growth.from_record(record.switches, record.ready_since)
+      check_growth(growth_rules, growth, record)
+      realized = growth_rules.realized(growth)
+    check_restored(record, restored_state, realized, config)
+
+  restored = checkpoint.restore_latest(manager, state, fingerprint, metrics, validate)
   if not restored:
     return Start(state, metrics, growth, schedule, 0.0)
   state, record, saved_metrics = restored
@@ -635,7 +651,13 @@ def _train_and_evaluate(config, spec, schedule, workdir, preempt) -> dict[str, A
   dispatch, preempted = 0, False  # dispatches: counted alike on every process
   # Across processes on XLA:CPU, each dispatch ends before the next (ibs/durability/preemption.py).
   one_at_a_time = preemption.dispatch_one_at_a_time()
-  with metric_writers.ensure_flushes(report.writer):
+  skips = None  # With 'skip': too many skipped updates between two events stop the run.
+  if config.nonfinite == 'skip':
+    skips = divergence.SkipWindow(
+      config.nonfinite_max_skipped, step, int(state.nonfinite_updates)
+    )
+  preempt.training = True  # A signal from now on saves the step reached.
+  with checkpoint.metric_writes_confirmed(report.writer, manager):  # a full disk
     while step < stop_step(config, schedule) and not preempted:
       where = clock.position(schedule, step)
       phase, examples = schedule.phases[where.phase], where.examples_seen
@@ -668,7 +690,7 @@ def _train_and_evaluate(config, spec, schedule, workdir, preempt) -> dict[str, A
           before, examples = examples, examples + num_steps * phase.batch_size
           step, dispatch = step + num_steps, dispatch + 1
           report.progress.update(step, examples, where.phase, phase.batch_size)
-          checkpoint.check_save_errors(manager, report.saved_step)  # A failed save.
+          checkpoint.check_save_errors(manager)  # A failed save.
           preempted = preempt.should_stop(dispatch)
           due = events.due(before, examples)
           if step == clock.num_steps(schedule):
@@ -677,7 +699,7 @@ def _train_and_evaluate(config, spec, schedule, workdir, preempt) -> dict[str, A
             due.add('checkpoint')
           if not due:
             continue
-          check_finite(state, schedule, manager)
+          check_finite(state, schedule, manager, skips)
           if 'adapt' in due:  # Before the checkpoint, which records the decision.
             decision = growth_rules.decide(growth, examples, gns.b_simple(state.gns))
             growth, switched = decision.growth, decision.switched

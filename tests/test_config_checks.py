@@ -54,6 +54,7 @@ def _config(**overrides):
     ({'stop_after_steps': -5}, 1, 'stop_after_steps=-5 must be an integer >= 0'),
     ({'max_micro_batch_size': 0}, 1, 'max_micro_batch_size=0 must be a positive'),
     ({'nonfinite': 'ignore'}, 1, "nonfinite='ignore' must be 'stop'"),
+    ({'nonfinite_max_skipped': 1.5}, 1, 'nonfinite_max_skipped=1.5 must be a fraction'),
     ({'model_kwargs.width': 0}, 1, 'model_kwargs.width=0 must be a positive integer'),
     ({'model_kwargs.widht': 16}, 1, r'cannot be built with config.model_kwargs=.*widht'),
   ],

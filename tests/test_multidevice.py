@@ -416,7 +416,8 @@ def _launch_processes(script, workdir, name, num_processes=2, devices_per_proces
   )
   # One deadline for all; a process that fails ends the launch at once (its peers would
   # otherwise wait for it until the coordinator's heartbeat timeout).
-  deadline = time.monotonic() + TIMEOUT_S
+  # Every process compiles, on the same cores.
+  deadline = time.monotonic() + TIMEOUT_S * max(1.0, num_processes / 2)
   try:
     while time.monotonic() < deadline:
       codes = [p.poll() for p in processes]
@@ -442,29 +443,41 @@ def _launch_processes(script, workdir, name, num_processes=2, devices_per_proces
 
 @pytest.mark.slow
 @pytest.mark.multiprocess
-@pytest.mark.parametrize('devices_per_process', [1, 2])
-def test_two_processes_equal_one_process(one_device_run, tmp_path, devices_per_process):
-  """2 processes × 1 or 2 devices, preempted inside phase 1 and resumed: the one-device
-  run. One device per process is the usual GPU-cluster layout; there every array the
-  checkpoint saves must have been laid out on the mesh (sharding.replicate).
+@pytest.mark.parametrize(
+  ('num_processes', 'devices_per_process'), [(2, 1), (2, 2), (4, 1)], ids=str
+)
+def test_process_layouts_equal_one_process(
+  one_device_run, tmp_path, num_processes, devices_per_process
+):
+  """2 × 1, 2 × 2 and 4 × 1 processes × devices, preempted inside phase 1 and resumed:
+  the one-device run. One device per process is the usual GPU-cluster layout; there
+  every array the checkpoint saves must have been laid out on the mesh
+  (sharding.replicate). Logs, evaluations and checkpoints fall on the same steps
+  (every epoch: steps 63 and 94, the last), where a log resets the running metrics the
+  checkpoint saves; the stop at 70 checkpoints alone.
 
-  Both launches use orbax on one shared directory from two processes; the resumed one
-  restores the checkpoint written by both. They share a persistent compilation cache,
+  Both launches use orbax on one shared directory from every process; the resumed one
+  restores the checkpoint written by all. They share a persistent compilation cache,
   so the second launch does not compile again.
   """
   config, expected = one_device_run
   config = config.copy_and_resolve_references()
   config.compilation_cache_dir = str(tmp_path / 'cache')
+  # Not trajectory fields: the one-device run's parameters are those of any cadence.
+  config.log_every_epochs = config.eval_every_epochs = 1.0
+  config.checkpoint_every_epochs = 1.0
   workdir = tmp_path / 'run'
   first = config.copy_and_resolve_references()
   first.stop_after_steps = 70  # Phase 1 runs steps 63–93.
-  _launch_processes(
-    _train_script(first, tmp_path), workdir, 'first', 2, devices_per_process
-  )
+  layout = (num_processes, devices_per_process)
+  _launch_processes(_train_script(first, tmp_path), workdir, 'first', *layout)
   assert _final_state(str(workdir))[0] == 70
 
   outputs = _launch_processes(
-    _train_script(config, tmp_path), workdir, 'resumed', 2, devices_per_process
+    _train_script(config, tmp_path), workdir, 'resumed', *layout
   )
   assert all('Resumed at step 70' in text for text in outputs)
   _assert_states_equal(_final_state(str(workdir)), expected)
+  steps = sorted(int(n) for n in os.listdir(workdir / 'checkpoints') if n.isdigit())
+  assert steps == [63, 70, 94], steps
+  assert 'test_accuracy' in outputs[0] and 'final test accuracy' in outputs[0]

@@ -11,13 +11,14 @@ import pytest
 from ibs import reporting, train
 
 
-def latest_state(workdir):
-  """(step, the train state saved by the latest checkpoint in `workdir` as numpy arrays),
-  read by orbax directly: ibs's own restore path is what the tests check."""
+def latest_state(workdir, step=None):
+  """(step, the train state saved by the latest checkpoint in `workdir`, or by `step`'s,
+  as numpy arrays), read by orbax directly: ibs's own restore path is what the tests
+  check."""
   import orbax.checkpoint as ocp
 
   manager = ocp.CheckpointManager(os.path.join(workdir, 'checkpoints'))
-  step = manager.latest_step()
+  step = manager.latest_step() if step is None else step
   restored = manager.restore(
     step, args=ocp.args.Composite(state=ocp.args.StandardRestore())
   )
