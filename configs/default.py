@@ -59,8 +59,9 @@ def get_config() -> ml_collections.ConfigDict:
   # is short on CPU and the host's work per call a visible share of it
   # (docs/BENCHMARKS.md, "Train step", measures it)
   # The gradient noise scale B_simple = tr(Σ)/|G|², measured in the step (ibs/gns.py):
-  # moving averages over a horizon of this many examples (here one epoch). One device
-  # with one micro-batch measures on every split_every-th update only (each costs a
+  # moving averages over a horizon of this many examples (here one epoch). Every update
+  # measures, except where one device trains one micro-batch of a single ghost batch
+  # (here B = 32): that measures on every split_every-th update only (each costs a
   # second backward pass; docs/BENCHMARKS.md).
   config.gns = ml_collections.ConfigDict(
     dict(enabled=True, horizon_examples=20_000, split_every=100)

@@ -156,7 +156,8 @@ def _check_step_options(config: Any) -> None:
   if isinstance(every, bool) or not isinstance(every, int) or every < 1:
     raise ConfigError(
       f'config.gns.split_every={every!r} must be an integer >= 1 (on one device with one '
-      'micro-batch, measure the noise scale on every this-many-th update).'
+      'micro-batch of a single ghost batch, measure the noise scale on every '
+      'this-many-th update).'
     )
   if config.nonfinite not in divergence.POLICIES:
     raise ConfigError(
