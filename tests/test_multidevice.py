@@ -480,4 +480,4 @@ def test_process_layouts_equal_one_process(
   _assert_states_equal(_final_state(str(workdir)), expected)
   steps = sorted(int(n) for n in os.listdir(workdir / 'checkpoints') if n.isdigit())
   assert steps == [63, 70, 94], steps
-  assert 'test_accuracy' in outputs[0] and 'final test accuracy' in outputs[0]
+  assert 'test loss' in outputs[0] and 'final test accuracy' in outputs[0]  # eval logged
