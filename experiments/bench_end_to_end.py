@@ -1,4 +1,4 @@
-r"""The README's main job end to end: ibs against the lean loop, and ibs without the noise scale.
+r"""The README's main job end to end: ibs, the lean loop, and ibs without the noise scale.
 
 Three programs do the same work (configs/default.py: cnn1d on MNIST-1D, 32 → 160 → 800 →
 4000, heavy-ball 0.9, the test split every 5 epochs), each as a fresh subprocess:

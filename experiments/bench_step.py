@@ -305,7 +305,8 @@ def main():
     print(
       f'| {batch_size} | {accumulation}{" (host loop)" if host_loop else ""} | {k} | '
       f'{rates["bare"]:,.0f} | {rates["ibs"]:,.0f} | '
-      f'{rates["ibs"] / rates["bare"]:.3f} | {paired["ibs"]:.3f} | {cpu_ratios["ibs"]:.3f} '
+      f'{rates["ibs"] / rates["bare"]:.3f} | {paired["ibs"]:.3f} | '
+      f'{cpu_ratios["ibs"]:.3f} '
       f'| {rates["ibs K=1"] / rates["bare"]:.3f} '
       f'| {rates["ibs K=1"] / rates["bare donated"]:.3f} | {a1} |',
       flush=True,

@@ -1,4 +1,4 @@
-r"""The leanest loop we could write for the default run's work: the yardstick of ibs's speed.
+r"""The leanest loop we could write for the default run: the yardstick of ibs's speed.
 
 configs/default.py's job without ibs's loop or step: the same 1-D CNN (ghost batch
 norm over 32 examples), the same MNIST-1D split, heavy-ball momentum 0.9 at ε = 0.1 with

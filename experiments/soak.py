@@ -287,8 +287,13 @@ def soak(args):
     'processes': n,
     'trials': args.trials,
     'identical': identical,
-    'kill9': f'{by_kind[("kill9", True)]}/{by_kind[("kill9", True)] + by_kind[("kill9", False)]}',
-    'sigterm': f'{by_kind[("sigterm", True)]}/{by_kind[("sigterm", True)] + by_kind[("sigterm", False)]}',
+    'kill9': (
+      f'{by_kind[("kill9", True)]}/{by_kind[("kill9", True)] + by_kind[("kill9", False)]}'
+    ),
+    'sigterm': (
+      f'{by_kind[("sigterm", True)]}/'
+      f'{by_kind[("sigterm", True)] + by_kind[("sigterm", False)]}'
+    ),
     'sigterm_to_exit_s': sorted(round(t, 2) for t in exit_times),
   }
   print(json.dumps(summary), flush=True)

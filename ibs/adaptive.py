@@ -18,10 +18,10 @@ when to climb it (docs/DESIGN.md decision 14):
   B_eff being the batch that gives rung k's noise g ∝ ε/B at the first rung's ε: on batch
   rungs it is B_k, on the cap's ε rungs the batch they stand in for. The run moves up one
   rung when rung k has been ready at every decision point for `window_epochs` of examples
-  and has run for `min_epochs`; a point where it is not ready restarts the window. It never
-  moves down. McCandlish et al. (2018) give the reason for the default threshold, the
-  ladder's factor: the examples needed to reach a loss grow as E_min·(1 + B/B_noise), so
-  moving to B_{k+1} = f·B_k while B_simple ≥ f·B_k keeps that overhead under 2×. That
+  and has run for `min_epochs`; a point where it is not ready restarts the window. It
+  never moves down. McCandlish et al. (2018) give the reason for the default threshold,
+  the ladder's factor: the examples needed to reach a loss grow as E_min·(1 + B/B_noise),
+  so moving to B_{k+1} = f·B_k while B_simple ≥ f·B_k keeps that overhead under 2×. That
   is a rule for spending examples well, not for a fixed budget of epochs: on the
   MNIST-1D study it saves 2.8× the fixed schedule's updates and loses 0.6 points of
   test accuracy (docs/REPRODUCTION.md, "The adaptive schedule and the critical-batch

@@ -1,10 +1,10 @@
-"""Events keyed to examples seen: logging, evaluation, checkpoints (docs/DESIGN.md decision 1).
+"""Events keyed to examples seen: logging, evaluation, checkpoints.
 
-An event with a period of P examples is due whenever the example count crosses a
-multiple of P, whatever the batch size of the phase: a log every epoch is a log every
-epoch at B = 32 and at B = 4000. The loop asks two questions of one small value: how many
-steps it may run before the next event (so that a dispatch of several steps ends exactly
-there), and which events a dispatch made due.
+An event with a period of P examples (docs/DESIGN.md decision 1) is due whenever the
+example count crosses a multiple of P, whatever the batch size of the phase: a log every
+epoch is a log every epoch at B = 32 and at B = 4000. The loop asks two questions of one
+small value: how many steps it may run before the next event (so that a dispatch of
+several steps ends exactly there), and which events a dispatch made due.
 """
 
 from __future__ import annotations

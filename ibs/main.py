@@ -92,9 +92,9 @@ def check_before_importing_tensorflow(config, workdir: str) -> None:
   """The config, a catalog dataset's files and the workdir, checked in about a second.
 
   ibs.train imports TensorFlow for clu's TensorBoard writer, most of its import time
-  (`python -X importtime -m ibs.main ...` shows it); a mistake found here needs neither. The workdir comes last, so a config or
-  a dataset that fails leaves no directory behind. train_and_evaluate checks the config
-  again: it is also called from notebooks and tests.
+  (`python -X importtime -m ibs.main ...` shows it); a mistake found here needs neither.
+  The workdir comes last, so a config or a dataset that fails leaves no directory behind.
+  train_and_evaluate checks the config again: it is also called from notebooks and tests.
   """
   import jax
 

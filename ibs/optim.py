@@ -127,7 +127,8 @@ def create_optimizer(
   if first.adam_b2 is not None or first.adam_eps is not None:
     if name != 'adam':
       raise ValueError(
-        f"The schedule sets Adam's β2 and epsilon per phase, but the optimizer is {name!r}."
+        f"The schedule sets Adam's β2 and epsilon per phase, "
+        f'but the optimizer is {name!r}.'
       )
     hyperparams['b2'] = schedules.adam_b2_schedule(schedule)
     hyperparams['eps'] = schedules.adam_eps_schedule(schedule)

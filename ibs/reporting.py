@@ -282,7 +282,8 @@ class Progress:
     )
 
   def throughput(self) -> list[dict[str, Any]]:
-    """Per phase trained in this session: examples, steps, seconds, examples/s, step time."""
+    """Per phase trained in this session: examples, steps, seconds, examples/s,
+    step time."""
     rows = []
     for phase, (examples, steps, seconds) in sorted(self._phases.items()):
       row = {
@@ -795,7 +796,8 @@ def format_summary(summary: dict[str, Any], phase_table: str) -> str:
     f'{summary["test_loss"]:.4f})',
     f'parameter updates {summary["parameter_updates"]:,}   examples seen '
     f'{summary["examples_seen"]:,} ({summary["epoch"]:.2f} epochs)',
-    f'wall-clock {summary["wall_clock_s"]:.1f} s (compilation {summary["compile_s"]:.1f} s)',
+    f'wall-clock {summary["wall_clock_s"]:.1f} s '
+    f'(compilation {summary["compile_s"]:.1f} s)',
     '',
     phase_table,
     *format_switches(summary.get('switches')),

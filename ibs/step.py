@@ -1,4 +1,4 @@
-"""The train step: per-device accumulation, one gradient reduction, the noise scale measured.
+"""The train step: per-device accumulation, one gradient reduction, noise scale measured.
 
 Every compiled train step is called one way, `step(state, local_batches, metrics) →
 (state, metrics)`, with 1 ≤ n ≤ K host batches (this process's slices of n consecutive
@@ -36,8 +36,9 @@ is the sequential update itself.
 Non-finite updates (docs/DESIGN.md decision 12): an update whose loss or gradient is not
 finite, or that would leave a parameter, BN statistic or optimizer moment non-finite (a
 finite gradient times a large ε), is never applied. With `nonfinite='stop'` the state
-then freezes (every later update is a no-op) and records the step; the loop stops and never checkpoints a
-non-finite state. With 'skip' the update is dropped, counted, and training goes on.
+then freezes (every later update is a no-op) and records the step; the loop stops and
+never checkpoints a non-finite state. With 'skip' the update is dropped, counted, and
+training goes on.
 
 Compilation (docs/DESIGN.md decision 4): `compile_train_steps` compiles one executable
 per distinct batch shape ahead of time; ε and m are values in the optimizer state, so
@@ -720,7 +721,8 @@ def _loop_structure(
 def batch_shapes(
   plan: sharding.MicroBatchPlan, example: dict, steps_per_dispatch: int
 ) -> dict:
-  """Abstract (K, A, D·b, ...) training batches of `plan`, for ahead-of-time compilation."""
+  """Abstract (K, A, D·b, ...) training batches of `plan`, for
+  ahead-of-time compilation."""
   return {
     k: jax.ShapeDtypeStruct((steps_per_dispatch, *plan.shape, *v.shape[1:]), v.dtype)
     for k, v in example.items()

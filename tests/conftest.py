@@ -132,7 +132,8 @@ def _once_per_session(tmp_path_factory, name):
 
 @pytest.fixture(scope='session')
 def data_dir(tmp_path_factory):
-  """MNIST-1D is generated once per test session (per xdist worker) into this directory."""
+  """MNIST-1D is generated once per test session (per xdist worker) into this
+  directory."""
   return str(tmp_path_factory.mktemp('tfds'))
 
 

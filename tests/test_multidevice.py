@@ -1,4 +1,4 @@
-"""Parallel runs equal the single-device run: 8 fake CPU devices, 2 processes on localhost.
+"""Parallel runs equal the single-device run: 8 fake CPU devices, 2 localhost processes.
 
 The pytest process has one CPU device, and JAX fixes the device count when its backend
 starts, so every parallel run happens in a subprocess (`JAX_NUM_CPU_DEVICES`); the
@@ -150,7 +150,8 @@ def _run_steps(max_micro_batch_size, order=None, host_loop=False, devices=None):
 
 
 def sharded_steps_main(path):
-  """Entry point of the 8-device subprocess: steps, batch layouts and HLO counts, to npz."""
+  """Entry point of the 8-device subprocess: steps, batch layouts and HLO
+  counts, to npz."""
   assert jax.device_count() == DEVICES, jax.devices()
   permuted = [jax.devices()[i] for i in (3, 0, 6, 1, 7, 2, 5, 4)]
   results = {}
@@ -185,7 +186,8 @@ def sharded_steps_main(path):
 
 
 def _visiting_order(accumulation, micro):
-  """Stream positions in the order the step visits them: micro-batch-major, then device."""
+  """Stream positions in the order the step visits them: micro-batch-major,
+  then device."""
   per_device = accumulation * micro
   return np.array(
     [

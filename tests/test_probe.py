@@ -1,4 +1,4 @@
-"""The critical-batch probe (ibs/tools/probe.py, ibs/tools/branch.py) on tiny runs of fake data.
+"""The critical-batch probe (ibs/tools/probe.py, branch.py) on tiny runs of fake data.
 
 The estimator, the ε rule and the measurement points against hand-computed values; the
 argument errors; the source run's checkpoints byte for byte before and after a probe;
@@ -145,7 +145,8 @@ def _parse(workdir, **overrides):
     (dict(branch_examples=0), '--branch_examples=0 must be a positive integer'),
     (
       dict(batch_sizes=['32', '96'], branch_examples=500),
-      r'--branch_examples=500 is not a multiple of every batch size \(of 96\).*use 480 or 576',
+      r'--branch_examples=500 is not a multiple of every batch size \(of 96\).*'
+      r'use 480 or 576',
     ),
     (dict(rule='cubic'), "--rule='cubic'"),
     (dict(tolerance=-0.1), '--tolerance=-0.1 must be a number >= 0'),

@@ -81,7 +81,8 @@ def test_progress_is_counted_in_examples_and_reports_every_period():
       }
       with progress.timed('eval'):
         clock.now += 5.0  # not training time, not in the next period's rate
-  # Every 50 s of wall-clock: 50 s, 100 s, 155 s (5 s of evaluation, 5 steps of 10), 205 s.
+  # Every 50 s of wall-clock: 50 s, 100 s, 155 s (5 s of evaluation, 5 steps of 10),
+  # 205 s.
   assert [line.split(',')[0] for line in lines] == [
     'epoch 0.50/2 (25.0% of examples)',
     'epoch 1.00/2 (50.0% of examples)',

@@ -1,4 +1,4 @@
-"""End to end: the default config, shrunk, trains, logs, checkpoints and resumes exactly."""
+"""End to end: the shrunk default config trains, logs, checkpoints and resumes exactly."""
 
 import glob
 import os

@@ -1,4 +1,4 @@
-"""The coordination service in a process of its own, so that losing process 0 is a lost peer.
+"""The coordination service in its own process, so that losing process 0 is a lost peer.
 
 `jax.distributed.initialize` starts JAX's coordination service inside process 0. When
 process 0 dies, every other process's client sees the service's socket close within
@@ -106,7 +106,8 @@ def initialize(**kwargs) -> None:
 
 
 def _serve(argv: list[str]) -> None:
-  """The child: hosts the service until told to stop, or LINGER_S after the parent dies."""
+  """The child: hosts the service until told to stop, or LINGER_S after the
+  parent dies."""
   signal.signal(signal.SIGINT, signal.SIG_IGN)
   signal.signal(signal.SIGTERM, signal.SIG_IGN)
   from jax._src.lib import _jax

@@ -1,9 +1,9 @@
 r"""Learning curves from a workdir's TensorBoard event files: reading and plotting.
 
-`read_scalars(workdir)` is the one reader of ibs's logs (ibs.tools.compare, experiments/plots.py
-and the notebooks use it); `plot_runs` draws runs against epochs and against parameter
-updates, like the paper's Figure 2; `save_paper_figure` writes such a figure sized for
-one column of a two-column paper, as PDF or PNG.
+`read_scalars(workdir)` is the one reader of ibs's logs (ibs.tools.compare,
+experiments/plots.py and the notebooks use it); `plot_runs` draws runs against epochs and
+against parameter updates, like the paper's Figure 2; `save_paper_figure` writes such a
+figure sized for one column of a two-column paper, as PDF or PNG.
 """
 
 from __future__ import annotations

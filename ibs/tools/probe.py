@@ -115,7 +115,8 @@ class CriticalBatch:
 def critical_batch(
   batch_sizes: Sequence[int], losses: Sequence[float], tolerance: float
 ) -> CriticalBatch:
-  """The largest B before the first whose loss exceeds (1 + tolerance)·L at the smallest B.
+  """The largest B before the first whose loss exceeds (1 + tolerance)·L at the
+  smallest B.
 
   A diverged branch has loss inf and fails; a non-finite reference gives no estimate.
   """
