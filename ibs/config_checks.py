@@ -161,8 +161,8 @@ def _check_step_options(config: Any) -> None:
     )
   if config.nonfinite not in divergence.POLICIES:
     raise ConfigError(
-      f"config.nonfinite={config.nonfinite!r} must be 'stop' (end the run at a NaN or inf "
-      "loss or gradient) or 'skip' (leave the parameters as they were, count it)."
+      f"config.nonfinite={config.nonfinite!r} must be 'stop' (end the run at a NaN or "
+      "inf loss or gradient) or 'skip' (leave the parameters as they were, count it)."
     )
   fraction = config.nonfinite_max_skipped
   if (

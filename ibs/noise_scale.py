@@ -8,7 +8,8 @@ B by α lowers g by the same α; that equivalence is the paper's whole argument.
 Run as a calculator:
 
     python -m ibs.noise_scale --config=configs/default.py
-    python -m ibs.noise_scale --config=configs/resnet50_tpu.py --baseline --plot=/tmp/fig1.png
+    python -m ibs.noise_scale --config=configs/resnet50_tpu.py --baseline \
+        --plot=/tmp/fig1.png
 
 It prints one row per phase and the totals; `--baseline` compares with the decaying-LR
 version of the same recipe (before any scaling rule), and `--plot` draws ε, B and g
@@ -17,9 +18,9 @@ against epochs (the paper's Figure 1). It never imports TensorFlow.
 Where the phases carry them it also prints the decoupled weight decay λ and AdamW's
 timescale τ = B/(ε·λ·N) in epochs (`scale_weight_decay`), and Adam's β2 and epsilon term
 ε̂ (`sqrt_scaling`). With config.optimizer 'adam' the g columns are headed as the SGD
-formula they are, and a column ε·√(N/B) is added: Adam's update is normalised, so its noise
-falls with ε/√B (Malladi et al. 2022), the quantity `sqrt_scaling` and `seesaw` lower by α
-at each milestone as decaying ε does.
+formula they are, and a column ε·√(N/B) is added: Adam's update is normalised, so its
+noise falls with ε/√B (Malladi et al. 2022), the quantity `sqrt_scaling` and `seesaw`
+lower by α at each milestone as decaying ε does.
 """
 
 from __future__ import annotations
@@ -192,7 +193,8 @@ def format_table(
     )
   if adam:
     lines += [
-      "g SGD: the SGD noise scale εN/(B(1 − m)), not Adam's. Adam's update is normalised;",
+      "g SGD: the SGD noise scale εN/(B(1 − m)), not Adam's. Adam's update is "
+      'normalised;',
       'its noise falls with ε√(N/B) (square-root rule, Malladi et al. 2022), which',
       'sqrt_scaling and seesaw lower by α per milestone, as decaying ε does.',
     ]

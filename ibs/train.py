@@ -202,7 +202,8 @@ class Reporter:
     return reporting.cumulative_time(self.run.previous_train_s, self.wall_start)
 
   def finish(self, preempt: Any, step: int, segs: segments.Segments) -> None:
-    """Waits for the last save (a failure in one line); says if a signal stopped the run."""
+    """Waits for the last save (a failure in one line); says if a signal stopped the
+    run."""
     manager = self.run.manager
     try:
       manager.wait_until_finished()

@@ -1,4 +1,4 @@
-"""Short branches from a run's checkpoints, for the critical-batch probe (ibs/tools/probe.py).
+"""Short branches from a run's checkpoints, for the critical-batch probe (tools/probe.py).
 
 A branch starts from the state a run saved at step k (parameters, BN statistics, the
 momentum buffer, the noise-scale averages, the update count), trains it for L examples
@@ -263,8 +263,8 @@ class Prober:
   ) -> Branch:
     """Trains a copy of `run_state` on examples [start, start + L) at batch B.
 
-    `num_examples` L is a multiple of B (ibs/tools/probe.py checks): L/B updates. After each
-    update count in `measure_after`, `measure(state)` is recorded (a dispatch ends
+    `num_examples` L is a multiple of B (ibs/tools/probe.py checks): L/B updates. After
+    each update count in `measure_after`, `measure(state)` is recorded (a dispatch ends
     there). The running train loss (train mode, the step's own metric) is kept over
     the updates after the first `window_start`.
     """
