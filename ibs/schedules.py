@@ -275,7 +275,8 @@ def seesaw(recipe: StepDecay) -> tuple[Phase, ...]:
   Meterez et al. prove the equivalence for normalised SGD (their proxy for Adam). For
   plain SGD the equivalence they prove needs ε/B to fall by α, which the paper's
   conversion does and Seesaw does not (ε/B falls by α^1.5), so ibs.config_checks refuses
-  Seesaw with optimizers other than Adam. Same batch sizes, hence updates, as `increasing_batch`.
+  Seesaw with optimizers other than Adam. Same batch sizes, hence updates, as
+  `increasing_batch`.
   """
   phases = [Phase(0.0, recipe.batch_size, recipe.learning_rate, recipe.momentum)]
   for epoch, factor in zip(recipe.milestones, recipe.factors, strict=True):
