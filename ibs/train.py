@@ -26,6 +26,7 @@ from ibs import (
   clock,
   config_checks,
   gns,
+  measured,
   models,
   noise_scale,
   optim,
@@ -59,7 +60,7 @@ def create_train_state(
     weight_decay=config.weight_decay,
     decoupled_weight_decay=config.decoupled_weight_decay,
     weight_decay_mask=mask,
-    host_set=config.schedule.kind == 'adaptive',  # ε set at its switches
+    host_set=config.schedule.kind in schedules.DECIDED_KINDS,  # ε set at its switches
   )
 
   # Built on the mesh, every array replicated (sharding.replicate says why not moved).
@@ -88,8 +89,10 @@ def step_options(config: Any) -> step_lib.StepOptions:
 def batch_sizes_to_come(schedule, growth_rules, growth, start_step) -> list[int]:
   """The batch of every phase still to run: the rest of a fixed schedule, or every rung
   from the current one up for an adaptive one (its switches cannot wait on a compile)."""
-  if growth_rules is not None:
+  if isinstance(growth_rules, adaptive.AdaptiveSchedule):
     return [p.batch_size for p in growth_rules.ladder[growth.rung :]]
+  if growth_rules is not None:  # a measured kind (ibs/measured/)
+    return growth_rules.batch_sizes(growth)
   return [
     phase.batch_size
     for phase, span in zip(schedule.phases, clock.phase_spans(schedule), strict=True)
@@ -265,11 +268,12 @@ def format_switches(switches: list[dict[str, Any]] | None) -> list[str]:
     return []
   lines = [
     '',
-    f'adaptive schedule: {len(switches)} switch(es) decided by the noise scale',
+    f'decided schedule: {len(switches)} switch(es) decided by measurement',
   ]
   lines += [
     f'  step {s["step"]:,} at epoch {s["epoch"]:.2f} ({s["examples"]:,} examples): batch '
     f'{s["batch_size"]}, lr {s["learning_rate"]:g}'
+    + (f' ({s["why"]})' if 'why' in s else '')
     for s in switches
   ]
   return lines
@@ -354,6 +358,8 @@ def restore_or_start(config, manager, state, mesh, schedule, growth_rules) -> St
   """
   metrics = step_lib.empty_metrics(mesh)
   growth = adaptive.Growth()
+  if growth_rules is not None and not isinstance(growth_rules, adaptive.AdaptiveSchedule):
+    growth = growth_rules.initial()  # a measured kind's empty record
   if growth_rules is not None:
     schedule = growth_rules.realized(growth)
   fingerprint = checkpoint.config_fingerprint(config)
@@ -364,15 +370,77 @@ def restore_or_start(config, manager, state, mesh, schedule, growth_rules) -> St
   state = sharding.replicate(state, mesh)
   if saved_metrics is not None:
     metrics = sharding.replicate(saved_metrics, mesh)
-  if growth_rules is not None:
+  if isinstance(growth_rules, adaptive.AdaptiveSchedule):
     growth = adaptive.Growth.from_record(record.switches, record.ready_since)
     check_growth(growth_rules, growth, record)
+  elif growth_rules is not None:
+    growth = restored_decisions(growth_rules, record)
     schedule = growth_rules.realized(growth)
   check_restored(record, state, schedule, config)
   logging.info(
     'Resumed at step %d (%d examples seen).', record.step, record.examples_seen
   )
   return Start(state, metrics, growth, schedule, record.train_time_s)
+
+
+def restored_decisions(rules, record):
+  """A measured kind's record of decisions from the checkpoint, checked against `rules`."""
+  saved = record.decisions
+  problems = (
+    [f'no decisions of kind {rules.kind!r}']
+    if not saved or saved.get('kind') != rules.kind
+    else None
+  )
+  decisions = None if problems else rules.from_record(saved)
+  problems = problems or rules.check_growth(decisions, record.examples_seen)
+  if problems:
+    raise checkpoint.CheckpointError(
+      f'The checkpoint of step {record.step} records decisions that this config cannot '
+      f'have taken: {", ".join(problems)}. Resume it with the config that wrote it, or '
+      'use a new --workdir.'
+    )
+  return decisions
+
+
+def decision_inputs(rules, state, report) -> measured.base.Inputs:
+  """What a measured kind's decision point reads: the step's noise-scale averages, and
+  the training loss on its fixed slice when the kind judges a plateau."""
+  estimates = gns.estimates(state.gns)
+  loss = float('nan')
+  if rules.needs_loss:
+    loss = report.train_slice_loss(state, rules.loss_examples)
+  return measured.base.Inputs(
+    estimates['gns/trace_cov'], estimates['gns/grad_sq_norm'], loss
+  )
+
+
+def apply_measured_decision(decision, rules, report, step, examples):
+  """A measured kind's decision point: logs what it read and chose (every point) and
+  the change (when one begins). Returns the schedule as run so far."""
+  schedule = rules.realized(decision.decisions)
+  if decision.changed:
+    logging.info('Step %d: %s.', step, decision.message)
+    report.progress.set_totals(
+      clock.num_steps(schedule), clock.phase_spans(schedule)[-1].end_examples
+    )
+  position = {'epoch': examples / report.n, 'examples_seen': examples}
+  report.writer.write_scalars(
+    step, {**decision.scalars, **position, 'parameter_updates': step}
+  )
+  return schedule
+
+
+class Head:
+  """The first `n` examples of a data source: the plateau kind's fixed training slice."""
+
+  def __init__(self, source, n: int):
+    self.source, self.n = source, n
+
+  def __len__(self) -> int:
+    return self.n
+
+  def get(self, indices):
+    return self.source.get(indices)
 
 
 def check_growth(growth_rules, growth, record) -> None:
@@ -531,6 +599,14 @@ class Reporter:
       self.eval_step, state, self.data.test, self.data.preprocess, self.config, self.mesh
     )
 
+  def train_slice_loss(self, state, num_examples: int) -> float:
+    """Mean cross-entropy over the first `num_examples` training examples (eval mode)."""
+    source = Head(self.data.train, num_examples)
+    results = evaluate(
+      self.eval_step, state, source, self.data.preprocess, self.config, self.mesh
+    )
+    return results['test_loss']
+
   def train_time_s(self) -> float:
     return reporting.cumulative_time(self.previous_train_s, self.wall_start)
 
@@ -552,7 +628,9 @@ class Reporter:
       )
 
 
-def summarize(report, state, schedule, growth, step, compile_s) -> dict[str, Any]:
+def summarize(
+  report, state, schedule, growth, step, compile_s, rules=None
+) -> dict[str, Any]:
   """The session's summary (see `train_and_evaluate`)."""
   total_steps = clock.num_steps(schedule)
   examples_seen = (
@@ -583,6 +661,11 @@ def summarize(report, state, schedule, growth, step, compile_s) -> dict[str, Any
         'learning_rate': schedule.phases[i + 1].learning_rate,
       }
       for i, s in enumerate(growth.switches)
+    ]
+  elif report.config.schedule.kind in measured.KINDS:
+    summary['switches'] = [
+      {**s, 'step': clock.step_at_examples(schedule, s['examples'])}
+      for s in rules.switches(growth)
     ]
   return summary
 
@@ -615,6 +698,8 @@ def _train_and_evaluate(config, spec, schedule, workdir, preempt) -> dict[str, A
   growth_rules = None  # An adaptive schedule decides its phases as it runs.
   if config.schedule.kind == 'adaptive':
     growth_rules = adaptive.AdaptiveSchedule.from_config(config, spec.num_train_examples)
+  if config.schedule.kind in measured.KINDS:
+    growth_rules = measured.from_config(config, spec.num_train_examples)
 
   model = create_model(config, spec.num_classes)
   state = create_train_state(config, model, schedule, spec.input_shape, mesh)
@@ -631,7 +716,10 @@ def _train_and_evaluate(config, spec, schedule, workdir, preempt) -> dict[str, A
 
   events = cadence.Cadence.from_config(config, spec.num_train_examples)
   if growth_rules is not None:  # Its decision points are one more event.
-    events = events.with_period('adapt', growth_rules.rules.check_every_examples)
+    period = getattr(growth_rules, 'check_every_examples', None) or (
+      growth_rules.rules.check_every_examples
+    )
+    events = events.with_period('adapt', period)
   dispatch, preempted = 0, False  # dispatches: counted alike on every process
   # Across processes on XLA:CPU, each dispatch ends before the next (ibs/durability/preemption.py).
   one_at_a_time = preemption.dispatch_one_at_a_time()
@@ -678,7 +766,15 @@ def _train_and_evaluate(config, spec, schedule, workdir, preempt) -> dict[str, A
           if not due:
             continue
           check_finite(state, schedule, manager)
-          if 'adapt' in due:  # Before the checkpoint, which records the decision.
+          if 'adapt' in due and config.schedule.kind in measured.KINDS:
+            decision = growth_rules.decide(
+              growth, examples, decision_inputs(growth_rules, state, report)
+            )
+            growth, switched = decision.decisions, decision.changed
+            schedule = apply_measured_decision(
+              decision, growth_rules, report, step, examples
+            )
+          elif 'adapt' in due:  # Before the checkpoint, which records the decision.
             decision = growth_rules.decide(growth, examples, gns.b_simple(state.gns))
             growth, switched = decision.growth, decision.switched
             schedule = apply_decision(decision, growth_rules, report, step, examples)
@@ -689,7 +785,7 @@ def _train_and_evaluate(config, spec, schedule, workdir, preempt) -> dict[str, A
   report.finish(preempt, step, schedule)
   if step == clock.num_steps(schedule) and not report.eval_results:
     report.evaluate(state)  # Rerun of a finished workdir.
-  summary = summarize(report, state, schedule, growth, step, compile_s)
+  summary = summarize(report, state, schedule, growth, step, compile_s, growth_rules)
   if summary['finished'] and jax.process_index() == 0:
     summary = reporting.finish_summary(workdir, summary, step - start_step)
     print(format_summary(summary, schedule), flush=True)

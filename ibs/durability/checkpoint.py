@@ -96,6 +96,9 @@ class CheckpointRecord:
   # current rung has been ready to climb (-1: not ready). Empty for fixed schedules.
   switches: tuple[tuple[int, int], ...] = ()
   ready_since: int = -1
+  # A measured schedule's record of decisions (ibs/measured/: its `to_record`), None
+  # for the other kinds.
+  decisions: dict[str, Any] | None = None
 
   @classmethod
   def from_json(cls, fields: dict[str, Any]) -> CheckpointRecord:
@@ -132,7 +135,7 @@ def config_fingerprint(config: Any) -> str:
   TRAJECTORY_FIELDS keeps the fingerprint (and the resumability) of configs without it.
   """
   fields = {k: config[k] for k in TRAJECTORY_FIELDS if k in config}
-  if config.get('schedule', {}).get('kind') == 'adaptive':
+  if config.get('schedule', {}).get('kind') in ('adaptive', 'measured_batch', 'plateau'):
     # Its switches follow the measured noise scale: how it is averaged decides them.
     fields['gns'] = config.gns
   text = json.dumps(fields, sort_keys=True, default=_to_jsonable)

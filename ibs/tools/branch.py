@@ -45,6 +45,7 @@ from ibs import (
   adaptive,
   clock,
   config_checks,
+  measured,
   models,
   optim,
   reporting,
@@ -176,6 +177,9 @@ def run_point(
     growth = adaptive.Growth.from_record(position.switches, position.ready_since)
     rules = adaptive.AdaptiveSchedule.from_config(config, schedule.num_train_examples)
     schedule = rules.realized(growth)
+  if config.schedule.kind in measured.KINDS:  # likewise, from its record
+    rules = measured.from_config(config, schedule.num_train_examples)
+    schedule = rules.realized(rules.from_record(position.decisions))
   where = clock.position(schedule, step)
   values = {'learning_rate': schedules.learning_rate_schedule(schedule)(step)}
   if config.optimizer != 'sgd':
