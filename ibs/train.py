@@ -375,6 +375,7 @@ def restore_or_start(config, manager, state, mesh, schedule, growth_rules) -> St
     check_growth(growth_rules, growth, record)
   elif growth_rules is not None:
     growth = restored_decisions(growth_rules, record)
+  if growth_rules is not None:
     schedule = growth_rules.realized(growth)
   check_restored(record, state, schedule, config)
   logging.info(
