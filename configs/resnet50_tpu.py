@@ -22,8 +22,7 @@ value names its key, so `:decaying_lr` and `:fake` are short for them):
   schedule   increasing_batch (the batch doubles at epoch 30, then ε decays) |
              decaying_lr (the original schedule at batch 8192 throughout)
   data       imagenet2012 | fake (synthetic 64×64 images, a tiny ResNet and 2 epochs of
-             512 examples: a smoke test of this recipe, 24 s on 2 CPU cores, measured at
-             load ≈5)
+             512 examples: a smoke test of this recipe on a CPU)
 """
 
 import ml_collections

@@ -7,6 +7,7 @@ so that a schedule or optimizer name means the same in both (only the capped inc
 batch is named per study: increasing_batch_5120, increasing_batch_capped).
 """
 
+import difflib
 import itertools
 
 import ml_collections
@@ -24,11 +25,15 @@ def parse(arg: str, allowed: dict[str, tuple[str, ...]]) -> dict[str, str]:
     if not sep:
       key, value = _key_of(item, allowed), item
     if key not in allowed:
+      close = difflib.get_close_matches(key, allowed, n=1)
+      hint = f' Did you mean {close[0]}={value}?' if close and sep else ''
       raise ValueError(
-        f'Config argument {item!r} is not key=value with key in {sorted(allowed)}.'
+        f'Config argument {item!r} is not key=value with key in {sorted(allowed)}.{hint}'
       )
     if value not in allowed[key]:
-      raise ValueError(f'{key}={value!r}: choose one of {list(allowed[key])}.')
+      close = difflib.get_close_matches(value, allowed[key], n=1)
+      hint = f' Did you mean {key}={close[0]}?' if close else ''
+      raise ValueError(f'{key}={value!r}: choose one of {list(allowed[key])}.{hint}')
     chosen[key] = value
   return chosen
 

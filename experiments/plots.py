@@ -10,7 +10,8 @@ should get there in far fewer steps.
   python -m experiments.plots --experiment=mnist1d_5_1 --root=workdirs --out=docs/figures
 
 `read_scalars(workdir)` (ibs.tools.curves) is the one reader of ibs's logs; the notebooks and
-`python -m ibs.tools.compare` use it too. Accuracy axes are zoomed to the later epochs.
+`python -m ibs.tools.compare` use it too, and `save_paper_figure` is the one way both save
+a figure (panels lettered, one y-range per metric, updates on a log axis).
 """
 
 from __future__ import annotations
@@ -33,8 +34,8 @@ from ibs.tools.curves import (  # noqa: F401
   against,
   plot_runs,
   read_scalars,
+  save_paper_figure,
   seed_band,
-  zoom_accuracy,
 )
 
 
@@ -88,7 +89,7 @@ def plot_experiment(experiment: str, root: str, seeds: list[int], out: str) -> l
     title = experiment if optimizer == 'all' else f'{experiment}: {optimizer}'
     for suffix, panels in (('', LEARNING_CURVES), ('_schedules', SCHEDULES)):
       path = os.path.join(out, f'{name}{suffix}.png')
-      plot_runs(loaded, panels, title).savefig(path, dpi=110)
+      save_paper_figure(loaded, path, panels, title, column=False)
       written.append(path)
   return written
 

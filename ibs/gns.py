@@ -101,6 +101,10 @@ def estimates(state: GNSState) -> dict[str, float]:
   """Bias-corrected |G|², tr(Σ) and B_simple, as host floats (NaN before any update).
 
   The TensorBoard tags of `gns/grad_sq_norm`, `gns/trace_cov` and `gns/b_simple`.
+  Where the unbiased |G|² is ≤ 0 (the noise tr(Σ)/B swamps the signal over the horizon:
+  late in training, at a small batch) B_simple is not resolved and logged as NaN, no
+  point, rather than an infinite or negative ratio; the log line says so and counts
+  such logs (ibs/reporting.py).
   """
   weight = float(state.weight)
   if weight <= 0.0:
@@ -111,10 +115,18 @@ def estimates(state: GNSState) -> dict[str, float]:
   return {
     'gns/grad_sq_norm': g2,
     'gns/trace_cov': s,
-    'gns/b_simple': s / g2 if g2 > 0 else float('inf'),
+    'gns/b_simple': s / g2 if g2 > 0 else float('nan'),
   }
 
 
 def b_simple(state: GNSState) -> float:
-  """The bias-corrected B_simple = tr(Σ)/|G|² alone (NaN before any estimate)."""
-  return estimates(state)['gns/b_simple']
+  """The bias-corrected B_simple = tr(Σ)/|G|² for a decision (NaN before any estimate).
+
+  Unlike the logged value, an unresolved |G|² (≤ 0) gives inf here: the noise
+  dominates, so every batch in reach is below B_simple (ibs/adaptive.py climbs on it).
+  """
+  values = estimates(state)
+  g2 = values['gns/grad_sq_norm']
+  if math.isfinite(g2) and not g2 > 0:
+    return float('inf')
+  return values['gns/b_simple']

@@ -10,7 +10,6 @@ that is not prepared, a checkpoint of another config) ends the run with one line
 what is wrong and how to fix it, exit status 2, and no traceback unless --verbosity=1.
 """
 
-import difflib
 import os
 import signal
 import sys
@@ -36,9 +35,6 @@ _NUM_PROCESSES = flags.DEFINE_integer(
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'With --coordinator_address.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
-# The directory holding ibs/ and configs/ (a checkout, or an editable install of one).
-_CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 
 class UserError(Exception):
   """A mistake the person running ibs can fix; the message says how."""
@@ -51,62 +47,14 @@ def _is_multihost_tpu() -> bool:
 
 def load_config():
   """The --config value, or UserError naming the file; imports neither TF nor JAX."""
+  from ibs import reporting  # absl and etils only
+
   try:
     config = _CONFIG.value
     config.keys()  # a file that failed to load raises here, on first use
     return config
   except Exception as e:  # ml_collections wraps every load failure in an OSError.
-    path = _config_argument().split(':', 1)[0]
-    if path and not os.path.exists(path):
-      folder = os.path.dirname(path) or '.'
-      names = os.listdir(folder) if os.path.isdir(folder) else []
-      close = difflib.get_close_matches(os.path.basename(path), names, n=1)
-      hint = (
-        f'Did you mean {os.path.join(os.path.dirname(path), close[0])}?'
-        if close
-        else f'The configs are in {os.path.join(_CHECKOUT, "configs")}.'
-      )
-      raise UserError(f'--config={path}: no such file. {hint}') from e
-    cause = e.__cause__ or e
-    raise UserError(
-      f'--config={path} could not be loaded: {type(cause).__name__}: '
-      f'{str(cause).splitlines()[-1] if str(cause) else ""}'
-    ) from e
-
-
-def _config_argument() -> str:
-  """The raw --config argument (the flag keeps it only once the file has loaded)."""
-  args = sys.argv[1:]
-  for i, arg in enumerate(args):
-    for prefix in ('--config=', '-config='):
-      if arg.startswith(prefix):
-        return arg[len(prefix) :]
-    if arg in ('--config', '-config') and i + 1 < len(args):
-      return args[i + 1]
-  return ''
-
-
-def resolve_config_path(argv: list[str]) -> list[str]:
-  """argv with a relative --config path that is not under the working directory but is
-  under the checkout (`configs/cifar10_wrn.py`) made absolute: configs load from any
-  working directory."""
-  out = list(argv)
-  for i, arg in enumerate(out):
-    prefix = '--config=' if arg.startswith('--config=') else None
-    if arg == '--config' and i + 1 < len(out):
-      i, prefix, arg = i + 1, '', out[i + 1]
-    if prefix is None:
-      continue
-    path, sep, rest = arg[len(prefix) :].partition(':')
-    candidate = os.path.join(_CHECKOUT, path)
-    if (
-      path
-      and not os.path.isabs(path)
-      and not os.path.exists(path)
-      and os.path.exists(candidate)
-    ):
-      out[i] = f'{prefix}{candidate}{sep}{rest}'
-  return out
+    raise UserError(reporting.config_file_message(sys.argv, e)) from e
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -205,13 +153,8 @@ def run(config, workdir: str) -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  verbosity = flags.FLAGS.verbosity
-  from ibs import reporting  # absl and etils only
-
-  reporting.quiet_logging(verbosity)
-  with reporting.one_line_errors(verbosity, _is_user_error):
-    config = load_config()  # before TF/JAX: a misspelled path fails in a second
-    run(config, _WORKDIR.value)
+  config = load_config()  # before TF/JAX: a misspelled path fails in a second
+  run(config, _WORKDIR.value)
   # Trained, saved and summarised: a SIGINT or SIGTERM during the interpreter's teardown
   # (JAX's atexit clean-up) has nothing left to save, and must not end the run with a
   # KeyboardInterrupt traceback.
@@ -220,4 +163,6 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main, argv=resolve_config_path(sys.argv))
+  from ibs import reporting  # absl and etils only
+
+  reporting.run_command(main, _is_user_error)

@@ -292,10 +292,13 @@ def plot_schedule(
 
 def report(config: Any, baseline: bool = False, plot: str | None = None) -> str:
   """The calculator's output for `config`: table, optional baseline, optional plot."""
-  from ibs.data import catalog
+  from ibs import config_checks
 
-  n = catalog.dataset_spec(config).num_train_examples
-  schedule = schedules.from_config(config, n)
+  # Training's own checks, for the smallest machine (one device): what the calculator
+  # prints, training accepts (a phase batch that ghost batches do not divide, a rule
+  # for another optimizer, a model that cannot be built are refused here too).
+  spec, schedule = config_checks.check_config(config, num_devices=1)
+  n = spec.num_train_examples
   optimizer = config.get('optimizer')
   title = f'{config.schedule.kind} schedule on {config.dataset}'
   if optimizer:
@@ -330,10 +333,15 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   values = flags.FLAGS
-  try:
-    print(report(values.config, baseline=values.baseline, plot=values.plot))
-  except schedules.ScheduleError as e:
-    raise app.UsageError(str(e)) from None
+  config = values.config
+  config.keys()  # a config file that failed to load says so here, before JAX's imports
+  print(report(config, baseline=values.baseline, plot=values.plot))
+
+
+def _is_user_error(e: BaseException) -> bool:
+  from ibs import config_checks
+
+  return isinstance(e, config_checks.ConfigError | schedules.ScheduleError)
 
 
 def _define_flags() -> None:
@@ -350,7 +358,7 @@ def _define_flags() -> None:
 
 
 if __name__ == '__main__':
-  from absl import app
+  from ibs import reporting
 
   _define_flags()
-  app.run(main)
+  reporting.run_command(main, _is_user_error)

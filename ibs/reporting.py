@@ -16,8 +16,11 @@ few clearly separated places (ibs.train):
   finished summary by those of a rerun that trained nothing.
 * `quiet_logging`: other libraries' INFO lines (orbax, TFDS, JAX) and the warnings a
   user cannot act on stay out of a default run's log.
-* `one_line_errors`: the command lines' (ibs.main, ibs.tools.probe) mistakes a user can fix
-  end in one line and exit status 2.
+* `run_command`, `parse_flags`, `one_line_errors`: the one error path of every command
+  line (ibs.main, ibs.noise_scale, ibs.tools.probe, ibs.tools.compare, ibs.data.prepare):
+  a mistake a user can fix (a misspelled flag, config field or variant, a missing flag or
+  file, a config training refuses) ends in one line naming it and the fix, exit status 2,
+  the traceback only with --verbosity=1; `~` and `$VARS` in path flags are expanded.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import collections
 import contextlib
 import json
 import logging as std_logging
+import math
 import os
 import sys
 import time
@@ -33,7 +37,6 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from absl import logging
-from etils import epath
 
 # The exit status of a command that a user's mistake ended (after its one-line error).
 EXIT_USER_ERROR = 2
@@ -101,6 +104,8 @@ def flatten_hparams(config: Any) -> dict[str, bool | int | float | str]:
 
 def write_config_json(config: Any, workdir: str) -> str:
   """Writes the resolved config to `workdir`/config.json (local or gs://)."""
+  from etils import epath  # imported where used: command-line errors stay fast
+
   path = epath.Path(workdir) / 'config.json'
   path.parent.mkdir(parents=True, exist_ok=True)
   path.write_text(json.dumps(config_dict(config), indent=2, sort_keys=True) + '\n')
@@ -108,6 +113,8 @@ def write_config_json(config: Any, workdir: str) -> str:
 
 
 def read_config_json(workdir: str) -> dict[str, Any] | None:
+  from etils import epath  # imported where used: command-line errors stay fast
+
   path = epath.Path(workdir) / 'config.json'
   return json.loads(path.read_text()) if path.exists() else None
 
@@ -327,6 +334,8 @@ def finish_summary(
   the summary already there: its `wall_clock_s` is the time that produced the result,
   not the seconds the rerun took to evaluate it.
   """
+  from etils import epath
+
   path = epath.Path(workdir) / 'summary.json'
   if trained_steps == 0 and path.exists():
     try:
@@ -338,6 +347,144 @@ def finish_summary(
   if write:
     path.write_text(json.dumps(summary, indent=2))
   return summary
+
+
+# Metric lines: short and grouped in the log, every scalar in TensorBoard.
+
+# The longest metric log line (characters after the step): the full set is in
+# TensorBoard, the log is for reading.
+MAX_LINE = 150
+# (group, [(tag, short name, format)]) in the order a reader looks for them.
+_GROUPS = (
+  ('', [('epoch', 'epoch', '.2f')]),
+  ('train', [('train_loss', 'loss', '.4f'), ('train_accuracy', 'acc', '.4f')]),
+  ('test', [('test_loss', 'loss', '.4f'), ('test_accuracy', 'acc', '.4f')]),
+  (
+    '',
+    [
+      ('learning_rate', 'ε', '.4g'),
+      ('momentum', 'm', '.4g'),
+      ('batch_size', 'B', ',.0f'),
+      ('noise_scale', 'g', '.4g'),
+      ('phase', 'phase', '.0f'),
+    ],
+  ),
+  ('', [('examples_per_sec', 'examples/s', ',.0f'), ('step_time_ms', 'ms/step', '.3g')]),
+)
+# Shown only where they say something, or written out by `_gns_group`.
+_QUIET = {
+  'examples_seen',
+  'parameter_updates',
+  'nonfinite_updates',
+  'gns/b_simple',
+  'gns/grad_sq_norm',
+  'gns/trace_cov',
+}
+
+
+class Unresolved:
+  """How many logged noise-scale measurements left |G|² unresolved (estimate ≤ 0)."""
+
+  def __init__(self):
+    self.unresolved, self.measured = 0, 0
+
+
+def _gns_group(scalars: Mapping[str, float], counter: Unresolved) -> str:
+  """B_simple with its two terms; where |G|² is not resolved, that and the count."""
+  if 'gns/b_simple' not in scalars:
+    return ''
+  g2, trace = scalars.get('gns/grad_sq_norm'), scalars.get('gns/trace_cov')
+  if g2 is None or not math.isfinite(g2):
+    return 'B_simple – (not measured yet)'
+  counter.measured += 1
+  if not g2 > 0:
+    counter.unresolved += 1
+    return (
+      f'B_simple unresolved (|G|² estimate {g2:.3g} ≤ 0: noise dominates; '
+      f'{counter.unresolved} of {counter.measured} logs)'
+    )
+  return f'B_simple {scalars["gns/b_simple"]:,.0f} (|G|² {g2:.3g}, tr(Σ) {trace:.3g})'
+
+
+def metric_lines(
+  step: int, scalars: Mapping[str, Any], counter: Unresolved | None = None
+) -> list[str]:
+  """The log lines of one write: `[step] group | group`, each ≤ MAX_LINE characters."""
+  counter = counter or Unresolved()
+  groups, used = [], set(_QUIET)
+  for title, fields in _GROUPS:
+    items = []
+    for tag, short, spec in fields:
+      if tag in scalars:
+        used.add(tag)
+        value = format(float(scalars[tag]), spec)
+        items.append(f'{value} {short}' if '/' in short else f'{short} {value}')
+    if items:
+      groups.append(' '.join(([title] if title else []) + items))
+  gns_text = _gns_group(scalars, counter)
+  if gns_text:
+    groups.append(gns_text)
+  if scalars.get('nonfinite_updates'):
+    groups.append(f'non-finite updates {int(scalars["nonfinite_updates"])}')
+  for key in sorted(set(scalars) - used):
+    value = scalars[key]
+    groups.append(f'{key} {value:.4g}' if isinstance(value, float) else f'{key} {value}')
+  prefix = f'[{step:,}] '
+  lines, line = [], ''
+  for group in groups:
+    joined = f'{line} | {group}' if line else group
+    if line and len(prefix) + len(joined) > MAX_LINE:
+      lines.append(prefix + line)
+      joined = group
+    line = joined
+  if line:
+    lines.append(prefix + line)
+  return lines
+
+
+# The hyperparameters a reader identifies a run by (short names); all go to TensorBoard.
+_KEY_HPARAMS = (
+  ('dataset', ''),
+  ('model', ''),
+  ('optimizer', ''),
+  ('schedule.kind', ''),
+  ('schedule.learning_rate', 'ε '),
+  ('schedule.batch_size', 'B '),
+  ('schedule.momentum', 'm '),
+  ('schedule.num_epochs', 'epochs '),
+)
+
+
+def hparams_line(hparams: Mapping[str, Any]) -> str:
+  """One short line: the identifying fields; the rest are in config.json and HParams."""
+  shown = ', '.join(f'{name}{hparams[k]}' for k, name in _KEY_HPARAMS if k in hparams)
+  return f'hyperparameters: {shown} (all {len(hparams)} in config.json, HParams)'
+
+
+def create_writer(workdir: str, just_logging: bool = False):
+  """clu's asynchronous MultiWriter of the short log lines and (on the process that
+  writes) TensorBoard's SummaryWriter, which gets every scalar."""
+  from clu import metric_writers  # imports TensorFlow and JAX: only when training
+  from clu.metric_writers import logging_writer
+
+  class MetricLinesWriter(logging_writer.LoggingWriter):
+    """clu's LoggingWriter with `metric_lines` and `hparams_line` as its format."""
+
+    def __init__(self):
+      super().__init__()
+      self.counter = Unresolved()
+
+    def write_scalars(self, step, scalars):
+      for line in metric_lines(step, scalars, self.counter):
+        logging.info('%s', line)
+
+    def write_hparams(self, hparams):
+      logging.info('%s', hparams_line(hparams))
+
+  writers = [MetricLinesWriter()]
+  if not just_logging:
+    writers.append(metric_writers.SummaryWriter(os.fspath(workdir)))
+  return metric_writers.AsyncMultiWriter(writers)
 
 
 # Logging.
@@ -385,18 +532,236 @@ def quiet_logging(verbosity: int = 0) -> None:
     handler.addFilter(_QuietFilter(own))
 
 
+# Command lines: one error path for every entry point (ibs.main, ibs.noise_scale,
+# ibs.tools.probe, ibs.tools.compare, ibs.data.prepare).
+
+# Flags (and config fields) that name files or directories: `~` and `$VARS` in them are
+# expanded, since bash leaves a `--flag=~/x` word alone (it would create a directory
+# named `~` in the working directory).
+PATH_FLAGS = (
+  'config',
+  'workdir',
+  'data_dir',
+  'manual_dir',
+  'out',
+  'plot',
+  'root',
+  'config.data_dir',
+  'config.compilation_cache_dir',
+)
+# The directory holding ibs/ and configs/ (a checkout, or an editable install of one).
+_CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_HINT = '(run with --verbosity=1 for the traceback)'
+
+
+def expand_path(path: str) -> str:
+  """`~` and `$VARS` expanded; gs:// and other URLs are left as they are."""
+  return path if '://' in path else os.path.expandvars(os.path.expanduser(path))
+
+
+def expand_path_arguments(argv: list[str], names=PATH_FLAGS) -> list[str]:
+  """argv with `~` and `$VARS` expanded in the values of the path flags `names`."""
+  out = list(argv)
+  for i, arg in enumerate(out):
+    name, sep, value = arg.lstrip('-').partition('=')
+    if not arg.startswith('-') or name not in names:
+      continue
+    if sep:
+      out[i] = arg[: len(arg) - len(value)] + expand_path(value)
+    elif i + 1 < len(out) and not out[i + 1].startswith('-'):
+      out[i + 1] = expand_path(out[i + 1])
+  return out
+
+
+def resolve_config_path(argv: list[str]) -> list[str]:
+  """argv with a relative --config path that is not under the working directory but is
+  under the checkout (`configs/cifar10_wrn.py`) made absolute: configs load from any
+  working directory."""
+  out = list(argv)
+  for i, arg in enumerate(out):
+    prefix = '--config=' if arg.startswith('--config=') else None
+    if arg == '--config' and i + 1 < len(out):
+      i, prefix, arg = i + 1, '', out[i + 1]
+    if prefix is None:
+      continue
+    path, sep, rest = arg[len(prefix) :].partition(':')
+    candidate = os.path.join(_CHECKOUT, path)
+    if (
+      path
+      and not os.path.isabs(path)
+      and not os.path.exists(path)
+      and os.path.exists(candidate)
+    ):
+      out[i] = f'{prefix}{candidate}{sep}{rest}'
+  return out
+
+
+def requested_verbosity(argv: list[str]) -> int:
+  """absl's --verbosity (or -v) as written in argv, for errors before flags are parsed."""
+  for i, arg in enumerate(argv):
+    name, sep, value = arg.lstrip('-').partition('=')
+    if arg.startswith('-') and name in ('verbosity', 'v'):
+      value = value if sep else (argv[i + 1] if i + 1 < len(argv) else '0')
+      try:
+        return int(value)
+      except ValueError:
+        return 0
+  return 0
+
+
+def _config_argument(argv: list[str]) -> str:
+  """The raw --config argument (the flag keeps it only once the file has loaded)."""
+  for i, arg in enumerate(argv):
+    for prefix in ('--config=', '-config='):
+      if arg.startswith(prefix):
+        return arg[len(prefix) :]
+    if arg in ('--config', '-config') and i + 1 < len(argv):
+      return argv[i + 1]
+  return ''
+
+
+def config_file_message(argv: list[str], cause: BaseException) -> str:
+  """Why --config did not load: no such file (with the nearest name), or its error."""
+  import difflib
+
+  path = _config_argument(argv).split(':', 1)[0]
+  if path and not os.path.exists(path):
+    folder = os.path.dirname(path) or '.'
+    names = os.listdir(folder) if os.path.isdir(folder) else []
+    close = difflib.get_close_matches(os.path.basename(path), names, n=1)
+    hint = (
+      f'Did you mean {os.path.join(os.path.dirname(path), close[0])}?'
+      if close
+      else f'The configs are in {os.path.join(_CHECKOUT, "configs")}.'
+    )
+    return f'--config={path}: no such file. {hint}'
+  while cause.__cause__ is not None:
+    cause = cause.__cause__
+  last = str(cause).strip().splitlines()[-1:] or ['']
+  return f'--config={path} could not be loaded: {type(cause).__name__}: {last[0]}'
+
+
+def _override_message(argv: list[str], text: str) -> str | None:
+  """A misspelled `--config.a.b=v` field: its name, ml_collections' nearest, the fix."""
+  import re
+
+  match = re.search(r'(\w+)', text)  # KeyError text: "'batchsize'\nDid you mean ..."
+  if not match:
+    return None
+  wrong = match.group(1)
+  suggestion = re.search(r'Did you mean "(\w+)" instead of', text)
+  for arg in argv:
+    name, sep, value = arg.lstrip('-').partition('=')
+    parts = name.split('.')
+    if not (arg.startswith('-') and parts[0] == 'config' and wrong in parts[1:]):
+      continue
+    parent = '.'.join(parts[: parts.index(wrong)])
+    message = f'--{name}: {parent} has no field {wrong!r}.'
+    if suggestion:
+      fixed = '.'.join(suggestion.group(1) if p == wrong else p for p in parts)
+      return f'{message} Did you mean --{fixed}{sep}{value}?'
+    return f'{message} The fields are in the file given to --config.'
+  return None
+
+
+def user_error_message(e: BaseException, argv: list[str]) -> str | None:
+  """The one line for a mistake made on the command line, or None if `e` is not one.
+
+  absl's flag errors (a missing required flag, an unknown flag, a value of the wrong
+  type), ml_collections' (a misspelled --config.field, a config file that is not there
+  or fails to load, a variant it refuses) and absl's UsageError.
+  """
+  import re
+
+  from absl import app, flags
+
+  text = str(e).strip()
+  if isinstance(e, KeyError | AttributeError):  # ml_collections: an unknown field
+    return _override_message(argv, text)
+  if isinstance(e, OSError) and (
+    'Configuration is not available' in text or 'Failed loading config file' in text
+  ):
+    return config_file_message(argv, e)
+  if isinstance(e, app.UsageError):
+    return text
+  if not isinstance(e, flags.Error):
+    return None
+  missing = re.findall(r'Flag --(\w+) must have a value other than None', text)
+  if missing:
+    if len(missing) == 1:
+      return f'missing --{missing[0]}: {flags.FLAGS[missing[0]].help}'
+    return (
+      f'missing {", ".join(f"--{m}" for m in missing)} (--helpshort says what each is)'
+    )
+  if 'Error whilst parsing config file' in text:
+    # A ValueError or TypeError of get_config (a variant it refuses): its own message.
+    last = text.splitlines()[-1].strip()
+    reason = re.sub(r'^\w+(Error|Exception): ', '', last)
+    return f'--config={_config_argument(argv)}: {reason}'
+  if isinstance(e, flags.UnrecognizedFlagError):
+    return f'{text.splitlines()[0]} (--helpshort lists the flags)'
+  return ' '.join(text.split())
+
+
+def _exit_with(message: str) -> None:
+  print(f'error: {message}', file=sys.stderr, flush=True)
+  print(_HINT, file=sys.stderr, flush=True)
+  sys.exit(EXIT_USER_ERROR)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing (app.run's `flags_parser`) with the one error path.
+
+  Paths are expanded first (`expand_path_arguments`); a mistake in the flags ends in
+  `error: <one line>` and exit status 2, the traceback only with --verbosity=1.
+  """
+  from absl import flags
+
+  typed = expand_path_arguments(argv)
+  try:
+    return flags.FLAGS(resolve_config_path(typed))
+  except Exception as e:
+    message = user_error_message(e, typed)
+    if message is None or requested_verbosity(argv) >= 1:
+      raise
+    _exit_with(message)
+    raise  # unreachable: for type checkers
+
+
 @contextlib.contextmanager
 def one_line_errors(
-  verbosity: int, is_user_error: Callable[[BaseException], bool]
+  verbosity: int, is_user_error: Callable[[BaseException], bool] = lambda e: False
 ) -> Iterator[None]:
-  """A mistake the user can fix (`is_user_error`) raised inside ends the command with
-  `error: <message>`, a hint, and exit status 2; the traceback only at --verbosity >= 1.
-  Anything else propagates with its traceback: it is ibs's bug or the machine's."""
+  """A mistake the user can fix (`is_user_error`, or a command-line mistake that
+  `user_error_message` knows) raised inside ends the command with `error: <message>`, a
+  hint, and exit status 2; the traceback only at --verbosity >= 1. Anything else
+  propagates with its traceback: it is ibs's bug or the machine's."""
   try:
     yield
   except Exception as e:
-    if verbosity >= 1 or not is_user_error(e):
+    if verbosity >= 1:
       raise
-    print(f'error: {str(e).strip()}', file=sys.stderr, flush=True)
-    print('(run with --verbosity=1 for the traceback)', file=sys.stderr, flush=True)
-    sys.exit(EXIT_USER_ERROR)
+    message = user_error_message(e, sys.argv)
+    if message is None:
+      if not is_user_error(e):
+        raise
+      message = str(e).strip()
+    _exit_with(message)
+
+
+def run_command(
+  main: Callable[[list[str]], Any],
+  is_user_error: Callable[[BaseException], bool] = lambda e: False,
+  argv: list[str] | None = None,
+) -> None:
+  """absl's app.run of `main` on the one error path: flags parsed by `parse_flags`,
+  `main` run inside `one_line_errors`, after `quiet_logging`."""
+  from absl import app, flags
+
+  def wrapped(args):
+    verbosity = flags.FLAGS.verbosity
+    quiet_logging(verbosity)
+    with one_line_errors(verbosity, is_user_error):
+      return main(args)
+
+  app.run(wrapped, argv=sys.argv if argv is None else argv, flags_parser=parse_flags)

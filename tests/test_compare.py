@@ -94,28 +94,61 @@ def test_plot_is_a_paper_column_figure(two_runs, tmp_path, suffix):
     assert width == pytest.approx(3.4 * 300, abs=2)  # one column at 300 dpi
 
 
-def test_accuracy_axes_are_zoomed():
+def test_panels_are_lettered_share_y_ranges_and_clip_nothing():
   import numpy as np
 
   from ibs.tools import curves
 
-  def run(accuracies):
+  def run(accuracies, losses):
     steps = np.array([100, 500, 1000])
     return [
-      {'epoch': (steps, steps / 100), 'test_accuracy': (steps, np.array(accuracies))}
+      {
+        'epoch': (steps, steps / 100),
+        'parameter_updates': (steps, steps),
+        'test_accuracy': (steps, np.array(accuracies)),
+        'train_loss': (steps, np.array(losses)),
+      }
     ]
 
-  figure = curves.plot_runs({'a': run([0.3, 0.95, 0.976]), 'b': run([0.2, 0.96, 0.97])})
-  low, high = figure.axes[2].get_ylim()  # test accuracy against epochs
-  # From a quarter of the way on the curves span 0.95–0.976; the first epoch is cut away.
-  assert 0.945 < low < 0.95 and 0.976 < high < 0.98
+  figure = curves.plot_runs(
+    {
+      'a': run([0.3, 0.95, 0.976], [2.0, 0.3, 0.1]),
+      'b': run([0.2, 0.96, 0.97], [2.2, 0.2, 0.05]),
+    }
+  )
+  axes = figure.axes
+  assert [ax.get_title(loc='left') for ax in axes] == ['(a)', '(b)', '(c)', '(d)']
+  # Loss panels (a, b) and accuracy panels (c, d) share their ranges, which hold every
+  # value: 0.05–2.2 and 0.2–0.976 (the first epoch's 0.2 is not cut away).
+  assert axes[0].get_ylim() == axes[1].get_ylim()
+  assert axes[2].get_ylim() == axes[3].get_ylim()
+  low, high = axes[0].get_ylim()
+  assert low < 0.05 and 2.2 < high < 3.0
+  low, high = axes[2].get_ylim()
+  assert 0.15 < low < 0.2 and 0.976 < high < 0.99
+  assert axes[1].get_xscale() == 'log' and axes[0].get_xscale() == 'linear'
+  assert axes[2].get_yscale() == 'logit'
+
+
+def test_labels_name_the_runs(two_runs, tmp_path):
+  report = compare.compare(
+    two_runs, str(tmp_path / 'f.png'), ['increasing batch', 'decaying LR']
+  )
+  assert report.splitlines()[2].startswith('increasing batch')
+  with pytest.raises(
+    compare.CompareError, match='--labels gives 1 labels for 2 workdirs'
+  ):
+    compare.compare(two_runs, None, ['one'])
 
 
 def test_command_line_errors_are_one_line(tmp_path, capsys):
-  assert compare.main([str(tmp_path / 'missing')]) == 2
-  assert (
-    capsys.readouterr().err.strip()
-    == f'error: {tmp_path / "missing"} is not a directory.'
-  )
-  assert compare.main([str(tmp_path)]) == 2
-  assert 'not an ibs workdir' in capsys.readouterr().err
+  for argv, message in (
+    ([str(tmp_path / 'missing')], f'error: {tmp_path / "missing"} is not a directory.'),
+    ([str(tmp_path)], 'not an ibs workdir'),
+    (['--plot=x.png'], 'error: the following arguments are required: workdirs'),
+  ):
+    with pytest.raises(SystemExit) as exited:
+      compare.main(argv)
+    assert exited.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 2 and message in lines[0], lines

@@ -83,3 +83,16 @@ def test_validate_gns_within_ten_percent_of_the_closed_form():
   assert report['expected']['b_simple'] == pytest.approx(81.0)
   assert len(report['layouts']) == 3
   assert report['rel_error'] < 0.1, report
+
+
+def test_an_unresolved_gradient_norm_is_logged_as_nan_and_decides_as_inf():
+  """|G|² = (B·|G_B|² − b·|G_b|²)/(B − b) < 0 when the small batches' norm exceeds B/b
+  times the big one's (here (64·1 − 8·9)/56 = −1/7): B_simple is not resolved. The log
+  gets NaN (no point) beside the negative norm, not inf; a decision (ibs/adaptive.py)
+  still reads it as 'noise dominates', inf."""
+  state = gns.update(gns.GNSState.empty(), 9.0, 1.0, 8, 64, 640.0)
+  logged = gns.estimates(state)
+  assert logged['gns/grad_sq_norm'] == pytest.approx(-1 / 7, rel=1e-5)
+  assert math.isnan(logged['gns/b_simple'])
+  assert gns.b_simple(state) == math.inf
+  assert math.isnan(gns.b_simple(gns.GNSState.empty()))

@@ -120,3 +120,26 @@ def test_missing_archives_are_one_line_errors(tmp_path):
   with pytest.raises(prepare.PrepareError, match='cifar-10-binary.tar.gz'):
     prepare.prepare('cifar10', str(tmp_path), str(tmp_path))
   assert os.listdir(tmp_path) == []
+
+
+def test_offline_without_manual_dir_fails_at_once_and_writes_nothing(
+  tmp_path, monkeypatch, offline
+):
+  """The connectivity check is mocked (tests never reach a download): offline, the
+  error names --manual_dir and the archive, before TFDS's minutes of retries; `~` in the
+  data directory is the home directory, and neither it nor the working directory gets a
+  file."""
+  home, cwd = tmp_path / 'home', tmp_path / 'cwd'
+  home.mkdir()
+  cwd.mkdir()
+  monkeypatch.setenv('HOME', str(home))
+  monkeypatch.chdir(cwd)
+  asked = []
+  monkeypatch.setattr(prepare, 'reachable', lambda host: asked.append(host) or False)
+  with pytest.raises(prepare.PrepareError) as raised:
+    prepare.prepare('cifar10', '~/x')
+  assert asked == ['www.cs.toronto.edu']
+  message = str(raised.value)
+  assert '--manual_dir=DIR holding cifar-10-binary.tar.gz' in message
+  assert '\n' not in message
+  assert os.listdir(cwd) == [] and os.listdir(home) == []

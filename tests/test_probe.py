@@ -197,7 +197,7 @@ def test_arguments_against_the_run_are_named(tmp_path):
   [
     (['--points=1', '--branch_examples=64'], 'error: --workdir=.* is not a directory'),
     (['--points=1', '--branch_examples=64', '--rule=cubic'], 'error: flag --rule=cubic'),
-    (['--points=1'], 'error: flag --branch_examples=None'),
+    (['--points=1'], 'error: missing --branch_examples: Examples each branch'),
   ],
 )
 def test_the_command_line_errors_in_one_line_with_status_2(tmp_path, flags, message):

@@ -172,3 +172,70 @@ def test_training_time_adds_up_over_resumes_and_survives_a_rerun(tiny_config, tm
   after = json.loads((tmp_path / 'summary.json').read_text())
   assert after['wall_clock_s'] == written['wall_clock_s']
   assert after['compile_s'] == written['compile_s']
+
+
+# The scalars of a log period and of an evaluation as ibs.train writes them.
+PERIOD = {
+  'train_loss': 0.51234,
+  'train_accuracy': 0.8123,
+  'learning_rate': 0.1,
+  'momentum': 0.9,
+  'batch_size': 160,
+  'phase': 1,
+  'noise_scale': 124.3,
+  'nonfinite_updates': 0,
+  'gns/grad_sq_norm': 0.0123,
+  'gns/trace_cov': 9.87,
+  'gns/b_simple': 802.4,
+  'examples_per_sec': 12345.6,
+  'step_time_ms': 0.951,
+  'epoch': 30.0,
+  'examples_seen': 600_000,
+  'parameter_updates': 18_750,
+}
+
+
+def test_metric_lines_are_grouped_short_and_count_unresolved_b_simple():
+  counter = reporting.Unresolved()
+  lines = reporting.metric_lines(18_750, PERIOD, counter)
+  assert lines == [
+    '[18,750] epoch 30.00 | train loss 0.5123 acc 0.8123 | ε 0.1 m 0.9 B 160 g 124.3 '
+    'phase 1 | 12,346 examples/s 0.951 ms/step',
+    '[18,750] B_simple 802 (|G|² 0.0123, tr(Σ) 9.87)',
+  ]
+  unresolved = {**PERIOD, 'gns/grad_sq_norm': -0.003, 'gns/b_simple': float('nan')}
+  assert reporting.metric_lines(18_750, unresolved, counter)[1] == (
+    '[18,750] B_simple unresolved (|G|² estimate -0.003 ≤ 0: noise dominates; '
+    '1 of 2 logs)'
+  )
+  # Whatever else is logged wraps at MAX_LINE; nothing is dropped.
+  many = {**PERIOD, **{f'extra/metric_{i}': i / 3 for i in range(20)}}
+  lines = reporting.metric_lines(18_750, many, counter)
+  assert all(len(line) <= reporting.MAX_LINE for line in lines)
+  assert all(f'extra/metric_{i} ' in ' '.join(lines) for i in range(20))
+
+
+def test_the_hyperparameter_line_is_short(tiny_config):
+  line = reporting.hparams_line(reporting.flatten_hparams(tiny_config))
+  assert len(line) <= reporting.MAX_LINE, line
+  assert line == (
+    'hyperparameters: mnist1d, cnn1d, momentum, increasing_batch, ε 0.1, B 32, m 0.9, '
+    'epochs 4.0 (all 44 in config.json, HParams)'
+  )
+
+
+def test_the_writer_logs_short_lines_and_keeps_every_scalar(tmp_path, caplog):
+  from ibs.tools import curves
+
+  writer = reporting.create_writer(str(tmp_path))
+  with caplog.at_level(std_logging.INFO):
+    writer.write_scalars(18_750, PERIOD)
+    writer.flush()
+  logged = [
+    r.getMessage() for r in caplog.records if r.getMessage().startswith('[18,750]')
+  ]
+  assert len(logged) == 2 and all(len(line) <= reporting.MAX_LINE for line in logged)
+  writer.close()
+  scalars = curves.read_scalars(str(tmp_path))
+  assert set(scalars) == set(PERIOD)
+  assert scalars['gns/b_simple'][1][0] == pytest.approx(802.4)

@@ -19,13 +19,15 @@ install (TFDS's command-line tool imports Beam to start at all).
 from __future__ import annotations
 
 import os
-import sys
+import socket
 
 from absl import app, flags, logging
 
 DATASETS = ('cifar10', 'imagenet2012')
 CIFAR10_ARCHIVE = 'cifar-10-binary.tar.gz'
 IMAGENET_TARS = ('ILSVRC2012_img_train.tar', 'ILSVRC2012_img_val.tar')
+CIFAR10_HOST = 'www.cs.toronto.edu'
+CIFAR10_URL = f'https://{CIFAR10_HOST}/~kriz/{CIFAR10_ARCHIVE}'
 
 
 def _define_flags() -> None:
@@ -42,6 +44,19 @@ def _define_flags() -> None:
     f'without it the archive is downloaded) or {" and ".join(IMAGENET_TARS)} '
     '(imagenet2012, required).',
   )
+
+
+def reachable(host: str, port: int = 443, timeout_s: float = 5.0) -> bool:
+  """Whether a TCP connection to `host` opens within `timeout_s` (name lookup included).
+
+  Asked before a download: offline, TFDS retries for minutes before it fails, and its
+  error never names --manual_dir.
+  """
+  try:
+    with socket.create_connection((host, port), timeout=timeout_s):
+      return True
+  except OSError:
+    return False
 
 
 class PrepareError(RuntimeError):
@@ -66,8 +81,17 @@ def _check_manual_dir(name: str, manual_dir: str | None) -> None:
   elif manual_dir and not os.path.exists(os.path.join(manual_dir, CIFAR10_ARCHIVE)):
     raise PrepareError(
       f'--manual_dir={manual_dir} has no {CIFAR10_ARCHIVE}. Copy the archive from '
-      'https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz there, or leave out '
+      f'{CIFAR10_URL} there, or leave out '
       '--manual_dir to download it.'
+    )
+
+
+def _check_download(name: str, manual_dir: str | None) -> None:
+  """A download that cannot happen fails now, naming --manual_dir and the archive."""
+  if name == 'cifar10' and not manual_dir and not reachable(CIFAR10_HOST):
+    raise PrepareError(
+      f'{CIFAR10_HOST} cannot be reached (offline?). Download {CIFAR10_URL} where '
+      f'there is a network, and rerun with --manual_dir=DIR holding {CIFAR10_ARCHIVE}.'
     )
 
 
@@ -76,18 +100,25 @@ def prepare(name: str, data_dir: str | None = None, manual_dir: str | None = Non
 
   Already prepared data is left as it is (TFDS skips a builder whose files exist).
   """
+  from ibs import reporting
   from ibs.data import prepared
 
   if name not in DATASETS:
     raise PrepareError(f'Unknown dataset {name!r}; ibs prepares {list(DATASETS)}.')
+  # `~` and `$VARS` too when called from Python (the command line expands its flags).
+  manual_dir = reporting.expand_path(manual_dir) if manual_dir else manual_dir
   _check_manual_dir(name, manual_dir)
-  data_dir = prepared.data_dir_or_default(data_dir)
+  data_dir = reporting.expand_path(prepared.data_dir_or_default(data_dir))
+  if not os.path.isdir(os.path.join(data_dir, name)):
+    # Nothing there to find prepared: ask before importing TFDS (and TensorFlow).
+    _check_download(name, manual_dir)
   import tensorflow_datasets as tfds
 
   builder = tfds.builder(name, data_dir=data_dir)
   if builder.is_prepared():
     logging.info('%s is already prepared in %s.', name, builder.data_dir)
   else:
+    _check_download(name, manual_dir)
     from tensorflow_datasets.core.download import download_manager
 
     try:
@@ -119,19 +150,13 @@ def main(argv):
       f'Give one dataset: python -m ibs.data.prepare {"|".join(DATASETS)} --data_dir=DIR '
       '[--manual_dir=DIR]'
     )
-  from ibs import reporting
-
-  reporting.quiet_logging(flags.FLAGS.verbosity)
-  try:
-    where = prepare(argv[1], flags.FLAGS.data_dir, flags.FLAGS.manual_dir)
-  except PrepareError as e:
-    if flags.FLAGS.verbosity >= 1:
-      raise
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
+  where = prepare(argv[1], flags.FLAGS.data_dir, flags.FLAGS.manual_dir)
   print(f'{argv[1]} is prepared in {where} (array_record).')
 
 
 if __name__ == '__main__':
+  from ibs import reporting
+
   _define_flags()
-  app.run(main)
+  # PrepareError and DatasetNotPreparedError: one line naming what to put where.
+  reporting.run_command(main, lambda e: isinstance(e, PrepareError))

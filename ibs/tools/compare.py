@@ -8,7 +8,8 @@ parameter updates, examples seen, epochs, wall-clock (summed over resumes) — a
 config fields whose values differ between the runs (from each workdir's config.json).
 With --plot, writes a figure of training loss and test accuracy against epochs and
 against parameter updates (the paper's Figure 2), one column of a paper wide, as PDF,
-PNG or SVG by the file's extension, from the TensorBoard event files.
+PNG or SVG by the file's extension, from the TensorBoard event files; --labels names the
+runs (`--labels="increasing batch,decaying LR"`). Mistakes end in one line, exit 2.
 """
 
 from __future__ import annotations
@@ -88,8 +89,8 @@ def _fmt(value: Any, spec: str) -> str:
   return '–' if value is None else format(value, spec)
 
 
-def table(runs: list[dict[str, Any]]) -> str:
-  names = labels([r['workdir'] for r in runs])
+def table(runs: list[dict[str, Any]], names: list[str] | None = None) -> str:
+  names = names or labels([r['workdir'] for r in runs])
   width = max(12, *(len(n) for n in names))
   header = (
     f'{"run":<{width}} {"test acc":>9} {"test loss":>9} {"train loss":>10} '
@@ -109,12 +110,14 @@ def table(runs: list[dict[str, Any]]) -> str:
   return '\n'.join(lines)
 
 
-def differences_table(runs: list[dict[str, Any]]) -> str:
-  names = labels([r['workdir'] for r in runs])
+def differences_table(runs: list[dict[str, Any]], names: list[str] | None = None) -> str:
+  names = names or labels([r['workdir'] for r in runs])
   with_config = [r for r in runs if r['config']]
   if len(with_config) < len(runs):
     missing = [n for n, r in zip(names, runs, strict=True) if not r['config']]
-    note = f'(no config.json in {", ".join(missing)}: written by ibs since issue 14)'
+    note = (
+      f'(no config.json in {", ".join(missing)}: config.json is written by newer ibs)'
+    )
     if len(with_config) < 2:
       return note
   else:
@@ -145,17 +148,27 @@ def differences_table(runs: list[dict[str, Any]]) -> str:
   return '\n'.join(line.rstrip() for line in lines + ([note] if note else []))
 
 
-def compare(workdirs: list[str], plot: str | None = None) -> str:
-  """The report for `workdirs`; with `plot`, also writes the figure there."""
+def compare(
+  workdirs: list[str], plot: str | None = None, names: list[str] | None = None
+) -> str:
+  """The report for `workdirs`; with `plot`, also writes the figure there, its curves
+  labelled `names` (default: the workdirs' last path components)."""
+  workdirs = [reporting.expand_path(w) for w in workdirs]
+  if names is not None and len(names) != len(workdirs):
+    raise CompareError(
+      f'--labels gives {len(names)} labels for {len(workdirs)} workdirs; give one per '
+      'workdir, in the same order, separated by commas.'
+    )
   runs = [load_run(w) for w in workdirs]
-  report = table(runs) + '\n\n' + differences_table(runs)
+  report = table(runs, names) + '\n\n' + differences_table(runs, names)
   if plot:
     from ibs.tools import curves
 
+    plot = reporting.expand_path(plot)
     ext = os.path.splitext(plot)[1].lower()
     if ext not in ('.pdf', '.png', '.svg'):
       raise CompareError(f'--plot={plot}: give a .pdf, .png or .svg file name.')
-    names = labels(workdirs)
+    names = names or labels(workdirs)
     figure_runs = {
       n: [r['scalars']] for n, r in zip(names, runs, strict=True) if r['scalars']
     }
@@ -167,21 +180,34 @@ def compare(workdirs: list[str], plot: str | None = None) -> str:
   return report
 
 
+class _Parser(argparse.ArgumentParser):
+  """argparse whose mistakes go the one error path (one line, exit status 2)."""
+
+  def error(self, message):
+    raise CompareError(f'{message} (--help describes the arguments)')
+
+
 def main(argv: list[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(
+  parser = _Parser(
     prog='python -m ibs.tools.compare', description=__doc__.split('\n\n')[0]
   )
   parser.add_argument('workdirs', nargs='+', help='ibs workdirs (--workdir of ibs.main)')
   parser.add_argument(
     '--plot', default=None, help='write loss/accuracy curves to this .pdf/.png/.svg'
   )
-  args = parser.parse_args(argv)
-  reporting.quiet_logging(0)
-  try:
-    print(compare(args.workdirs, args.plot))
-  except CompareError as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 2
+  parser.add_argument(
+    '--labels',
+    default=None,
+    help='comma-separated names of the runs in the table and the figure, one per workdir',
+  )
+  parser.add_argument('--verbosity', type=int, default=0, help='1: tracebacks of errors')
+  argv = sys.argv[1:] if argv is None else argv
+  verbosity = reporting.requested_verbosity(argv)
+  reporting.quiet_logging(verbosity)
+  with reporting.one_line_errors(verbosity, lambda e: isinstance(e, CompareError)):
+    args = parser.parse_args(argv)
+    names = None if args.labels is None else [n.strip() for n in args.labels.split(',')]
+    print(compare(args.workdirs, args.plot, names))
   return 0
 
 

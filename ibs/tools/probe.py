@@ -69,7 +69,6 @@ import dataclasses
 import json
 import math
 import os
-import sys
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -727,35 +726,23 @@ def _define_flags() -> None:
   flags.mark_flags_as_required(['workdir', 'points', 'branch_examples'])
 
 
-def _parse_flags(argv: list[str]) -> list[str]:
-  """absl's flag parsing, with its errors as one line and exit status 2."""
-  try:
-    return flags.FLAGS(argv)
-  except flags.Error as e:
-    print(f'error: {e}', file=sys.stderr, flush=True)
-    sys.exit(reporting.EXIT_USER_ERROR)
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  verbosity = flags.FLAGS.verbosity
-  reporting.quiet_logging(verbosity)
-  with reporting.one_line_errors(verbosity, _is_user_error):
-    values = flags.FLAGS
-    args = parse_arguments(
-      workdir=values.workdir,
-      points=values.points,
-      batch_sizes=values.batch_sizes,
-      branch_examples=values.branch_examples,
-      rule=values.rule,
-      tolerance=values.tolerance,
-      evaluate=values.eval,
-      loss_examples=values.loss_examples,
-      loss_evals=values.loss_evals,
-      out=values.out,
-    )
-    results = probe(args, log=lambda line: print(line, flush=True))
+  values = flags.FLAGS
+  args = parse_arguments(
+    workdir=values.workdir,
+    points=values.points,
+    batch_sizes=values.batch_sizes,
+    branch_examples=values.branch_examples,
+    rule=values.rule,
+    tolerance=values.tolerance,
+    evaluate=values.eval,
+    loss_examples=values.loss_examples,
+    loss_evals=values.loss_evals,
+    out=values.out,
+  )
+  results = probe(args, log=lambda line: print(line, flush=True))
   paths = write_outputs(results, args.out)
   print('\n' + format_table(results), flush=True)
   print(f'wrote {paths["csv"]}, {paths["json"]}, {paths["png"]}', flush=True)
@@ -775,4 +762,4 @@ def _is_user_error(e: BaseException) -> bool:
 
 if __name__ == '__main__':
   _define_flags()
-  app.run(main, flags_parser=_parse_flags)
+  reporting.run_command(main, _is_user_error)
