@@ -15,6 +15,7 @@ spread of the measurement at one point of training.
 """
 
 import math
+import os
 import statistics
 
 import numpy as np
@@ -46,11 +47,14 @@ def main(argv):
   print('|---|---|---|---|---|---|')
   for prefix, problem in (('', '10k'), ('size=20k,', '20k')):
     for kind, tag in INPUTS:
-      runs = [
-        curves.read_scalars(
-          reproduce.run_workdir(values.root, _CONFIG, f'{prefix}schedule={kind}', s)
-        )
+      workdirs = [
+        reproduce.run_workdir(values.root, _CONFIG, f'{prefix}schedule={kind}', s)
         for s in (int(s) for s in values.seeds)
+      ]
+      runs = [
+        curves.read_scalars(w)
+        for w in workdirs
+        if os.path.exists(os.path.join(w, 'summary.json'))  # finished runs only
       ]
       runs = [r for r in runs if tag in r]
       for epoch in epochs:
