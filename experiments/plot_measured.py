@@ -55,7 +55,7 @@ def main(argv):
       axes[row][column].grid(alpha=0.3, which='both')
       axes[row][0].set_ylabel(name)
     axes[-1][column].set_xlabel('epoch')
-  axes[0][0].legend(fontsize=7, loc='upper left')
+  axes[1][0].legend(fontsize=7, loc='lower left')
   fig.suptitle('MNIST-1D: what each schedule kind ran (one log per epoch)', fontsize=10)
   fig.tight_layout()
   fig.savefig(flags.FLAGS.out, dpi=130)
