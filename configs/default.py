@@ -32,7 +32,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.weight_decay_mask = 'all'  # all | kernels (no decay on BN and biases)
 
   config.schedule = ml_collections.ConfigDict()
-  config.schedule.kind = 'increasing_batch'  # decaying_lr | increasing_batch | hybrid
+  # decaying_lr | increasing_batch | hybrid (SGD's conversions); sqrt_scaling | seesaw
+  # (Adam's); explicit (phases given); adaptive (the measured noise scale decides when
+  # to climb the ladder below): ibs.schedules.SCHEDULE_KINDS.
+  config.schedule.kind = 'increasing_batch'
   config.schedule.num_epochs = 100.0
   config.schedule.learning_rate = 0.1
   config.schedule.batch_size = 32
@@ -81,11 +84,12 @@ def get_config() -> ml_collections.ConfigDict:
   config.max_micro_batch_size = 800  # per-device cap; larger batches accumulate (CPU is
   # fastest near 800 examples per micro-batch for this model)
   config.steps_per_dispatch = 8  # updates per call of the compiled step: at B = 32 a step
-  # is ~0.6 ms on CPU and the host's work per call a visible share of it
-  # (docs/BENCHMARKS.md)
+  # is short on CPU and the host's work per call a visible share of it
+  # (docs/BENCHMARKS.md, "Train step", measures it)
   # The gradient noise scale B_simple = tr(Σ)/|G|², measured in the step (ibs/gns.py):
-  # moving averages over a horizon of this many examples (here one epoch). One device
-  # with one micro-batch measures on every split_every-th update only (each costs a
+  # moving averages over a horizon of this many examples (here one epoch). Every update
+  # measures, except where one device trains one micro-batch of a single ghost batch
+  # (here B = 32): that measures on every split_every-th update only (each costs a
   # second backward pass; docs/BENCHMARKS.md).
   config.gns = ml_collections.ConfigDict(
     dict(enabled=True, horizon_examples=20_000, split_every=100)
@@ -97,6 +101,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.stop_after_steps = 0  # > 0: stop (with a checkpoint) after this many updates
   config.nonfinite = 'stop'  # NaN/inf loss or gradient: 'stop' the run, or 'skip' the
   # update (parameters kept, skips counted); docs/RELIABILITY.md
+  config.nonfinite_max_skipped = 0.5  # 'skip': stop when more than this fraction of the
+  # updates between two events (log, evaluation, checkpoint) were skipped
 
   config.seed = 0  # parameter initialisation
   config.data_seed = 0  # data order and augmentation

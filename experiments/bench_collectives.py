@@ -7,8 +7,8 @@ micro-batch over every device's examples, `lax.scan` over the A micro-batches, g
 summed in the carry. XLA then all-reduces the gradient inside the loop, once per
 micro-batch. ibs's step (`ibs/step.py`) sums each device's micro-batch gradients itself
 and all-reduces once per update. Both are compiled (not run) for the same model, batch
-and 8 CPU devices; `ibs.tools.hlo` counts each all-reduce's payload, times A when it sits in
-the loop. ibs's batch-norm statistics travel by all-gather instead (per micro-batch, a
+and 8 CPU devices; `ibs.tools.hlo` counts each all-reduce's payload, times A when it sits
+in the loop. ibs's batch-norm statistics travel by all-gather instead (per micro-batch, a
 mean and a variance per feature and ghost batch); their bytes are reported apart.
 
   JAX_NUM_CPU_DEVICES=8 python experiments/bench_collectives.py

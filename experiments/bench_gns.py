@@ -20,7 +20,7 @@ import numpy as np
 from absl import app, flags
 
 from configs import default
-from ibs import sharding, train
+from ibs import schedules, setup, sharding
 from ibs import step as step_lib
 from ibs.data import catalog
 
@@ -37,9 +37,9 @@ def main(argv):
   config = default.get_config()
   spec = catalog.dataset_spec(config)
   mesh = sharding.make_mesh(jax.devices()[:1])
-  model = train.create_model(config, spec.num_classes)
-  schedule = train.schedules.from_config(config, spec.num_train_examples)
-  state = train.create_train_state(config, model, schedule, spec.input_shape, mesh)
+  model = setup.create_model(config, spec.num_classes)
+  schedule = schedules.from_config(config, spec.num_train_examples)
+  state = setup.create_train_state(config, model, schedule, spec.input_shape, mesh)
   k = config.steps_per_dispatch
   if _SPLIT_EVERY.value is not None:
     config.gns.split_every = _SPLIT_EVERY.value

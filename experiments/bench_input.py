@@ -40,7 +40,7 @@ import jax
 import numpy as np
 
 from configs import cifar10_wrn, default
-from ibs import config_checks, sharding, train
+from ibs import config_checks, setup, sharding
 from ibs import step as step_lib
 from ibs.data import augment, catalog, pipeline
 
@@ -89,19 +89,19 @@ def step_measurers(config, source, preprocess, batch_size: int):
   config.gns.enabled = ARGS.gns == 'on'
   mesh = sharding.make_mesh()
   spec, schedule = config_checks.check_config(config, jax.device_count())
-  model = train.create_model(config, spec.num_classes)
+  model = setup.create_model(config, spec.num_classes)
   plan = sharding.plan_micro_batches(
     batch_size, jax.device_count(), config.ghost_batch_size, config.max_micro_batch_size
   )
   local = next(stream(source, preprocess, batch_size, num_steps=1))
-  state = train.create_train_state(config, model, schedule, spec.input_shape, mesh)
+  state = setup.create_train_state(config, model, schedule, spec.input_shape, mesh)
   step = step_lib.compile_train_steps(
     mesh,
     state,
     [plan],
     local,
     ghost_batch_size=config.ghost_batch_size,
-    options=train.step_options(config),
+    options=setup.step_options(config),
   )[plan.shape]
   holder = {'state': state, 'metrics': step_lib.empty_metrics(mesh)}
 

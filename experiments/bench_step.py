@@ -1,7 +1,7 @@
 r"""Examples/s of the ibs train step against a bare `jax.jit` step of the same model.
 
 The ibs step is what `ibs.train` runs: ahead-of-time compiled by
-`step.compile_train_steps` with `train.step_options(config)`, a `shard_map` over the
+`step.compile_train_steps` with `setup.step_options(config)`, a `shard_map` over the
 `data` mesh with the accumulation loop (when A > 1), the optimizer's injected
 hyperparameters (ε and m read from the schedule inside the step), the gradient noise
 scale measured in the step (`--gns`; on one device at A = 1 every
@@ -50,7 +50,7 @@ import numpy as np
 import optax
 
 from configs import default
-from ibs import models, optim, schedules, sharding, train
+from ibs import models, optim, schedules, setup, sharding
 from ibs import step as step_lib
 
 # Models: 'cnn1d' is configs/default.py's; 'wrn' the CPU smoke model of
@@ -130,7 +130,7 @@ def ibs_runner(
     example,
     ghost_batch_size=config.ghost_batch_size,
     steps_per_dispatch=steps_per_dispatch,
-    options=train.step_options(config),
+    options=setup.step_options(config),
     host_loop=host_loop,
   ).values()
   k = compiled.steps_per_dispatch
@@ -144,7 +144,7 @@ def ibs_runner(
   def run(n):
     state, metrics = holder['state'], holder['metrics']
     for _ in range(n // k):
-      if with_transfer:  # As ibs.train calls it.
+      if with_transfer:  # As the loop (ibs/train.py) calls it.
         state, metrics = compiled(state, local_batches, metrics)
       else:
         state, metrics = compiled._run(state, on_device, metrics, count)
@@ -305,7 +305,8 @@ def main():
     print(
       f'| {batch_size} | {accumulation}{" (host loop)" if host_loop else ""} | {k} | '
       f'{rates["bare"]:,.0f} | {rates["ibs"]:,.0f} | '
-      f'{rates["ibs"] / rates["bare"]:.3f} | {paired["ibs"]:.3f} | {cpu_ratios["ibs"]:.3f} '
+      f'{rates["ibs"] / rates["bare"]:.3f} | {paired["ibs"]:.3f} | '
+      f'{cpu_ratios["ibs"]:.3f} '
       f'| {rates["ibs K=1"] / rates["bare"]:.3f} '
       f'| {rates["ibs K=1"] / rates["bare donated"]:.3f} | {a1} |',
       flush=True,

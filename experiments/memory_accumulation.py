@@ -102,7 +102,7 @@ def main():
       f'{args.model}; use e.g. --micro_batch_size={ghost * max(1, b // ghost)}.'
     )
   host_loop = {'auto': None, 'on': True, 'off': False}[args.host_loop]
-  gns = default.get_config().gns  # as ibs.train.step_options reads it
+  gns = default.get_config().gns  # as ibs.setup.step_options reads it
   options = step_lib.StepOptions(
     gns_horizon_examples=gns.horizon_examples if args.gns == 'on' else 0.0,
     gns_split_every=gns.split_every,

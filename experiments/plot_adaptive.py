@@ -1,4 +1,4 @@
-r"""docs/figures/adaptive_mnist1d.png: the batch the adaptive schedule chose, with B_simple.
+r"""docs/figures/adaptive_mnist1d.png: the adaptive schedule's batch, with B_simple.
 
 One panel per seed of the mnist1d_adaptive grid (experiments/reproduce.py): the adaptive
 run's batch B and its measured noise scale B_simple against epochs, the B at which the
@@ -6,7 +6,8 @@ rule calls the rung ready (threshold × B), and the fixed increasing-batch sched
 (the recipe's milestones 30/60/80) for comparison. Prints each adaptive run's switches.
 
   python -m experiments.reproduce --experiment=mnist1d_adaptive --root=workdirs
-  python -m experiments.plot_adaptive --root=workdirs --out=docs/figures/adaptive_mnist1d.png
+  python -m experiments.plot_adaptive --root=workdirs \
+    --out=docs/figures/adaptive_mnist1d.png
 """
 
 import json

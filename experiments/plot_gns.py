@@ -32,7 +32,7 @@ def phase_means(scalars, b_simple_tag='gns/b_simple') -> list[dict]:
   """
   epochs, b_simple = curves.against(scalars, b_simple_tag, 'epoch')
   _, batch = curves.against(scalars, 'batch_size', 'epoch')
-  _, g = curves.against(scalars, 'noise_scale', 'epoch')
+  _, g = curves.against(scalars, 'g_sgd', 'epoch')
   _, lr = curves.against(scalars, 'learning_rate', 'epoch')
   rows = []
   changes = np.flatnonzero(np.diff(lr * 1e9 + batch)) + 1  # a phase: constant ε and B
@@ -68,7 +68,7 @@ def main(argv):
   for name, scalars in runs.items():
     x, y = curves.against(scalars, 'gns/b_simple', 'examples_seen')
     top.plot(x, y, color=colors[name], lw=1.2, label=f'measured B_simple, {name}')
-    x, g = curves.against(scalars, 'noise_scale', 'examples_seen')
+    x, g = curves.against(scalars, 'g_sgd', 'examples_seen')
     bottom.step(x, g, where='pre', color=colors[name], lw=1.2, label=f"paper's g, {name}")
   x, b = curves.against(runs['increasing batch'], 'batch_size', 'examples_seen')
   top.step(x, b, where='pre', color='k', lw=1.0, ls='--', label='B, increasing batch')

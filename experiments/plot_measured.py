@@ -9,7 +9,8 @@ the fixed increasing batch, today's adaptive kind, and the two kinds of ibs/meas
       --seeds=0,1,2,3,4
   python -m experiments.reproduce --experiment=mnist1d_measured_20k --root=workdirs \
       --seeds=0,1,2,3,4
-  python -m experiments.plot_measured --root=workdirs --out=docs/figures/measured_mnist1d.png
+  python -m experiments.plot_measured --root=workdirs \
+      --out=docs/figures/measured_mnist1d.png
 """
 
 from absl import app, flags

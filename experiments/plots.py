@@ -9,9 +9,9 @@ should get there in far fewer steps.
 
   python -m experiments.plots --experiment=mnist1d_5_1 --root=workdirs --out=docs/figures
 
-`read_scalars(workdir)` (ibs.tools.curves) is the one reader of ibs's logs; the notebooks and
-`python -m ibs.tools.compare` use it too, and `save_paper_figure` is the one way both save
-a figure (panels lettered, one y-range per metric, updates on a log axis).
+`read_scalars(workdir)` (ibs.tools.curves) is the one reader of ibs's logs; the notebooks
+and `python -m ibs.tools.compare` use it too, and `save_paper_figure` is the one way both
+save a figure (panels lettered, one y-range per metric, updates on a log axis).
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from absl import app, flags
 
 from experiments import reproduce
 
-# The curves themselves (reading event files, drawing) live in ibs.tools.curves, re-exported
-# here for the notebooks and scripts that use them as plots.*.
+# The curves themselves (reading event files, drawing) live in ibs.tools.curves,
+# re-exported here for the notebooks and scripts that use them as plots.*.
 from ibs.tools.curves import (  # noqa: F401
   LEARNING_CURVES,
   LOG_SCALE,

@@ -1,12 +1,12 @@
 r"""The critical-batch probe at three points of the MNIST-1D decaying-LR run.
 
-The run is the mnist1d_adaptive grid's decaying_lr run of seed 0 (configs/mnist1d_study.py,
-ε 0.1 → 0.02 → 0.004 → 0.0008 at epochs 30/60/80, B 32), trained in its own workdir in
-stages that stop, each with a checkpoint, at the probe's points: a run keeps its three
-newest checkpoints, and periodic checkpoints are turned off here (a non-trajectory
-field), so the three kept are exactly the points. Then `python -m ibs.tools.probe` branches
-each point at B = 32 … 1024 for two epochs with ε scaled by B ∝ ε, and writes its table
-and figure under ROOT/probe_decaying_lr/probe.
+The run is the mnist1d_adaptive grid's decaying_lr run of seed 0
+(configs/mnist1d_study.py, ε 0.1 → 0.02 → 0.004 → 0.0008 at epochs 30/60/80, B 32),
+trained in its own workdir in stages that stop, each with a checkpoint, at the probe's
+points: a run keeps its three newest checkpoints, and periodic checkpoints are turned off
+here (a non-trajectory field), so the three kept are exactly the points. Then
+`python -m ibs.tools.probe` branches each point at B = 32 … 1024 for two epochs with ε
+scaled by B ∝ ε, and writes its table and figure under ROOT/probe_decaying_lr/probe.
 
   python -m experiments.probe_study --root=workdirs
 """

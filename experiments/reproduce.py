@@ -1,4 +1,4 @@
-r"""Runs a named experiment's whole grid (seeds × schedules × optimizers), one run at a time.
+r"""Runs a named experiment's whole grid (seeds × schedules × optimizers), run by run.
 
 The grids are the configs' own (`get_grids()` in configs/mnist1d_study.py,
 cifar10_wrn.py, imagenet_irv2.py, resnet50_tpu.py), gathered into EXPERIMENTS.
@@ -13,7 +13,8 @@ compilation cache under ROOT.
       --root=gs://BUCKET/ibs          # the per-run commands for a TPU VM instead
   python -m experiments.results --experiment=mnist1d_5_1 --root=workdirs  # tables
   python -m experiments.plots --experiment=mnist1d_5_1 --root=workdirs    # figures
-  python -m ibs.tools.compare workdirs/mnist1d_study/*/seed_0  # any workdirs, side by side
+  python -m ibs.tools.compare workdirs/mnist1d_study/*/seed_0  # any workdirs, side by
+                                                               # side
 """
 
 import importlib

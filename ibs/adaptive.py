@@ -18,10 +18,10 @@ when to climb it (docs/DESIGN.md decision 14):
   B_eff being the batch that gives rung k's noise g ∝ ε/B at the first rung's ε: on batch
   rungs it is B_k, on the cap's ε rungs the batch they stand in for. The run moves up one
   rung when rung k has been ready at every decision point for `window_epochs` of examples
-  and has run for `min_epochs`; a point where it is not ready restarts the window. It never
-  moves down. McCandlish et al. (2018) give the reason for the default threshold, the
-  ladder's factor: the examples needed to reach a loss grow as E_min·(1 + B/B_noise), so
-  moving to B_{k+1} = f·B_k while B_simple ≥ f·B_k keeps that overhead under 2×. That
+  and has run for `min_epochs`; a point where it is not ready restarts the window. It
+  never moves down. McCandlish et al. (2018) give the reason for the default threshold,
+  the ladder's factor: the examples needed to reach a loss grow as E_min·(1 + B/B_noise),
+  so moving to B_{k+1} = f·B_k while B_simple ≥ f·B_k keeps that overhead under 2×. That
   is a rule for spending examples well, not for a fixed budget of epochs: on the
   MNIST-1D study it saves 2.8× the fixed schedule's updates and loses 0.6 points of
   test accuracy (docs/REPRODUCTION.md, "The adaptive schedule and the critical-batch
@@ -44,7 +44,8 @@ import dataclasses
 import math
 from typing import Any
 
-from ibs import schedules
+from ibs import clock, schedules
+from ibs.segments import Measured, Segments
 
 NOT_READY = -1  # `Growth.ready_since` when the current rung is not ready
 
@@ -92,16 +93,44 @@ class Rules:
 
 @dataclasses.dataclass(frozen=True)
 class Decision:
-  """What one decision point saw and chose; the loop logs it."""
+  """What one decision point saw and chose; the loop logs it (ibs.segments.Decision)."""
 
   growth: Growth
   b_simple: float
   ready_at: float  # threshold · B_eff of the rung the point stood on
   switched: bool
+  phase: schedules.Phase | None = None  # the rung climbed to, at a switch
+
+  @property
+  def decisions(self) -> Growth:
+    return self.growth
+
+  def scalars(self) -> dict[str, float]:
+    scalars = {
+      'adaptive/b_simple': self.b_simple,
+      'adaptive/ready_at': self.ready_at,
+      'adaptive/rung': self.growth.rung,
+    }
+    if self.switched:
+      scalars['adaptive/switch_to_batch'] = self.phase.batch_size
+    return scalars
+
+  def describe(self, step: int) -> str:
+    return (
+      f'Adaptive schedule: B_simple {self.b_simple:.4g} >= {self.ready_at:.4g} held; '
+      f'rung {self.growth.rung} from step {step}: batch {self.phase.batch_size}, '
+      f'lr {self.phase.learning_rate:g}.'
+    )
 
 
 class AdaptiveSchedule:
-  """A ladder of rungs, the rules to climb it, and the budget of the run."""
+  """A ladder of rungs, the rules to climb it, and the budget of the run.
+
+  The loop drives it through ibs.segments.RunSchedule, as it drives a fixed schedule;
+  its decisions are a `Growth`.
+  """
+
+  host_sets_hyperparams = True  # its step cannot know when it switches
 
   def __init__(
     self,
@@ -114,7 +143,10 @@ class AdaptiveSchedule:
     self.rules = rules
     self.num_epochs = num_epochs
     self.n = num_train_examples
-    self.end_examples = round(num_epochs * num_train_examples)  # ibs.clock's rule
+    self.num_train_examples = num_train_examples
+    self.end_examples = clock.examples_at_epoch(num_epochs, num_train_examples)
+    self.budget_examples = self.end_examples
+    self.decide_every_examples = rules.check_every_examples
 
   @classmethod
   def from_config(cls, config: Any, num_train_examples: int) -> AdaptiveSchedule:
@@ -125,9 +157,9 @@ class AdaptiveSchedule:
     n = num_train_examples
     rules = Rules(
       threshold=float(a.threshold),
-      window_examples=round(a.window_epochs * n),
-      min_examples=round(a.min_epochs * n),
-      check_every_examples=max(1, round(a.check_every_epochs * n)),
+      window_examples=clock.examples_at_epoch(a.window_epochs, n),
+      min_examples=clock.examples_at_epoch(a.min_epochs, n),
+      check_every_examples=max(1, clock.examples_at_epoch(a.check_every_epochs, n)),
     )
     return cls(ladder, rules, float(config.schedule.num_epochs), n)
 
@@ -145,12 +177,14 @@ class AdaptiveSchedule:
     )
     return schedules.Schedule(phases, self.num_epochs, self.n)
 
-  def decide(self, growth: Growth, examples: int, b_simple: float) -> Decision:
+  def decide(self, growth: Growth, examples: int, measured: Measured) -> Decision:
     """The rule of the module docstring at the decision point `examples`.
 
-    A NaN B_simple (nothing measured yet) is not ready. A switch needs a rung above, and
-    room for at least one step of it before the budget ends.
+    It reads the measured B_simple (not the training loss). A NaN B_simple (nothing
+    measured yet) is not ready. A switch needs a rung above, and room for at least one
+    step of it before the budget ends.
     """
+    b_simple = measured.b_simple
     rung = growth.rung
     entered = growth.switches[-1].examples if growth.switches else 0
     ready_at = self.rules.threshold * self.effective_batch(rung)
@@ -167,11 +201,78 @@ class AdaptiveSchedule:
       and rung + 1 < len(self.ladder)
       and examples < self.end_examples
     )
-    if climb:
-      growth = Growth((*growth.switches, Switch(examples, rung + 1)), NOT_READY)
-    else:
-      growth = Growth(growth.switches, since)
-    return Decision(growth, b_simple, ready_at, climb)
+    if not climb:
+      return Decision(Growth(growth.switches, since), b_simple, ready_at, False)
+    growth = Growth((*growth.switches, Switch(examples, rung + 1)), NOT_READY)
+    return Decision(growth, b_simple, ready_at, True, self.ladder[rung + 1])
+
+  # ------------------------------------------------- the rest of ibs.segments.RunSchedule
+
+  def initial(self) -> Growth:
+    return Growth()
+
+  def from_record(self, record: Any) -> Growth:
+    """The decisions a checkpoint's record holds (its `switches` and `ready_since`)."""
+    return Growth.from_record(record.switches, record.ready_since)
+
+  def to_record(self, growth: Growth) -> dict[str, Any]:
+    return growth.to_record()
+
+  def batch_sizes(self, growth: Growth, step: int) -> list[int]:
+    """Every rung from the current one up: its switches cannot wait on a compile."""
+    return [p.batch_size for p in self.ladder[growth.rung :]]
+
+  def total_steps(self, growth: Growth) -> int | None:
+    return None  # decided as it runs: the budget is in examples
+
+  def describe(self, optimizer: str | None = None) -> str:
+    """The opening table: the ladder, the rule, and the budget in examples and epochs."""
+    r = self.rules
+    lines = [
+      'schedule: adaptive, climbing the ladder when the measured B_simple stays at or '
+      f'above {r.threshold:g} × B_eff',
+      f'{"rung":>5} {"lr":>9} {"momentum":>8} {"batch":>7} {"B_eff":>8} '
+      f'{"climbs at B_simple ≥":>21}',
+    ]
+    lines.append('-' * len(lines[-1]))
+    for k, p in enumerate(self.ladder):
+      climb = (
+        f'{r.threshold * self.effective_batch(k):>21.4g}'
+        if k + 1 < len(self.ladder)
+        else f'{"(top)":>21}'
+      )
+      lines.append(
+        f'{k:>5} {p.learning_rate:>9.4g} {p.momentum:>8.4g} {p.batch_size:>7d} '
+        f'{self.effective_batch(k):>8.4g} {climb}'
+      )
+    lines.append('-' * len(lines[1]))
+    n = self.n
+    lines += [
+      f'budget: {self.budget_examples:,} examples = {self.num_epochs:g} epochs of '
+      f'N={n:,}; the steps follow from when it climbs.',
+      f'rule: held for {r.window_examples / n:g} epochs, at least {r.min_examples / n:g} '
+      f'epochs on a rung, decided every {r.check_every_examples / n:g} epochs.',
+    ]
+    return '\n'.join(lines)
+
+  def summary(self, growth: Growth, segments: Segments) -> dict[str, Any]:
+    """The switches taken, for the run's summary."""
+    schedule = segments.schedule
+    return {
+      'switches': [
+        {
+          'examples': s.examples,
+          'epoch': s.examples / self.n,
+          'step': clock.step_at_examples(schedule, s.examples),
+          'batch_size': schedule.phases[i + 1].batch_size,
+          'learning_rate': schedule.phases[i + 1].learning_rate,
+        }
+        for i, s in enumerate(growth.switches)
+      ]
+    }
+
+  def problems(self, growth: Growth, examples_seen: int) -> list[str]:
+    return self.check_growth(growth, examples_seen)
 
   def check_growth(self, growth: Growth, examples_seen: int) -> list[str]:
     """What is wrong with a restored record (empty when it fits this ladder)."""

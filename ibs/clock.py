@@ -12,11 +12,11 @@ under one rounding rule:
 
   steps of B_p examples, so it ends at E_p = E_{p−1} + steps_p · B_p ≥ S_{p+1}.
 
-Batches run across epoch boundaries and no example is dropped or repeated. A phase overruns
-its due point by less than one of its batches and the next phase starts there, so the
-overrun never accumulates. The paper counts *fractional* updates, the examples due in a
-phase over its batch size, (S_{p+1} − S_p) / B_p (`nominal_updates`). A phase's integer steps
-are fewer than its nominal updates + 1; when B never decreases (every conversion in
+Batches run across epoch boundaries and no example is dropped or repeated. A phase
+overruns its due point by less than one of its batches and the next phase starts there, so
+the overrun never accumulates. The paper counts *fractional* updates, the examples due in
+a phase over its batch size, (S_{p+1} − S_p) / B_p (`nominal_updates`). A phase's integer
+steps are fewer than its nominal updates + 1; when B never decreases (every conversion in
 ibs.schedules) the integer steps up to the end of any phase are at least the nominal
 updates up to there. A phase shorter than the previous phase's overrun would get no steps;
 ibs.schedules.validate rejects such a schedule.
@@ -62,7 +62,8 @@ def examples_at_epoch(epoch: float, num_train_examples: int) -> int:
 
 
 def due_epochs(schedule: Any) -> list[float]:
-  """The epoch each phase is due to end at: the next phase's start, num_epochs for the last."""
+  """The epoch each phase is due to end at: the next phase's start, num_epochs for the
+  last."""
   return [p.start_epoch for p in schedule.phases[1:]] + [schedule.num_epochs]
 
 

@@ -13,8 +13,9 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from ibs import adaptive, measured, models, optim, schedules, sharding, step
+from ibs import adaptive, measured, models, optim, schedules, sharding
 from ibs.data import catalog
+from ibs.durability import divergence
 
 
 class ConfigError(ValueError):
@@ -168,12 +169,24 @@ def _check_step_options(config: Any) -> None:
   if isinstance(every, bool) or not isinstance(every, int) or every < 1:
     raise ConfigError(
       f'config.gns.split_every={every!r} must be an integer >= 1 (on one device with one '
-      'micro-batch, measure the noise scale on every this-many-th update).'
+      'micro-batch of a single ghost batch, measure the noise scale on every '
+      'this-many-th update).'
     )
-  if config.nonfinite not in step.NONFINITE_POLICIES:
+  if config.nonfinite not in divergence.POLICIES:
     raise ConfigError(
-      f"config.nonfinite={config.nonfinite!r} must be 'stop' (end the run at a NaN or inf "
-      "loss or gradient) or 'skip' (leave the parameters as they were, count it)."
+      f"config.nonfinite={config.nonfinite!r} must be 'stop' (end the run at a NaN or "
+      "inf loss or gradient) or 'skip' (leave the parameters as they were, count it)."
+    )
+  fraction = config.nonfinite_max_skipped
+  if (
+    isinstance(fraction, bool)
+    or not isinstance(fraction, int | float)
+    or not 0.0 <= fraction <= 1.0
+  ):
+    raise ConfigError(
+      f'config.nonfinite_max_skipped={fraction!r} must be a fraction in [0, 1] (with '
+      "nonfinite='skip', the run stops when more of the updates between two events "
+      'were skipped).'
     )
 
 

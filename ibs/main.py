@@ -45,6 +45,14 @@ def _is_multihost_tpu() -> bool:
   return len([h for h in os.environ.get('TPU_WORKER_HOSTNAMES', '').split(',') if h]) > 1
 
 
+def _is_slurm_step() -> bool:
+  """One task of several of a SLURM job step (`srun`): jax.distributed reads the
+  coordinator (the step's first node), the task count and this task's rank from it."""
+  return (
+    'SLURM_STEP_NODELIST' in os.environ and os.environ.get('SLURM_NTASKS', '1') != '1'
+  )
+
+
 def load_config():
   """The --config value, or UserError naming the file; imports neither TF nor JAX."""
   from ibs import reporting  # absl and etils only
@@ -83,10 +91,10 @@ def _is_user_error(e: BaseException) -> bool:
 def check_before_importing_tensorflow(config, workdir: str) -> None:
   """The config, a catalog dataset's files and the workdir, checked in about a second.
 
-  ibs.train imports TensorFlow for clu's TensorBoard writer (`python -X importtime`: 2.3
-  s of ibs.train's 3.1 s); a mistake found here needs neither. The workdir comes last, so a config or
-  a dataset that fails leaves no directory behind. train_and_evaluate checks the config
-  again: it is also called from notebooks and tests.
+  ibs.train imports TensorFlow for clu's TensorBoard writer, most of its import time
+  (`python -X importtime -m ibs.main ...` shows it); a mistake found here needs neither.
+  The workdir comes last, so a config or a dataset that fails leaves no directory behind.
+  train_and_evaluate checks the config again: it is also called from notebooks and tests.
   """
   import jax
 
@@ -104,15 +112,19 @@ def run(config, workdir: str) -> None:
   # reads TF_CPP_MIN_LOG_LEVEL once (set by reporting.quiet_logging).
   import jax
 
-  # Before any JAX computation, so that every process sees the global device set.
+  from ibs.durability import coordinator
+
+  # Before any JAX computation, so that every process sees the global device set. The
+  # coordination service runs beside process 0, not in it: losing process 0 is then a
+  # lost peer like any other (ibs/durability/coordinator.py).
   if _COORDINATOR.value:
-    jax.distributed.initialize(
+    coordinator.initialize(
       coordinator_address=_COORDINATOR.value,
       num_processes=_NUM_PROCESSES.value,
       process_id=_PROCESS_ID.value,
     )
-  elif _is_multihost_tpu():
-    jax.distributed.initialize()
+  elif _is_multihost_tpu() or _is_slurm_step():
+    coordinator.initialize()  # jax.distributed reads the cluster from the environment
 
   check_before_importing_tensorflow(config, workdir)
   import tensorflow as tf
@@ -153,6 +165,9 @@ def run(config, workdir: str) -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  from ibs.durability import preemption  # absl only
+
+  preemption.exit_on_signals_until_training()  # start-up: nothing to save
   config = load_config()  # before TF/JAX: a misspelled path fails in a second
   run(config, _WORKDIR.value)
   # Trained, saved and summarised: a SIGINT or SIGTERM during the interpreter's teardown

@@ -8,7 +8,8 @@ B by α lowers g by the same α; that equivalence is the paper's whole argument.
 Run as a calculator:
 
     python -m ibs.noise_scale --config=configs/default.py
-    python -m ibs.noise_scale --config=configs/resnet50_tpu.py --baseline --plot=/tmp/fig1.png
+    python -m ibs.noise_scale --config=configs/resnet50_tpu.py --baseline \
+        --plot=/tmp/fig1.png
 
 It prints one row per phase and the totals; `--baseline` compares with the decaying-LR
 version of the same recipe (before any scaling rule), and `--plot` draws ε, B and g
@@ -17,9 +18,9 @@ against epochs (the paper's Figure 1). It never imports TensorFlow.
 Where the phases carry them it also prints the decoupled weight decay λ and AdamW's
 timescale τ = B/(ε·λ·N) in epochs (`scale_weight_decay`), and Adam's β2 and epsilon term
 ε̂ (`sqrt_scaling`). With config.optimizer 'adam' the g columns are headed as the SGD
-formula they are, and a column ε·√(N/B) is added: Adam's update is normalised, so its noise
-falls with ε/√B (Malladi et al. 2022), the quantity `sqrt_scaling` and `seesaw` lower by α
-at each milestone as decaying ε does.
+formula they are, and a column ε·√(N/B) is added: Adam's update is normalised, so its
+noise falls with ε/√B (Malladi et al. 2022), the quantity `sqrt_scaling` and `seesaw`
+lower by α at each milestone as decaying ε does.
 """
 
 from __future__ import annotations
@@ -135,6 +136,11 @@ def phase_table(schedule: schedules.Schedule) -> list[PhaseRow]:
   return rows
 
 
+def _epoch(epoch: float) -> str:
+  """An epoch for a table: as given when it is round to 2 decimals, else to 2 decimals."""
+  return f'{epoch:g}' if round(epoch, 2) == epoch else f'{epoch:.2f}'
+
+
 def format_table(
   schedule: schedules.Schedule, title: str = '', optimizer: str | None = None
 ) -> str:
@@ -148,7 +154,10 @@ def format_table(
   decay = rows[0].weight_decay is not None
   betas = rows[0].adam_b2 is not None
   g_names = ('g SGD', 'g≈ SGD') if adam else ('g', 'g approx')
-  header = f'{"phase":>5} {"epochs":>11} {"lr":>9} {"momentum":>8} {"batch":>7} '
+  # A decided switch falls between epochs (8.5008): two decimals keep the column whole.
+  spans = [f'{_epoch(r.start_epoch)}–{_epoch(r.end_epoch)}' for r in rows]
+  width = max(11, *map(len, spans))
+  header = f'{"phase":>5} {"epochs":>{width}} {"lr":>9} {"momentum":>8} {"batch":>7} '
   header += f'{"λ":>9} {"τ epochs":>9} ' if decay else ''
   header += f'{"beta2":>8} {"adam eps":>9} ' if betas else ''
   header += f'{g_names[0]:>8} {g_names[1]:>8} '
@@ -156,9 +165,9 @@ def format_table(
   header += f'{"updates":>10} {"cumulative":>10} {"steps":>8}'
   lines = [title] if title else []
   lines += [header, '-' * len(header)]
-  for r in rows:
+  for r, span in zip(rows, spans, strict=True):
     line = (
-      f'{r.phase:>5} {f"{r.start_epoch:g}–{r.end_epoch:g}":>11} {r.learning_rate:>9.4g} '
+      f'{r.phase:>5} {span:>{width}} {r.learning_rate:>9.4g} '
       f'{r.momentum:>8.4g} {r.batch_size:>7d} '
     )
     line += f'{r.weight_decay:>9.4g} {r.timescale:>9.4g} ' if decay else ''
@@ -184,7 +193,8 @@ def format_table(
     )
   if adam:
     lines += [
-      "g SGD: the SGD noise scale εN/(B(1 − m)), not Adam's. Adam's update is normalised;",
+      "g SGD: the SGD noise scale εN/(B(1 − m)), not Adam's. Adam's update is "
+      'normalised;',
       'its noise falls with ε√(N/B) (square-root rule, Malladi et al. 2022), which',
       'sqrt_scaling and seesaw lower by α per milestone, as decaying ε does.',
     ]
@@ -288,6 +298,24 @@ def plot_schedule(
     fig.suptitle(title)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
+
+
+def logged_scalars(hyperparams: Any, batch_size: int, n: int) -> dict[str, float]:
+  """ε and m of the last update (an optimizer state's injected `hyperparams`), B, and
+  the paper's g of SGD they make, for the run's log.
+
+  `g_sgd` = εN/(B(1 − m)): SGD's noise scale (docs/PAPER.md). Under Adam m is β1 and
+  this is the formula, not Adam's noise: Adam's update is normalised, and its noise falls
+  with ε√(N/B) (`format_table` with optimizer 'adam').
+  """
+  lr = float(hyperparams['learning_rate'])
+  momentum = float(hyperparams.get('momentum', 0.0))
+  return {
+    'learning_rate': lr,
+    'momentum': momentum,
+    'batch_size': batch_size,
+    'g_sgd': noise_scale(lr, n, batch_size, momentum),
+  }
 
 
 def report(config: Any, baseline: bool = False, plot: str | None = None) -> str:

@@ -105,23 +105,21 @@ def create_optimizer(
   (schedules.scale_weight_decay) it is injected per phase too and `weight_decay` is
   ignored; where they carry Adam's β2 and ε̂ (schedules.sqrt_scaling), so are those.
 
-  With `host_set`, ε and m start as the first phase's numbers and stay what the state
-  holds until the host changes them (`set_hyperparams`): the adaptive schedule decides
-  its switches on the host (ibs/adaptive.py), so the step cannot compute ε from its
-  update count.
+  With `host_set`, every injected value (ε, m, and a per-phase λ, β2, ε̂) starts as
+  its number at step 0 and stays what the state holds until the host changes it
+  (`set_hyperparams`): the adaptive schedule decides its switches on the host
+  (ibs/adaptive.py), and the probe's branches set their own ε (ibs/tools/branch.py), so
+  the step cannot compute them from its update count.
   """
   if name not in OPTIMIZERS:
     raise ValueError(
       f'Unknown config.optimizer={name!r}. Choose one of {list(OPTIMIZERS)}.'
     )
   first = schedule.phases[0]
-  if host_set:
-    hyperparams = {'learning_rate': first.learning_rate, 'momentum': first.momentum}
-  else:
-    hyperparams = {
-      'learning_rate': schedules.learning_rate_schedule(schedule),
-      'momentum': schedules.momentum_schedule(schedule),
-    }
+  hyperparams = {
+    'learning_rate': schedules.learning_rate_schedule(schedule),
+    'momentum': schedules.momentum_schedule(schedule),
+  }
   if name == 'sgd':
     del hyperparams['momentum']
   if first.weight_decay is not None:
@@ -129,15 +127,22 @@ def create_optimizer(
   if first.adam_b2 is not None or first.adam_eps is not None:
     if name != 'adam':
       raise ValueError(
-        f"The schedule sets Adam's β2 and epsilon per phase, but the optimizer is {name!r}."
+        f"The schedule sets Adam's β2 and epsilon per phase, "
+        f'but the optimizer is {name!r}.'
       )
     hyperparams['b2'] = schedules.adam_b2_schedule(schedule)
     hyperparams['eps'] = schedules.adam_eps_schedule(schedule)
+  injected_decay = callable(weight_decay)
+  if host_set:  # every injected value its number at step 0, set by the host from then
+    if injected_decay:
+      hyperparams['weight_decay'] = weight_decay
+    hyperparams = {k: float(v(0)) for k, v in hyperparams.items()}
+    weight_decay = hyperparams.pop('weight_decay', weight_decay)
   # Static: these choose the chain's shape (and the mask may be a function of the params);
   # otherwise optax would inject them as traced values or call the mask with the step. A
   # per-phase λ is injected like ε and m.
   static = ('decoupled', 'mask')
-  if not callable(weight_decay):
+  if not injected_decay:
     static = ('weight_decay', *static)
   return optax.inject_hyperparams(_FACTORIES[name], static_args=static)(
     **hyperparams,

@@ -188,7 +188,7 @@ class Progress:
     *,
     total_examples: int,
     num_train_examples: int,
-    total_steps: int,
+    total_steps: int | None,
     start_examples: int = 0,
     start_step: int = 0,
     every_secs: float = 10.0,
@@ -227,10 +227,6 @@ class Progress:
       self._period_excluded += elapsed
       self._timed_totals[name] += elapsed
 
-  def set_totals(self, total_steps: int, total_examples: int) -> None:
-    """New totals for the progress line: an adaptive schedule's switch changes them."""
-    self.total_steps, self.total_examples = total_steps, total_examples
-
   def update(self, step: int, examples: int, phase: int, batch_size: int) -> None:
     """After a dispatch that ended at `step`, `examples`, in `phase` of `batch_size`."""
     now = self._clock()
@@ -260,11 +256,12 @@ class Progress:
   def line(self) -> str:
     done, total = self._examples, self.total_examples
     rate = self.rate()
-    remaining = total - done
+    remaining = max(0, total - done)
     eta = format_duration(remaining / rate) if rate > 0 else '?'
+    steps = f'{self._step:,}' + (f'/{self.total_steps:,}' if self.total_steps else '')
     return (
       f'epoch {done / self.n:.2f}/{total / self.n:g} ({100 * done / total:.1f}% of '
-      f'examples), step {self._step:,}/{self.total_steps:,}, {rate:,.0f} examples/s, '
+      f'examples), step {steps}, {rate:,.0f} examples/s, '
       f'elapsed {format_duration(self._clock() - self._start)}, ETA {eta}'
     )
 
@@ -285,7 +282,8 @@ class Progress:
     )
 
   def throughput(self) -> list[dict[str, Any]]:
-    """Per phase trained in this session: examples, steps, seconds, examples/s, step time."""
+    """Per phase trained in this session: examples, steps, seconds, examples/s,
+    step time."""
     rows = []
     for phase, (examples, steps, seconds) in sorted(self._phases.items()):
       row = {
@@ -365,7 +363,7 @@ _GROUPS = (
       ('learning_rate', 'ε', '.4g'),
       ('momentum', 'm', '.4g'),
       ('batch_size', 'B', ',.0f'),
-      ('noise_scale', 'g', '.4g'),
+      ('g_sgd', 'g', '.4g'),
       ('phase', 'phase', '.0f'),
     ],
   ),
@@ -735,7 +733,9 @@ def one_line_errors(
   """A mistake the user can fix (`is_user_error`, or a command-line mistake that
   `user_error_message` knows) raised inside ends the command with `error: <message>`, a
   hint, and exit status 2; the traceback only at --verbosity >= 1. Anything else
-  propagates with its traceback: it is ibs's bug or the machine's."""
+  propagates with its traceback: it is ibs's bug or the machine's. An error marked
+  `exit_at_once` (ibs.durability.checkpoint.SaveError) exits without the interpreter's
+  teardown, so that its line stays the last."""
   try:
     yield
   except Exception as e:
@@ -746,6 +746,12 @@ def one_line_errors(
       if not is_user_error(e):
         raise
       message = str(e).strip()
+    if getattr(e, 'exit_at_once', False):  # a full disk: the teardown's writes would fail
+      print(f'error: {message}', file=sys.stderr, flush=True)
+      print(_HINT, file=sys.stderr, flush=True)
+      logging.flush()
+      sys.stdout.flush()
+      os._exit(EXIT_USER_ERROR)
     _exit_with(message)
 
 
@@ -765,3 +771,39 @@ def run_command(
       return main(args)
 
   app.run(wrapped, argv=sys.argv if argv is None else argv, flags_parser=parse_flags)
+
+
+def format_switches(switches: list[dict[str, Any]] | None) -> list[str]:
+  """The schedule's switches, one line each (none for a fixed schedule)."""
+  if not switches:
+    return []
+  lines = ['', f'{len(switches)} switch(es) decided by measurement']
+  lines += [
+    f'  step {s["step"]:,} at epoch {s["epoch"]:.2f} ({s["examples"]:,} examples): batch '
+    f'{s["batch_size"]}, lr {s["learning_rate"]:g}'
+    + (f' ({s["why"]})' if 'why' in s else '')
+    for s in switches
+  ]
+  return lines
+
+
+def format_summary(summary: dict[str, Any], phase_table: str) -> str:
+  """The summary a finished run prints: final metrics, the phases as run (`phase_table`,
+  ibs.noise_scale.format_table), the switches a schedule decided, throughput."""
+  lines = [
+    '',
+    '=' * 78,
+    f'final test accuracy {summary["test_accuracy"]:.4f}  (test loss '
+    f'{summary["test_loss"]:.4f})',
+    f'parameter updates {summary["parameter_updates"]:,}   examples seen '
+    f'{summary["examples_seen"]:,} ({summary["epoch"]:.2f} epochs)',
+    f'wall-clock {summary["wall_clock_s"]:.1f} s '
+    f'(compilation {summary["compile_s"]:.1f} s)',
+    '',
+    phase_table,
+    *format_switches(summary.get('switches')),
+    '',
+    format_throughput(summary.get('throughput', [])),
+    '=' * 78,
+  ]
+  return '\n'.join(lines)

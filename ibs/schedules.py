@@ -14,8 +14,8 @@ B with them so that g stays the same: B ∝ ε and B ∝ 1/(1 − m).
 Optimizer-aware rules beside the paper's (each function's docstring holds its equation):
 `sqrt_scaling` and `seesaw` convert a recipe for Adam, whose normalised update makes
 ε/√B, not ε/B, the quantity a decay lowers (Malladi et al. 2022; Meterez et al. 2025);
-`scale_weight_decay` makes the decoupled weight decay λ a per-phase value that keeps AdamW's
-timescale τ = B/(ε·λ·N) constant (Wang & Aitchison 2024; Bergsma et al. 2025).
+`scale_weight_decay` makes the decoupled weight decay λ a per-phase value that keeps
+AdamW's timescale τ = B/(ε·λ·N) constant (Wang & Aitchison 2024; Bergsma et al. 2025).
 
 In a user's own optax loop:
 
@@ -24,11 +24,12 @@ In a user's own optax loop:
         momentum=schedules.momentum_schedule(schedule))
     batch_size = schedules.batch_size_schedule(schedule)  # step → B for the data loader
 
-and, where the phases carry λ (`scale_weight_decay`), `weight_decay_schedule(schedule)` goes
-to `optax.inject_hyperparams(optax.adamw)(..., weight_decay=...)` the same way.
+and, where the phases carry λ (`scale_weight_decay`), `weight_decay_schedule(schedule)`
+goes to `optax.inject_hyperparams(optax.adamw)(..., weight_decay=...)` the same way.
 
-JAX is imported only when one of these step → value functions is built, so the schedule
-arithmetic (and the `python -m ibs.noise_scale` calculator) starts in a fraction of a second.
+JAX is imported only when one of these step → value functions is built, so the
+schedule arithmetic (and the `python -m ibs.noise_scale` calculator) starts in a fraction
+of a second.
 """
 
 from __future__ import annotations
@@ -53,11 +54,8 @@ SCHEDULE_KINDS = (
   'measured_batch',
   'plateau',
 )
-# Kinds whose run decides its phases as it goes (ibs/adaptive.py, ibs/measured/): ε and m
-# are set from the host when a phase begins.
-DECIDED_KINDS = ('adaptive', 'measured_batch', 'plateau')
-# Kinds whose conversion follows Adam's ε/√B rather than SGD's ε/B (ibs.config_checks refuses
-# them with other optimizers).
+# Kinds whose conversion follows Adam's ε/√B rather than SGD's ε/B (ibs.config_checks
+# refuses them with other optimizers).
 ADAM_KINDS = ('sqrt_scaling', 'seesaw')
 
 
@@ -276,10 +274,11 @@ def seesaw(recipe: StepDecay) -> tuple[Phase, ...]:
   scales as ε/√B rather than SGD's ε/B; Seesaw lowers ε/√B by exactly α at each milestone,
   as the decay does:
       ε_{k+1}/√B_{k+1} = (ε_k/√α)/√(α·B_k) = (ε_k/√B_k)/α.
-  Meterez et al. prove the equivalence for normalised SGD (their proxy for Adam). For plain
-  SGD the equivalence they prove needs ε/B to fall by α, which the paper's conversion does
-  and Seesaw does not (ε/B falls by α^1.5), so ibs.config_checks refuses Seesaw with
-  optimizers other than Adam. Same batch sizes, hence updates, as `increasing_batch`.
+  Meterez et al. prove the equivalence for normalised SGD (their proxy for Adam). For
+  plain SGD the equivalence they prove needs ε/B to fall by α, which the paper's
+  conversion does and Seesaw does not (ε/B falls by α^1.5), so ibs.config_checks refuses
+  Seesaw with optimizers other than Adam. Same batch sizes, hence updates, as
+  `increasing_batch`.
   """
   phases = [Phase(0.0, recipe.batch_size, recipe.learning_rate, recipe.momentum)]
   for epoch, factor in zip(recipe.milestones, recipe.factors, strict=True):
@@ -634,7 +633,8 @@ def _weight_decay_rule(config: Any, phases: tuple[Phase, ...]) -> tuple[Phase, .
 
 
 def _phase_of_step(first_steps: np.ndarray, step: Any) -> Any:
-  """Index of the phase `step` belongs to, traceable; steps past the end stay in the last."""
+  """Index of the phase `step` belongs to, traceable; steps past the end stay in the
+  last."""
   import jax.numpy as jnp
 
   index = jnp.searchsorted(first_steps, jnp.asarray(step), side='right') - 1
@@ -701,7 +701,8 @@ def adam_b2_schedule(schedule: Schedule) -> Callable[[Any], Any]:
 
 
 def adam_eps_schedule(schedule: Schedule) -> Callable[[Any], Any]:
-  """step → Adam's epsilon term ε̂, traceable; for phases that carry it (`sqrt_scaling`)."""
+  """step → Adam's epsilon term ε̂, traceable; for phases that carry it
+  (`sqrt_scaling`)."""
   return _per_phase(schedule, _optional_values(schedule, 'adam_eps'), np.float32)
 
 
@@ -716,13 +717,14 @@ def _optional_values(schedule: Schedule, field: str) -> list[float]:
 
 
 def batch_size_schedule(schedule: Schedule) -> Callable[[Any], Any]:
-  """step → B (int32), traceable under jit; for the host, use `host_batch_size_schedule`."""
+  """step → B (int32), traceable under jit; for the host, use
+  `host_batch_size_schedule`."""
   return _per_phase(schedule, [p.batch_size for p in schedule.phases], np.int32)
 
 
 def host_batch_size_schedule(schedule: Schedule) -> Callable[[int], int]:
-  """step → B as a Python int, for data loaders: a bisect, no JAX (~1 µs a call on a
-  CPU core against ~0.5 ms for the jnp function called from the host).
+  """step → B as a Python int, for data loaders: a bisect, no JAX (a jnp function called
+  from the host dispatches to the device on every call).
 
   Same values as `batch_size_schedule`; steps past the end stay in the last phase.
   """

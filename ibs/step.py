@@ -1,4 +1,4 @@
-"""The train step: per-device accumulation, one gradient reduction, the noise scale measured.
+"""The train step: per-device accumulation, one gradient reduction, noise scale measured.
 
 Every compiled train step is called one way, `step(state, local_batches, metrics) →
 (state, metrics)`, with 1 ≤ n ≤ K host batches (this process's slices of n consecutive
@@ -14,35 +14,43 @@ gradients itself; then
     |G_b|² = mean_a |G_a|²,  b = b_micro      over micro-batches on one device (A > 1)
 
 and the two squared norms feed McCandlish et al.'s estimators and their moving averages
-(ibs/gns.py). One device with one micro-batch has only one batch size, so there the
-gradient comes from one forward pass and two backward passes over the two halves of the
-batch, split at a ghost-batch boundary (exact halves: ghost BN couples no examples across
-it) or, for a batch of one ghost batch, at its middle (the halves then share BN
-statistics, which biases tr(Σ) slightly). It costs a second backward pass, so only the
-updates whose step is a multiple of `config.gns.split_every` measure there (see
-`_updates`); `config.gns.enabled=False` turns the measurement off everywhere.
+(ibs/gns.py). One device with one micro-batch has only one batch size, so there the batch
+is cut into equal groups of whole ghost batches (halves, for an even count), which ghost
+BN does not couple: their forward and backward passes run as one `jax.vmap`ped pass, the
+arithmetic of one full-batch pass, and every update measures at no extra cost
+(`grouped_gradients`). A batch of a single ghost batch has no such split: its halves,
+which share BN statistics (a slight bias of tr(Σ)), are back-propagated apart, a second
+backward pass, on every `config.gns.split_every`-th update only, in an executable of its
+own that `TrainStep` dispatches those updates to; no compiled step holds a conditional.
+`config.gns.enabled=False` turns the measurement off everywhere.
 
 With ghost batch norm the loss of a batch is the mean of its ghost-batch losses, so the
 mean of the micro-batch gradients *is* the whole batch's gradient (docs/PAPER.md, "Batch
-norm"), and memory does not grow with A (a `fori_loop` indexing the batch in place). The BN running averages move once
-per ghost batch, in order: for micro-batch a, device 0's ghost batches, then device
-1's, ... (ibs/models/ghost_batch_norm.py gathers those few floats; on one device this is
-stream order).
+norm"), and memory does not grow with A (a `fori_loop` indexing the batch in place). The
+BN running averages move once per ghost batch, in order: for micro-batch a, device 0's
+ghost batches, then device 1's, ... Each device carries its closed-form share of those
+updates over its micro-batches and the shares are summed in the update's one all-reduce
+(ibs/models/ghost_batch_norm.py): 2F floats per BN layer, whatever B; on one device this
+is the sequential update itself.
 
 Non-finite updates (docs/DESIGN.md decision 12): an update whose loss or gradient is not
-finite is never applied. With `nonfinite='stop'` the state then freezes (every later
-update is a no-op) and records the step; the loop stops and never checkpoints a
-non-finite state. With 'skip' the update is dropped, counted, and training goes on.
+finite, or that would leave a parameter, BN statistic or optimizer moment non-finite (a
+finite gradient times a large ε), is never applied. With `nonfinite='stop'` the state
+then freezes (every later update is a no-op) and records the step; the loop stops and
+never checkpoints a non-finite state. With 'skip' the update is dropped, counted, and
+training goes on.
 
 Compilation (docs/DESIGN.md decision 4): `compile_train_steps` compiles one executable
 per distinct batch shape ahead of time; ε and m are values in the optimizer state, so
 phases that share a shape share the executable, and it never recompiles. The choice of
-K (updates per dispatch), of the XLA:CPU host loop and of the conditional split
-measurement is made once, in `_loop_structure`.
+K (updates per dispatch), of the XLA:CPU host loop and of the split measurement is made
+once, in `_loop_structure`; the programs compile side by side, one per core.
 """
 
+import concurrent.futures
 import dataclasses
 import functools
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -58,9 +66,10 @@ from jax.sharding import PartitionSpec as P
 
 from ibs import gns as gns_lib
 from ibs import sharding
+from ibs.durability import divergence
 from ibs.models import ghost_batch_norm
 
-NONFINITE_POLICIES = ('stop', 'skip')
+NONFINITE_POLICIES = divergence.POLICIES
 
 
 class TrainState(train_state.TrainState):
@@ -77,7 +86,9 @@ class TrainState(train_state.TrainState):
   halted_at_step: jax.Array
 
   @classmethod
-  def create(cls, *, apply_fn, params, tx, batch_stats, **kwargs) -> 'TrainState':
+  def create(
+    cls, *, apply_fn: Any, params: Any, tx: Any, batch_stats: Any, **kwargs: Any
+  ) -> 'TrainState':
     return super().create(
       apply_fn=apply_fn,
       params=params,
@@ -109,9 +120,10 @@ class StepOptions:
 
   gns_horizon_examples: horizon H of the noise-scale averages; 0 turns the measurement
     off (config.gns.enabled=False).
-  gns_split_every: on one device with one micro-batch, measure on every this-many-th
-    update only (config.gns.split_every): each measurement costs a second backward pass.
-    0: never (chosen for convolutional models on XLA:CPU, see `_loop_structure`).
+  gns_split_every: on one device with one micro-batch of a single ghost batch, measure
+    on every this-many-th update only (config.gns.split_every): each measurement costs a
+    second backward pass. 0: no split measurement on one device with one micro-batch,
+    grouped or not (chosen for convolutional models on XLA:CPU, see `_loop_structure`).
   nonfinite: 'stop' or 'skip' (see the module docstring).
   per_example_loss: (model output, labels) → per-example losses; cross-entropy with
     integer labels for every ibs model (experiments/validate_gns.py passes a squared
@@ -147,8 +159,11 @@ def _per_example_losses(state: TrainState, batch_stats: Any, micro: dict, loss_f
 
 
 def micro_batch_gradients(
-  state: TrainState, batch_stats: Any, micro: dict, loss_fn=cross_entropy_loss
-):
+  state: TrainState,
+  batch_stats: Any,
+  micro: dict,
+  loss_fn: Callable[..., Any] = cross_entropy_loss,
+) -> tuple[Any, ...]:
   """Gradient of one micro-batch's mean loss, its BN statistics, losses and hits."""
   losses_fn = _per_example_losses(state, batch_stats, micro, loss_fn)
 
@@ -175,8 +190,12 @@ def split_point(batch_size: int, ghost_batch_size: int) -> int:
 
 
 def split_batch_gradients(
-  state: TrainState, batch_stats: Any, micro: dict, split: int, loss_fn
-):
+  state: TrainState,
+  batch_stats: Any,
+  micro: dict,
+  split: int,
+  loss_fn: Callable[..., Any],
+) -> tuple[Any, ...]:
   """The gradients of the batch's two halves, from one forward and two backward passes.
 
   Returns (the whole batch's gradient, the halves' n-weighted mean squared norm, the
@@ -192,13 +211,60 @@ def split_batch_gradients(
   cotangents = jnp.stack(
     [jnp.where(first, 1.0 / split, 0.0), jnp.where(first, 0.0, 1.0 / (n - split))]
   ).astype(losses.dtype)
-  (first_half,) = vjp(cotangents[0])
-  (second_half,) = vjp(cotangents[1])
+  # Both halves in one batched backward pass: one backward to compile, not two.
+  (halves,) = jax.vmap(vjp)(cotangents)
+  first_half = jax.tree.map(lambda x: x[0], halves)
+  second_half = jax.tree.map(lambda x: x[1], halves)
   w1, w2 = split / n, (n - split) / n
   grads = jax.tree.map(lambda a, b: w1 * a + w2 * b, first_half, second_half)
   small_sq = w1 * _sq_norm(first_half) + w2 * _sq_norm(second_half)
   hits = jnp.argmax(logits, -1) == micro['label']
   return grads, small_sq, n / 2, batch_stats, losses, hits
+
+
+def measuring_groups(batch_size: int, ghost_batch_size: int) -> int:
+  """Into how many equal groups of whole ghost batches a one-micro-batch step splits.
+
+  The smallest divisor k ≥ 2 of the number of ghost batches (2 for an even count), or 1
+  for a batch of one ghost batch, which has no exact split (`split_point`).
+  """
+  ghosts = batch_size // ghost_batch_size
+  return next((k for k in range(2, ghosts + 1) if ghosts % k == 0), 1)
+
+
+GROUPS_AXIS = 'ghost_groups'
+
+
+def grouped_gradients(
+  state: TrainState, batch_stats: Any, micro: dict, groups: int, loss_fn
+):
+  """The gradients of k equal groups of whole ghost batches, in one vmapped pass.
+
+  Ghost BN couples no examples across ghost batches, so the k groups' forward and
+  backward passes, batched by `jax.vmap`, are the arithmetic of one full-batch pass;
+  the mean of the k group gradients is the batch's gradient and their mean squared norm
+  an estimate of |G_b|² at b = n/k, for free: no second backward pass, no conditional.
+  The groups' running BN statistics are folded in order inside the layers
+  (ibs/models/ghost_batch_norm.py, `groups_axis`).
+
+  Returns (gradient, mean squared norm, b, BN statistics, losses, hits).
+  """
+  grouped = jax.tree.map(lambda x: x.reshape(groups, -1, *x.shape[1:]), micro)
+  device_axis, _ = ghost_batch_norm.statistics_axes()
+
+  def one(group):
+    with ghost_batch_norm.running_statistics_across(device_axis, groups_axis=GROUPS_AXIS):
+      return micro_batch_gradients(state, batch_stats, group, loss_fn)
+
+  grads, stats, losses, hits = jax.vmap(one, axis_name=GROUPS_AXIS)(grouped)
+  small_sq = sum(
+    jnp.sum(jnp.square(x.astype(jnp.float32)).reshape(groups, -1), axis=1)
+    for x in jax.tree.leaves(grads)
+  )
+  grads = jax.tree.map(lambda g: jnp.sum(g, axis=0) / groups, grads)
+  stats = jax.tree.map(lambda x: x[0], stats)  # the same in every group
+  n = losses.size
+  return grads, jnp.mean(small_sq), n / groups, stats, losses.reshape(n), hits.reshape(n)
 
 
 def _sq_norm(tree: Any) -> jax.Array:
@@ -212,6 +278,7 @@ class _Accumulated:
   grad_sum: Any
   small_sq_sum: jax.Array  # Σ_a |G_a|², for the one-device noise scale
   metrics: Metrics  # this device's loss and accuracy sums
+  batch_stats: Any  # this device's share of the BN running averages (ghost_batch_norm)
 
 
 def _local_metrics(losses, correct) -> Metrics:
@@ -221,27 +288,38 @@ def _local_metrics(losses, correct) -> Metrics:
   )
 
 
+def device_share(batch_stats: Any) -> Any:
+  """Where this device's share of the BN running averages starts: r on device 0, 0 on
+  the others, so that their sum over devices after the update is the new r
+  (ibs/models/ghost_batch_norm.py)."""
+  first = jax.lax.axis_index(sharding.DATA_AXIS) == 0
+  return jax.tree.map(lambda r: jnp.where(first, r, jnp.zeros_like(r)), batch_stats)
+
+
 def _accumulate(state, batch_stats, acc: '_Accumulated | None', micro, options):
-  """Adds micro-batch `micro`'s gradient to `acc` (None: the first micro-batch)."""
+  """Adds micro-batch `micro`'s gradient to `acc` (None: the first micro-batch).
+
+  `batch_stats` is this device's share of the running averages so far.
+  """
   grads, batch_stats, losses, correct = micro_batch_gradients(
     state, batch_stats, micro, options.per_example_loss
   )
   measure = bool(options.gns_horizon_examples)
   small_sq = _sq_norm(grads) if measure else jnp.zeros((), jnp.float32)
-  local = _Accumulated(grads, small_sq, _local_metrics(losses, correct))
+  local = _Accumulated(grads, small_sq, _local_metrics(losses, correct), batch_stats)
   if acc is None:
-    return batch_stats, local
-  return batch_stats, _Accumulated(
+    return local
+  return _Accumulated(
     jax.tree.map(jnp.add, acc.grad_sum, local.grad_sum),
     acc.small_sq_sum + local.small_sq_sum,
     acc.metrics.merge(local.metrics),
+    batch_stats,
   )
 
 
 def _finish(
   state: TrainState,
   acc: _Accumulated,
-  batch_stats: Any,
   running: Metrics,
   plan: sharding.MicroBatchPlan,
   options: StepOptions,
@@ -253,17 +331,20 @@ def _finish(
   """
   local_grads = jax.tree.map(lambda g: g / plan.accumulation, acc.grad_sum)
   measure = bool(options.gns_horizon_examples)
-  # The update's one all-reduce: the gradient, with the metric sums and the squared
-  # norm of this device's gradient riding along, all float32 so that XLA makes one
-  # collective of them (independent collectives may run in different orders on
-  # different devices, which gloo on CPU cannot match).
+  # The update's one all-reduce: the gradient, with the metric sums, the squared norm
+  # of this device's gradient and its share of the BN running averages (2F floats per
+  # layer) riding along, all float32 so that XLA makes one collective of them
+  # (independent collectives may run in different orders on different devices, which
+  # gloo on CPU cannot match).
   payload = {
     'grads': local_grads,
+    'batch_stats': acc.batch_stats,
     'metrics': jax.tree.map(lambda x: x.astype(jnp.float32), acc.metrics),
     'small_sq': _sq_norm(local_grads) if measure else jnp.zeros((), jnp.float32),
   }
   summed = jax.lax.psum(payload, sharding.DATA_AXIS)
   grads = jax.tree.map(lambda g: g / plan.num_devices, summed['grads'])  # the mean
+  batch_stats = summed['batch_stats']
   batch_metrics = jax.tree.map(
     lambda total, local: total.astype(local.dtype), summed['metrics'], acc.metrics
   )
@@ -282,10 +363,16 @@ def _finish(
       gns_state, small_sq, big_sq, small_b, plan.batch_size, options.gns_horizon_examples
     )
 
-  finite = jnp.isfinite(big_sq) & jnp.isfinite(batch_metrics.loss.total)
+  updated = state.apply_gradients(grads=grads, batch_stats=batch_stats, gns=gns_state)
+  # Finite loss and gradient, and finite parameters, BN statistics and optimizer state
+  # after the update: a finite gradient times a large ε can still overflow them.
+  finite = (
+    jnp.isfinite(big_sq)
+    & jnp.isfinite(batch_metrics.loss.total)
+    & _all_finite((updated.params, updated.batch_stats, updated.opt_state))
+  )
   healthy = state.halted_at_step < 0
   apply = finite & healthy if options.nonfinite == 'stop' else finite
-  updated = state.apply_gradients(grads=grads, batch_stats=batch_stats, gns=gns_state)
   # Not applied: everything as it was but the clock (step, and the optimizer's count so
   # that ε and m stay on schedule), which must follow the data.
   opt_state = state.opt_state
@@ -304,6 +391,17 @@ def _finish(
   return new_state, running.merge(batch_metrics)
 
 
+def _all_finite(tree: Any) -> jax.Array:
+  """Whether every float in `tree` is finite: Σ 0·x is 0, or NaN if any x is NaN or ±inf
+  (one fused reduction per leaf; unlike Σ x, it cannot overflow)."""
+  total = sum(
+    jnp.sum(x * 0, dtype=jnp.float32)
+    for x in jax.tree.leaves(tree)
+    if jnp.issubdtype(x.dtype, jnp.inexact)
+  )
+  return jnp.isfinite(total)
+
+
 def _update(
   state: TrainState,
   batch: dict,
@@ -311,124 +409,110 @@ def _update(
   plan: sharding.MicroBatchPlan,
   options: StepOptions,
   ghost_batch_size: int,
-  measure_now: Any = True,
+  measure_now: bool = True,
 ) -> tuple[TrainState, Metrics]:
   """One update on this device's (A, b, ...) share of a global batch.
 
-  `measure_now` (a bool, or a traced one) matters only to one device with one
-  micro-batch, where measuring the noise scale costs a second backward pass.
+  `measure_now` matters only to one device with one micro-batch of one ghost batch,
+  where measuring the noise scale costs a second backward pass (`_one_micro_batch`).
   """
-  measure = bool(options.gns_horizon_examples)
+  start = device_share(state.batch_stats)
   if plan.accumulation == 1:
     micro = jax.tree.map(lambda x: x[0], batch)
-    if measure and plan.num_devices == 1:
-      return _split_update(
+    if options.gns_horizon_examples and plan.num_devices == 1:
+      return _one_micro_batch(
         state, micro, running, plan, options, ghost_batch_size, measure_now
       )
     # No loop for a batch that fits: the step is then a plain step.
-    batch_stats, acc = _accumulate(state, state.batch_stats, None, micro, options)
-    return _finish(state, acc, batch_stats, running, plan, options)
+    acc = _accumulate(state, start, None, micro, options)
+    return _finish(state, acc, running, plan, options)
 
   def micro_batch(index):
     return jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, index, 0, False), batch)
 
-  def body(index, carry):
-    batch_stats, acc = carry
-    return _accumulate(state, batch_stats, acc, micro_batch(index), options)
+  def body(index, acc):
+    return _accumulate(state, acc.batch_stats, acc, micro_batch(index), options)
 
   # The first micro-batch starts the sums (no zeros to add to); the loop indexes the
   # batch in place, so memory does not grow with A.
-  carry = _accumulate(state, state.batch_stats, None, micro_batch(0), options)
-  batch_stats, acc = jax.lax.fori_loop(1, plan.accumulation, body, carry)
-  return _finish(state, acc, batch_stats, running, plan, options)
+  acc = _accumulate(state, start, None, micro_batch(0), options)
+  acc = jax.lax.fori_loop(1, plan.accumulation, body, acc)
+  return _finish(state, acc, running, plan, options)
 
 
-def _split_update(state, micro, running, plan, options, ghost_batch_size, measure_now):
-  """One update of one device with one micro-batch; measured if `measure_now`.
+def _one_micro_batch(state, micro, running, plan, options, ghost_batch_size, measure_now):
+  """One update of one device with one micro-batch, the noise scale measured in it.
 
-  The measurement back-propagates the batch's halves apart, a second backward pass
-  (about twice the step on XLA:CPU for the default model), so `_updates` asks for it on
-  the updates whose step is a multiple of `options.gns_split_every` only. The others are
-  plain updates, and the moving averages decay over the examples in between
-  (ibs/gns.py).
+  A batch of two or more ghost batches is back-propagated as equal groups of whole
+  ghost batches in one vmapped pass (`grouped_gradients`): every update measures, at
+  the cost of a plain update. A batch of one ghost batch has no exact split; its halves
+  are back-propagated apart (`split_batch_gradients`, a second backward pass), on the
+  updates the host sends to the measuring executable only (`TrainStep`); the others
+  are plain updates, and the moving averages decay over the examples in between
+  (ibs/gns.py). `options.gns_split_every == 0` (a convolutional model on XLA:CPU,
+  `_loop_structure`) measures neither way.
   """
-  split = split_point(plan.micro_batch_size, ghost_batch_size)
-
-  def measured(state):
-    grads, small_sq, _, batch_stats, losses, correct = split_batch_gradients(
-      state, state.batch_stats, micro, split, options.per_example_loss
+  start = device_share(state.batch_stats)
+  groups = measuring_groups(plan.micro_batch_size, ghost_batch_size)
+  loss_fn = options.per_example_loss
+  small_b = plan.batch_size / 2
+  if options.gns_split_every and groups > 1:
+    grads, small_sq, small_b, stats, losses, correct = grouped_gradients(
+      state, start, micro, groups, loss_fn
     )
-    return grads, batch_stats, losses, correct, small_sq
-
-  def plain(state):
-    grads, batch_stats, losses, correct = micro_batch_gradients(
-      state, state.batch_stats, micro, options.per_example_loss
+  elif options.gns_split_every and measure_now:
+    split = split_point(plan.micro_batch_size, ghost_batch_size)
+    grads, small_sq, _, stats, losses, correct = split_batch_gradients(
+      state, start, micro, split, loss_fn
     )
-    return grads, batch_stats, losses, correct, jnp.full((), jnp.nan, jnp.float32)
+  else:  # NaN: an update that did not measure.
+    grads, stats, losses, correct = micro_batch_gradients(state, start, micro, loss_fn)
+    small_sq = jnp.full((), jnp.nan, jnp.float32)
+  acc = _Accumulated(grads, small_sq, _local_metrics(losses, correct), stats)
+  return _finish(state, acc, running, plan, options, split=(small_sq, small_b))
 
-  if options.gns_split_every == 0:  # never (see `_loop_structure`)
-    measure_now = False
-  if isinstance(measure_now, bool):
-    outputs = measured(state) if measure_now else plain(state)
-  else:
-    outputs = jax.lax.cond(measure_now, measured, plain, state)
-  grads, batch_stats, losses, correct, small_sq = outputs
-  acc = _Accumulated(grads, small_sq, _local_metrics(losses, correct))
-  return _finish(
-    state, acc, batch_stats, running, plan, options, split=(small_sq, plan.batch_size / 2)
+
+def measures_sometimes(
+  plan: sharding.MicroBatchPlan, options: StepOptions, ghost_batch_size: int
+) -> bool:
+  """Whether `plan`'s updates measure the noise scale on every `gns_split_every`-th
+  update only: one device, one micro-batch of one ghost batch (`_one_micro_batch`)."""
+  return bool(
+    options.gns_horizon_examples
+    and plan.num_devices * plan.accumulation == 1
+    and options.gns_split_every > 1
+    and measuring_groups(plan.micro_batch_size, ghost_batch_size) == 1
   )
 
 
-def _updates(state, batches, running, num_steps, *, plan, options, ghost_batch_size):
+def _updates(
+  state, batches, running, num_steps, *, plan, options, ghost_batch_size, measure_now
+):
   """`num_steps` ≤ K updates on this device's (K, A, b, ...) batches, in order.
 
   The trip count is a value, not a shape: one executable serves every count (the
-  layout pads the unused slots). K = 1 runs its one update without a loop.
-
-  Where measuring the noise scale takes a second backward pass (one device, one
-  micro-batch), the updates whose step is a multiple of `gns_split_every` measure: a
-  function of the step, so that any K and a resumed run measure where an uninterrupted
-  run does. Asking on every update costs a conditional per update (~10% of a
-  sub-millisecond step on XLA:CPU), so a dispatch asks once whether it holds such a step,
-  and only a dispatch that does runs the loop that asks per update.
+  layout pads the unused slots). K = 1 runs its one update without a loop. No update
+  holds a conditional: what an update measures is fixed when it is compiled
+  (`measure_now`; `TrainStep` sends the updates that measure apart).
   """
   update = functools.partial(
-    _update, plan=plan, options=options, ghost_batch_size=ghost_batch_size
-  )
-  every = options.gns_split_every
-  sampled = (
-    options.gns_horizon_examples
-    and plan.num_devices * plan.accumulation == 1
-    and every > 1
+    _update,
+    plan=plan,
+    options=options,
+    ghost_batch_size=ghost_batch_size,
+    measure_now=measure_now,
   )
 
-  def loop(measure, carry):
-    """The K-update loop; `measure` is True, False, or 'per step' (ask each update)."""
-
-    def body(index, carry):
-      batch = jax.tree.map(
-        lambda x: jax.lax.dynamic_index_in_dim(x, index, 0, False), batches
-      )
-      state, running = carry
-      measure_now = (state.step % every == 0) if measure == 'per step' else measure
-      return update(state, batch, running, measure_now=measure_now)
-
-    return jax.lax.fori_loop(0, num_steps, body, carry)
+  def body(index, carry):
+    batch = jax.tree.map(
+      lambda x: jax.lax.dynamic_index_in_dim(x, index, 0, False), batches
+    )
+    return update(carry[0], batch, carry[1])
 
   with ghost_batch_norm.running_statistics_across(sharding.DATA_AXIS):
     if jax.tree.leaves(batches)[0].shape[0] == 1:
-      measure_now = (state.step % every == 0) if sampled else True
-      batch = jax.tree.map(lambda x: x[0], batches)
-      return update(state, batch, running, measure_now=measure_now)
-    if not sampled:
-      return loop(True, (state, running))
-    first_multiple = (state.step + every - 1) // every * every
-    return jax.lax.cond(
-      first_multiple < state.step + num_steps,
-      functools.partial(loop, 'per step'),
-      functools.partial(loop, False),
-      (state, running),
-    )
+      return update(state, jax.tree.map(lambda x: x[0], batches), running)
+    return jax.lax.fori_loop(0, num_steps, body, (state, running))
 
 
 def _per_device(fn, mesh, in_specs, out_specs):
@@ -447,27 +531,65 @@ class TrainStep:
   Owns the host → device layout of its batches and holds the step counts 1…K on the
   device, so a call transfers nothing but the batches. `memory_analysis()` is that of
   the executable that runs per micro-batch or per dispatch.
+
+  Where the noise scale is measured on every n-th update only (`measures_sometimes`),
+  those updates run alone in a second executable, `measuring`, compiled for one update:
+  the call splits its batches around them, so no executable holds a conditional. The
+  caller passes `first_step`, the step of the first batch (read from the state if not:
+  a wait for the device).
   """
 
-  def __init__(self, run, plan, mesh, steps_per_dispatch: int, analysed):
+  def __init__(
+    self, run, plan, mesh, steps_per_dispatch: int, analysed, measuring=None, every=0
+  ):
     self._run = run
     self.host_loop = isinstance(run, _HostLoop)
     self.plan = plan
     self.mesh = mesh
     self.steps_per_dispatch = steps_per_dispatch
     self._analysed = analysed
+    self._measuring, self._every = measuring, every
     self._counts = [
       jax.device_put(np.int32(n), sharding.replicated(mesh))
       for n in range(steps_per_dispatch + 1)
     ]
 
-  def __call__(self, state, local_batches, running_metrics):
-    batches = sharding.train_batches_to_device(
-      local_batches, self.plan, self.mesh, self.steps_per_dispatch
-    )
-    return self._run(state, batches, running_metrics, self._counts[len(local_batches)])
+  def __call__(
+    self,
+    state: TrainState,
+    local_batches: list[Any],
+    running_metrics: Metrics,
+    first_step: int | None = None,
+  ) -> tuple[TrainState, Metrics]:
+    """Runs the updates of `local_batches` from step `first_step` (read from the state
+    when not given, which waits for the device); measuring updates go to their own
+    program."""
+    if self._measuring is None:
+      return self._dispatch(self._run, state, local_batches, running_metrics)
+    step = int(state.step) if first_step is None else first_step
+    measured = [i for i in range(len(local_batches)) if (step + i) % self._every == 0]
+    done = 0
+    for i in measured:
+      if i > done:
+        state, running_metrics = self._dispatch(
+          self._run, state, local_batches[done:i], running_metrics
+        )
+      state, running_metrics = self._dispatch(
+        self._measuring, state, local_batches[i : i + 1], running_metrics, 1
+      )
+      done = i + 1
+    if done < len(local_batches):
+      state, running_metrics = self._dispatch(
+        self._run, state, local_batches[done:], running_metrics
+      )
+    return state, running_metrics
 
-  def memory_analysis(self):
+  def _dispatch(self, run, state, local_batches, running_metrics, k=None):
+    k = k or self.steps_per_dispatch
+    batches = sharding.train_batches_to_device(local_batches, self.plan, self.mesh, k)
+    return run(state, batches, running_metrics, self._counts[len(local_batches)])
+
+  def memory_analysis(self) -> Any:
     return self._analysed.memory_analysis()
 
   def as_text(self) -> str:
@@ -486,22 +608,34 @@ class TrainStep:
 # as arrays with a leading device axis, sharded over `data`.
 
 
-def _host_loop_micro(state, batch_stats, acc, batch, index, *, options):
+def _host_loop_micro(state, acc, batch, index, *, options):
   micro = jax.tree.map(
     lambda x: jax.lax.dynamic_index_in_dim(x[0], index, 0, False), batch
   )
-  with ghost_batch_norm.running_statistics_across(sharding.DATA_AXIS):
-    batch_stats, fresh = _accumulate(state, batch_stats, None, micro, options)
-  # Micro-batch 0 starts the sums afresh; the others add to them, as the scan does.
-  summed = jax.tree.map(
-    lambda old, new: jnp.where(index == 0, new, old[0] + new)[None], acc, fresh
+  old = jax.tree.map(lambda x: x[0], acc)
+  # Micro-batch 0 starts the sums and the BN share afresh; the others add to them, as
+  # the scan does.
+  first = index == 0
+  start = jax.tree.map(
+    lambda r, a: jnp.where(first, r, a), device_share(state.batch_stats), old.batch_stats
   )
-  return batch_stats, summed
+  with ghost_batch_norm.running_statistics_across(sharding.DATA_AXIS):
+    fresh = _accumulate(state, start, None, micro, options)
+  summed = _Accumulated(
+    *(
+      jax.tree.map(
+        lambda o, n: jnp.where(first, n, o + n), getattr(old, f), getattr(fresh, f)
+      )
+      for f in ('grad_sum', 'small_sq_sum', 'metrics')
+    ),
+    fresh.batch_stats,
+  )
+  return jax.tree.map(lambda x: x[None], summed)
 
 
-def _host_loop_finish(state, acc, batch_stats, running, *, plan, options):
+def _host_loop_finish(state, acc, running, *, plan, options):
   local = jax.tree.map(lambda x: x[0], acc)
-  return _finish(state, local, batch_stats, running, plan, options)
+  return _finish(state, local, running, plan, options)
 
 
 class _HostLoop:
@@ -516,11 +650,11 @@ class _HostLoop:
 
   def __call__(self, state, batches, running, num_steps):
     del num_steps  # Always 1: a loop around the host loop would be K dispatches anyway.
-    batch_stats, acc = state.batch_stats, self._acc
+    acc = self._acc
     for index in self._indices:
-      batch_stats, acc = self._micro(state, batch_stats, acc, batches, index)
+      acc = self._micro(state, acc, batches, index)
     self._acc = acc  # Not donated to the update: reused by the next step.
-    return self._finish(state, acc, batch_stats, running)
+    return self._finish(state, acc, running)
 
 
 def _slow_in_a_loop(state: Any, plan: sharding.MicroBatchPlan, example: dict) -> bool:
@@ -559,13 +693,13 @@ def _loop_structure(
 ) -> tuple[int, bool, StepOptions]:
   """(K, host loop, options): the one place that decides how updates are looped.
 
-  K updates per dispatch run in a loop, the micro-batches of an accumulated update too,
-  and the every-n-th noise-scale measurement of a one-micro-batch update runs in a
-  conditional; on XLA:CPU a convolutional model is ~20× slower inside any of them (its
-  convolutions lose their fast layouts outside the entry computation). There, K falls
-  back to 1, accumulation to the host loop, and the split measurement is left out (the
-  noise scale is then measured only where devices or micro-batches give it for free).
-  `host_loop` forces the choice (tests).
+  K updates per dispatch run in a loop, the micro-batches of an accumulated update too;
+  on XLA:CPU a convolutional model is ~20× slower inside either (its convolutions lose
+  their fast layouts outside the entry computation). There, K falls back to 1,
+  accumulation to the host loop, and the one-micro-batch split measurement is left out
+  (the noise scale is then measured only where devices or micro-batches give it): it
+  ran in a conditional when this was decided, and its vmapped form has not been timed
+  on XLA:CPU convolutions. `host_loop` forces the choice (tests).
   """
   slow = bool(plans) and _slow_in_a_loop(state, plans[0], example)
   host_loop = slow if host_loop is None else host_loop
@@ -577,8 +711,8 @@ def _loop_structure(
     )
   if slow and options.gns_horizon_examples and options.gns_split_every > 1:
     logging.warning(
-      'On XLA:CPU a convolutional model runs much slower inside a conditional: the '
-      'noise scale is not measured on steps with one device and one micro-batch.'
+      'On XLA:CPU a convolutional model: the noise scale is not measured on steps '
+      'with one device and one micro-batch.'
     )
     options = dataclasses.replace(options, gns_split_every=0)
   return (1 if host_loop else requested_k), host_loop, options
@@ -587,7 +721,8 @@ def _loop_structure(
 def batch_shapes(
   plan: sharding.MicroBatchPlan, example: dict, steps_per_dispatch: int
 ) -> dict:
-  """Abstract (K, A, D·b, ...) training batches of `plan`, for ahead-of-time compilation."""
+  """Abstract (K, A, D·b, ...) training batches of `plan`, for
+  ahead-of-time compilation."""
   return {
     k: jax.ShapeDtypeStruct((steps_per_dispatch, *plan.shape, *v.shape[1:]), v.dtype)
     for k, v in example.items()
@@ -595,7 +730,7 @@ def batch_shapes(
 
 
 def compile_train_steps(
-  mesh,
+  mesh: jax.sharding.Mesh,
   state: TrainState,
   plans: list[sharding.MicroBatchPlan],
   example: dict[str, np.ndarray],
@@ -620,9 +755,9 @@ def compile_train_steps(
     steps_per_dispatch, host_loop, options, state_shapes, plans, example
   )
   batch_spec = P(None, None, sharding.DATA_AXIS)
-  compiled = {}
+  compiled, lowered = {}, {}
   for plan in plans:
-    if plan.shape in compiled:
+    if plan.shape in compiled or plan.shape in lowered:
       continue
     batch = batch_shapes(plan, example, k)
     if host_loop and plan.accumulation > 1:
@@ -630,24 +765,54 @@ def compile_train_steps(
         mesh, state_shapes, metric_shapes, batch, plan, options
       )
       continue
-    updates = functools.partial(
-      _updates, plan=plan, options=options, ghost_batch_size=ghost_batch_size
+
+    def lower_updates(measure_now: bool, num_updates: int, plan=plan):
+      updates = functools.partial(
+        _updates,
+        plan=plan,
+        options=options,
+        ghost_batch_size=ghost_batch_size,
+        measure_now=measure_now,
+      )
+      per_device = _per_device(updates, mesh, (P(), batch_spec, P(), P()), (P(), P()))
+      return jax.jit(per_device, donate_argnums=(0, 2)).lower(
+        state_shapes, batch_shapes(plan, example, num_updates), metric_shapes, count_shape
+      )
+
+    sometimes = measures_sometimes(plan, options, ghost_batch_size)
+    lowered[plan.shape] = (
+      plan,
+      lower_updates(not sometimes, k),
+      lower_updates(True, 1) if sometimes else None,
     )
-    per_device = _per_device(updates, mesh, (P(), batch_spec, P(), P()), (P(), P()))
-    executable = (
-      jax.jit(per_device, donate_argnums=(0, 2))
-      .lower(state_shapes, batch, metric_shapes, count_shape)
-      .compile()
+  # XLA compiles one program on one core: the programs compile side by side.
+  with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+    futures = {
+      shape: [pool.submit(program.compile) if program else None for program in programs]
+      for shape, (_, *programs) in lowered.items()
+    }
+  for shape, (plan, *_) in lowered.items():
+    executable, measuring = (f.result() if f else None for f in futures[shape])
+    compiled[shape] = TrainStep(
+      executable,
+      plan,
+      mesh,
+      k,
+      executable,
+      measuring=measuring,
+      every=options.gns_split_every if measuring else 0,
     )
-    compiled[plan.shape] = TrainStep(executable, plan, mesh, k, executable)
-  return compiled
+  return {plan.shape: compiled[plan.shape] for plan in plans}
 
 
 def _compile_host_loop(mesh, state_shapes, metric_shapes, batch, plan, options):
   rep = sharding.replicated(mesh)
   per_device_spec = P(sharding.DATA_AXIS)
   local_acc = _Accumulated(
-    state_shapes.params, jnp.zeros((), jnp.float32), Metrics.empty()
+    state_shapes.params,
+    jnp.zeros((), jnp.float32),
+    Metrics.empty(),
+    state_shapes.batch_stats,
   )
   acc = jax.tree.map(lambda x: np.zeros((plan.num_devices, *x.shape), x.dtype), local_acc)
   acc = jax.device_put(acc, jax.sharding.NamedSharding(mesh, per_device_spec))
@@ -656,31 +821,29 @@ def _compile_host_loop(mesh, state_shapes, metric_shapes, batch, plan, options):
   micro = _per_device(
     functools.partial(_host_loop_micro, options=options),
     mesh,
-    (P(), P(), per_device_spec, batch_spec, P()),
-    (P(), per_device_spec),
+    (P(), per_device_spec, batch_spec, P()),
+    per_device_spec,
   )
   micro = (
-    jax.jit(micro, donate_argnums=(2,))
-    .lower(
-      state_shapes, state_shapes.batch_stats, _abstract(acc, None), batch, index_shape
-    )
+    jax.jit(micro, donate_argnums=(1,))
+    .lower(state_shapes, _abstract(acc, None), batch, index_shape)
     .compile()
   )
   finish = _per_device(
     functools.partial(_host_loop_finish, plan=plan, options=options),
     mesh,
-    (P(), per_device_spec, P(), P()),
+    (P(), per_device_spec, P()),
     (P(), P()),
   )
   finish = (
-    jax.jit(finish, donate_argnums=(0, 3))
-    .lower(state_shapes, _abstract(acc, None), state_shapes.batch_stats, metric_shapes)
+    jax.jit(finish, donate_argnums=(0, 2))
+    .lower(state_shapes, _abstract(acc, None), metric_shapes)
     .compile()
   )
   return TrainStep(_HostLoop(micro, finish, plan, mesh, acc), plan, mesh, 1, micro)
 
 
-def empty_metrics(mesh) -> Metrics:
+def empty_metrics(mesh: jax.sharding.Mesh) -> Metrics:
   """Zero running metrics on the mesh, to start a log period (built there, not moved
   there: sharding.replicate says why)."""
   return _empty_metrics_on(mesh)()
@@ -705,7 +868,7 @@ def eval_step(state: TrainState, batch: dict[str, jax.Array]) -> Metrics:
   )
 
 
-def jit_eval_step(mesh):
+def jit_eval_step(mesh: jax.sharding.Mesh) -> Callable[..., Metrics]:
   return jax.jit(
     eval_step,
     in_shardings=(sharding.replicated(mesh), sharding.eval_batch_sharding(mesh)),

@@ -19,8 +19,7 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 # call, so JAX's in-memory caches never match across runs; the persistent cache matches
 # equal programs (the same config in several tests, in this process or in an ibs.main
 # subprocess, which inherits these variables) and hands back the executable the first
-# compilation produced: the same code, the same numbers (a tiny_config run: ~4 s of CPU
-# instead of ~20).
+# compilation produced: the same code, the same numbers, without compiling again.
 # A fresh directory per session, so that a session's time is that of a cold start (the
 # processes of one session, pytest-xdist's workers too, share it through the variable).
 _COMPILATION_CACHE_DIR = os.environ.get('IBS_TESTS_XLA_CACHE_DIR', '')
@@ -45,8 +44,8 @@ def pytest_configure(config):
 
   Most of a fast test's time is XLA compiling small programs, most of that LLVM
   optimising machine code that then runs for milliseconds. The fast subset
-  (`-m "not slow"`) compiles at level 0, in ~23% less time (93 s against 121 s on 2
-  cores, README's Development section): the same HLO programs after the same HLO passes
+  (`-m "not slow"`) compiles at level 0, in less time (README's Development section has
+  the measurement and its command): the same HLO programs after the same HLO passes
   (buffer assignment and memory analysis too), only the machine code less optimised,
   which can change rounding in the last bits. So its tests compare programs compiled in
   the same session, never numbers recorded from another build.
@@ -133,7 +132,8 @@ def _once_per_session(tmp_path_factory, name):
 
 @pytest.fixture(scope='session')
 def data_dir(tmp_path_factory):
-  """MNIST-1D is generated once per test session (per xdist worker) into this directory."""
+  """MNIST-1D is generated once per test session (per xdist worker) into this
+  directory."""
   return str(tmp_path_factory.mktemp('tfds'))
 
 

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from configs import default
-from ibs import adaptive, clock, schedules, train
+from ibs import adaptive, clock, schedules, segments, train
 from tests.test_multidevice import _train_script
 from tests.test_reliability import _assert_identical, _finish, _start, _wait_for
 from tests.test_train import _final_params, _logged_tags
@@ -33,11 +33,16 @@ def _ladder(*rungs):
   return tuple(schedules.Phase(0.0, b, lr, 0.9) for b, lr in rungs)
 
 
+def _measured(b_simple):
+  """A decision point's measurement of B_simple (the adaptive rule reads no loss)."""
+  return segments.Measured(b_simple, math.nan)
+
+
 def _walk(schedule, points):
   """Applies `decide` at each (examples, B_simple); returns the growth after each."""
   growth, trace = adaptive.Growth(), []
   for examples, b_simple in points:
-    growth = schedule.decide(growth, examples, b_simple).growth
+    growth = schedule.decide(growth, examples, _measured(b_simple)).growth
     trace.append(growth)
   return trace
 
@@ -66,9 +71,9 @@ def test_nothing_measured_is_not_ready_and_infinity_is():
   s = adaptive.AdaptiveSchedule(
     _ladder((10, 0.1), (20, 0.1)), _rules(window=0, minimum=0), 10, N
   )
-  assert s.decide(adaptive.Growth(), 50, math.nan).growth.rung == 0
+  assert s.decide(adaptive.Growth(), 50, _measured(math.nan)).growth.rung == 0
   # |G|² estimated ≤ 0: the noise dominates, B_simple = inf (ibs/gns.py) is ready.
-  assert s.decide(adaptive.Growth(), 50, math.inf).growth.rung == 1
+  assert s.decide(adaptive.Growth(), 50, _measured(math.inf)).growth.rung == 1
 
 
 def test_never_past_the_last_rung_nor_the_budget():
@@ -76,11 +81,11 @@ def test_never_past_the_last_rung_nor_the_budget():
     _ladder((10, 0.1), (20, 0.1)), _rules(window=0, minimum=0), 1.0, N
   )
   top = adaptive.Growth((adaptive.Switch(50, 1),))
-  decision = s.decide(top, 100, 1e9)
+  decision = s.decide(top, 100, _measured(1e9))
   assert not decision.switched and decision.growth.rung == 1
   # At the end of the budget (1 epoch = 1000 examples) no rung is left a step to run.
-  assert not s.decide(adaptive.Growth(), 1000, 1e9).switched
-  assert s.decide(adaptive.Growth(), 990, 1e9).switched
+  assert not s.decide(adaptive.Growth(), 1000, _measured(1e9)).switched
+  assert s.decide(adaptive.Growth(), 990, _measured(1e9)).switched
 
 
 def test_past_the_cap_the_rungs_decay_epsilon_and_compare_their_effective_batch():
@@ -96,9 +101,11 @@ def test_past_the_cap_the_rungs_decay_epsilon_and_compare_their_effective_batch(
     [32, 160, 800, 4000, 20000]
   )
   on_rung_3 = adaptive.Growth(tuple(adaptive.Switch(100 * k, k) for k in (1, 2, 3)))
-  assert s.decide(on_rung_3, 600, 3999.0).ready_at == pytest.approx(4000)
-  assert s.decide(on_rung_3, 600, 3999.0).growth.ready_since == adaptive.NOT_READY
-  assert s.decide(on_rung_3, 600, 4000.0).growth.ready_since == 600
+  assert s.decide(on_rung_3, 600, _measured(3999.0)).ready_at == pytest.approx(4000)
+  assert (
+    s.decide(on_rung_3, 600, _measured(3999.0)).growth.ready_since == adaptive.NOT_READY
+  )
+  assert s.decide(on_rung_3, 600, _measured(4000.0)).growth.ready_since == 600
 
 
 def test_the_realized_schedule_is_the_switches_so_far():

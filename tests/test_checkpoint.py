@@ -8,6 +8,7 @@ deleted) with a warning naming it and why.
 
 import dataclasses
 import glob
+import json
 import logging
 import os
 import shutil
@@ -219,9 +220,9 @@ def test_running_metrics_are_saved_verified_and_restored(tmp_path):
 
 
 def test_a_restored_record_is_checked_against_the_clock():
-  """train.check_restored: the record's step, examples and data seed follow the config."""
+  """setup.check_restored: the record's step, examples and data seed follow the config."""
   from configs import default
-  from ibs import clock, schedules, train
+  from ibs import clock, schedules, setup
 
   config = default.get_config()
   schedule = schedules.from_config(config, config.mnist1d.num_train)
@@ -231,7 +232,7 @@ def test_a_restored_record_is_checked_against_the_clock():
     step, where.examples_seen, where.phase, config.data_seed, FINGERPRINT
   )
   state = types.SimpleNamespace(step=jnp.int32(step))
-  train.check_restored(record, state, schedule, config)  # agrees: no error
+  setup.check_restored(record, state, schedule, config)  # agrees: no error
   seen, seed = where.examples_seen, config.data_seed
   for changed, what in [
     (dict(examples_seen=seen + 32), rf'examples seen {seen + 32} \(expected {seen}\)'),
@@ -239,6 +240,60 @@ def test_a_restored_record_is_checked_against_the_clock():
     (dict(step=step + 1), rf'step {step} \(expected {step + 1}\)'),
   ]:
     with pytest.raises(checkpoint.CheckpointError, match=what):
-      train.check_restored(
+      setup.check_restored(
         dataclasses.replace(record, **changed), state, schedule, config
       )
+
+
+def test_stray_intact_higher_step_is_moved_aside_and_saving_goes_on(workdir, caplog):
+  """An intact checkpoint copied to a higher step: before, it was restored as the real
+  one (or left there), and orbax then declined every later save while the run reported
+  success. Its record names another step than its directory: moved aside."""
+  shutil.copytree(_step_dir(workdir, 30), _step_dir(workdir, 99999))
+  manager = checkpoint.create_manager(str(workdir))
+  with caplog.at_level(logging.WARNING):
+    _, record, _ = checkpoint.restore_latest(manager, _state(0), FINGERPRINT)
+  assert record.step == 30
+  assert 'its record is of step 30 (copied or renamed)' in caplog.text
+  assert os.path.isdir(os.path.join(workdir, 'damaged_checkpoints', '99999'))
+  checkpoint.save(
+    manager, _state(31), checkpoint.CheckpointRecord(31, 31, 0, 0, 'f' * 16)
+  )
+  checkpoint.check_save_errors(manager, wait=True)  # confirmed on disk
+  manager.close()
+  assert os.path.isdir(_step_dir(workdir, 31))
+
+
+def test_a_save_orbax_declines_stops_with_one_line(workdir):
+  manager = checkpoint.create_manager(str(workdir))
+  with pytest.raises(checkpoint.SaveError) as info:
+    checkpoint.save(manager, _state(25), checkpoint.CheckpointRecord(25, 25, 0, 0, 'f'))
+  manager.close()
+  message = str(info.value)
+  assert '\n' not in message
+  assert 'step 25 was declined by orbax: its latest step is 30' in message, message
+  assert f'last good checkpoint is step 30 in {workdir}' in message, message
+
+
+def test_an_inconsistent_newest_record_falls_back(workdir):
+  """The newest record edited (its examples seen no longer follow from its step): like
+  any damage, the one before it is restored and the edited one moved aside."""
+  path = os.path.join(_step_dir(workdir, 30), 'position', 'metadata')
+  with open(path) as f:
+    fields = json.load(f)
+  fields['examples_seen'] += 7
+  with open(path, 'w') as f:
+    json.dump(fields, f)
+
+  def validate(record, state):  # step · 32 examples, as the fixture saved them
+    if record.examples_seen != record.step * 32:
+      raise checkpoint.CheckpointError(f'examples seen {record.examples_seen}')
+
+  manager = checkpoint.create_manager(str(workdir))
+  _, record, _ = checkpoint.restore_latest(
+    manager, _state(0), FINGERPRINT, validate=validate
+  )
+  manager.close()
+  assert record.step == 20
+  with open(os.path.join(workdir, 'damaged_checkpoints', 'REASONS.txt')) as f:
+    assert 'inconsistent record: examples seen 967' in f.read()

@@ -4,6 +4,7 @@ import pytest
 
 from configs import default
 from ibs import config_checks, step, train
+from ibs.data import pipeline
 
 
 def _config(**overrides):
@@ -54,6 +55,7 @@ def _config(**overrides):
     ({'stop_after_steps': -5}, 1, 'stop_after_steps=-5 must be an integer >= 0'),
     ({'max_micro_batch_size': 0}, 1, 'max_micro_batch_size=0 must be a positive'),
     ({'nonfinite': 'ignore'}, 1, "nonfinite='ignore' must be 'stop'"),
+    ({'nonfinite_max_skipped': 1.5}, 1, 'nonfinite_max_skipped=1.5 must be a fraction'),
     ({'model_kwargs.width': 0}, 1, 'model_kwargs.width=0 must be a positive integer'),
     ({'model_kwargs.widht': 16}, 1, r'cannot be built with config.model_kwargs=.*widht'),
   ],
@@ -91,7 +93,7 @@ def test_bad_config_fails_before_reading_data_or_compiling(monkeypatch, tmp_path
   def forbidden(*args, **kwargs):
     raise AssertionError('reached data loading or compilation')
 
-  monkeypatch.setattr(train.pipeline, 'load_source', forbidden)
+  monkeypatch.setattr(pipeline, 'load_source', forbidden)
   monkeypatch.setattr(step, 'compile_train_steps', forbidden)
   with pytest.raises(config_checks.ConfigError, match='learning_rate'):
     train.train_and_evaluate(_config(**{'schedule.learning_rate': -1.0}), str(tmp_path))

@@ -1,8 +1,8 @@
 """Every field of every config and study variant is in the fingerprint or explicitly not.
 
-The fingerprint (ibs/durability/checkpoint.py) decides whether a workdir's checkpoint may be resumed
-by a config; a field missing from it lets a changed trajectory resume silently, as
-`image_size` once did. A new config field must be placed in one list or the other.
+The fingerprint (ibs/durability/checkpoint.py) decides whether a workdir's checkpoint may
+be resumed by a config; a field missing from it lets a changed trajectory resume silently,
+as `image_size` once did. A new config field must be placed in one list or the other.
 """
 
 import importlib

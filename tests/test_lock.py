@@ -1,4 +1,4 @@
-"""One run per workdir: a second process is refused, naming the holder; kill -9 frees it."""
+"""One run per workdir: a second run is refused, naming the holder; kill -9 frees it."""
 
 import os
 import signal

@@ -25,15 +25,12 @@ def ibs_main(*args, cwd, python_options=()):
 
 
 def test_a_misspelled_config_fails_before_tf_and_jax(tmp_path):
-  result, seconds = ibs_main(
-    '--config=configs/defualt.py', f'--workdir={tmp_path}', cwd=REPO
-  )
+  result, _ = ibs_main('--config=configs/defualt.py', f'--workdir={tmp_path}', cwd=REPO)
   assert result.returncode == 2
   assert result.stderr.splitlines() == [
     'error: --config=configs/defualt.py: no such file. Did you mean configs/default.py?',
     '(run with --verbosity=1 for the traceback)',
   ]
-  assert seconds < 5  # 6 s before: the error came after importing TF and JAX
   importtime = subprocess.run(
     [sys.executable, '-X', 'importtime', '-m', 'ibs.main', '--config=nope.py']
     + [f'--workdir={tmp_path}'],

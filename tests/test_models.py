@@ -177,7 +177,8 @@ TINY = {
   'mlp': (dict(hidden=(16, 16)), (40,)),
 }
 # Inception-ResNet-V2 compiles for ~12 s even tiny: slow; the fast subset checks the
-# same behaviour on the other models and its full-size shapes (test_full_size_output_shapes).
+# same behaviour on the other models and its full-size shapes
+# (test_full_size_output_shapes).
 TINY_PARAMS = [
   pytest.param(name, marks=pytest.mark.slow) if name == 'inception_resnet_v2' else name
   for name in TINY

@@ -38,7 +38,7 @@ CONFIG_FILE = textwrap.dedent(
         weight_decay=5e-4, weight_decay_mask='all', decoupled_weight_decay=False,
         eval_every_epochs=1.0, checkpoint_every_epochs=1.0, log_every_epochs=1.0,
         seed=0, data_seed=0, eval_batch_size=1000, stop_after_steps=0,
-        steps_per_dispatch=1, nonfinite='stop',
+        steps_per_dispatch=1, nonfinite='stop', nonfinite_max_skipped=0.5,
         gns=ml_collections.ConfigDict(dict(
             enabled=True, horizon_examples=50000.0, split_every=1))))
     config.schedule = ml_collections.ConfigDict(dict(
@@ -146,7 +146,8 @@ def test_baseline_is_the_original_decaying_lr_schedule():
   comparison = noise_scale.format_comparison(schedule, baseline)
   # 78,125 − 2,304.6875 = 75,820.3; 78,125 / 2,304.6875 = 33.90.
   assert comparison == (
-    'parameter updates: 2,304.7 vs 78,125.0 with decaying LR; 75,820.3 saved, 33.90× fewer'
+    'parameter updates: 2,304.7 vs 78,125.0 with decaying LR; '
+    '75,820.3 saved, 33.90× fewer'
   )
 
 
@@ -180,8 +181,10 @@ try:
   runpy.run_module('ibs.noise_scale', run_name='__main__', alter_sys=True)
 except SystemExit as e:  # absl's app.run always exits; None means success.
   code = e.code or 0
-print(json.dumps({'exit': code, 'tensorflow': sorted(m for m in sys.modules
-                                                      if m.split('.')[0] == 'tensorflow')}))
+print(json.dumps({
+  'exit': code,
+  'tensorflow': sorted(m for m in sys.modules if m.split('.')[0] == 'tensorflow'),
+}))
 """
 
 
@@ -206,9 +209,12 @@ def test_cli_prints_the_table_and_never_imports_tensorflow(tmp_path):
   assert status == {'exit': 0, 'tensorflow': []}, stderr
   assert output.startswith('increasing_batch schedule on cifar10')
   for row in (
-    '    0        0–60       0.1      0.9     128    389.6    390.6   23,437.5   23,437.5   23,438',
-    '    3     160–200       0.1      0.9   16000    2.125    3.125      125.0   28,875.0      125',
-    '    3     160–200    0.0008      0.9     128    3.117    3.125   15,625.0   78,125.0   15,625',
+    '    0        0–60       0.1      0.9     128    389.6    390.6   23,437.5'
+    '   23,437.5   23,438',
+    '    3     160–200       0.1      0.9   16000    2.125    3.125      125.0'
+    '   28,875.0      125',
+    '    3     160–200    0.0008      0.9     128    3.117    3.125   15,625.0'
+    '   78,125.0   15,625',
   ):
     assert row in output.splitlines()
   assert '49,250.0 saved, 2.71× fewer' in output

@@ -76,7 +76,7 @@ def test_read_scalars_of_a_real_run(grid):
     'learning_rate',
     'momentum',
     'batch_size',
-    'noise_scale',
+    'g_sgd',
     'phase',
     'epoch',
     'examples_seen',

@@ -148,7 +148,8 @@ def test_sgd_has_no_momentum():
 
 
 def test_hyperparameters_are_float32_state():
-  """Injected ε and m are float32 arrays in the state: a phase switch changes values only."""
+  """Injected ε and m are float32 arrays in the state: a phase switch changes
+  values only."""
   params, _ = _params_and_gradients()
   params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
   state = optim.create_optimizer('nesterov', _schedule()).init(params)

@@ -12,7 +12,6 @@ import json
 import shutil
 import socket
 import tarfile
-import time
 from unittest import mock
 
 import numpy as np
@@ -273,10 +272,8 @@ def test_mnist1d_is_generated_offline_once(mnist1d_config):
 
   spec = catalog.dataset_spec(mnist1d_config)
   train = pipeline.load_source(mnist1d_config, spec, 'train')
-  start = time.perf_counter()
   with mock.patch.object(mnist1d, 'generate', side_effect=AssertionError('generated')):
-    test = pipeline.load_source(mnist1d_config, spec, 'test')
-  assert time.perf_counter() - start < 5  # read, not generated again
+    test = pipeline.load_source(mnist1d_config, spec, 'test')  # read, not generated
   assert train.inputs.shape == (1000, 40) and test.inputs.shape == (200, 40)
   assert set(np.unique(train.labels)) == set(range(10))
   batch = pipeline.preprocess_fn(mnist1d_config, spec)(
@@ -318,12 +315,10 @@ def test_unprepared_catalog_dataset_fails_fast_without_download(name, tmp_path):
   config = default.get_config()
   config.dataset = name
   config.data_dir = str(tmp_path)
-  start = time.perf_counter()
   with pytest.raises(
     pipeline.DatasetNotPreparedError, match=f'python -m ibs.data.prepare {name}'
   ):
     pipeline.load_source(config, catalog.dataset_spec(config), 'train')
-  assert time.perf_counter() - start < 10
   assert list(tmp_path.iterdir()) == []  # nothing written either
 
 

@@ -1,4 +1,4 @@
-"""The critical-batch probe (ibs/tools/probe.py, ibs/tools/branch.py) on tiny runs of fake data.
+"""The critical-batch probe (ibs/tools/probe.py, branch.py) on tiny runs of fake data.
 
 The estimator, the ε rule and the measurement points against hand-computed values; the
 argument errors; the source run's checkpoints byte for byte before and after a probe;
@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from configs import default
-from ibs import reporting, train
+from ibs import reporting, schedules, train
 from ibs.durability import checkpoint
 from ibs.tools import branch, probe
 
@@ -145,7 +145,8 @@ def _parse(workdir, **overrides):
     (dict(branch_examples=0), '--branch_examples=0 must be a positive integer'),
     (
       dict(batch_sizes=['32', '96'], branch_examples=500),
-      r'--branch_examples=500 is not a multiple of every batch size \(of 96\).*use 480 or 576',
+      r'--branch_examples=500 is not a multiple of every batch size \(of 96\).*'
+      r'use 480 or 576',
     ),
     (dict(rule='cubic'), "--rule='cubic'"),
     (dict(tolerance=-0.1), '--tolerance=-0.1 must be a number >= 0'),
@@ -368,7 +369,7 @@ def test_an_adaptive_runs_point_is_read_from_its_record():
   config.schedule.max_batch_size = 64
   config.schedule.num_epochs = 4.0
   config.schedule.adaptive.min_epochs = 1.0
-  schedule = train.schedules.from_config(config, 1000)
+  schedule = schedules.from_config(config, 1000)
   record = checkpoint.CheckpointRecord(
     step=40,
     examples_seen=1536,

@@ -1,4 +1,4 @@
-"""The README's library example runs as written, and its host-side batch function is cheap."""
+"""The README's library example runs as written; its host-side batch function is cheap."""
 
 import os
 import pathlib

@@ -81,7 +81,8 @@ def test_progress_is_counted_in_examples_and_reports_every_period():
       }
       with progress.timed('eval'):
         clock.now += 5.0  # not training time, not in the next period's rate
-  # Every 50 s of wall-clock: 50 s, 100 s, 155 s (5 s of evaluation, 5 steps of 10), 205 s.
+  # Every 50 s of wall-clock: 50 s, 100 s, 155 s (5 s of evaluation, 5 steps of 10),
+  # 205 s.
   assert [line.split(',')[0] for line in lines] == [
     'epoch 0.50/2 (25.0% of examples)',
     'epoch 1.00/2 (50.0% of examples)',
@@ -182,7 +183,7 @@ PERIOD = {
   'momentum': 0.9,
   'batch_size': 160,
   'phase': 1,
-  'noise_scale': 124.3,
+  'g_sgd': 124.3,
   'nonfinite_updates': 0,
   'gns/grad_sq_norm': 0.0123,
   'gns/trace_cov': 9.87,
@@ -220,7 +221,7 @@ def test_the_hyperparameter_line_is_short(tiny_config):
   assert len(line) <= reporting.MAX_LINE, line
   assert line == (
     'hyperparameters: mnist1d, cnn1d, momentum, increasing_batch, ε 0.1, B 32, m 0.9, '
-    'epochs 4.0 (all 55 in config.json, HParams)'
+    'epochs 4.0 (all 56 in config.json, HParams)'
   )
 
 

@@ -113,10 +113,10 @@ def _one_ghost_batch(params, batch_stats, x, y):
   return grad, batch_stats, losses, predictions == y
 
 
-def _ghost_batch_reference(params, batch_stats, inputs, labels):
+def _ghost_batch_reference(params, batch_stats, inputs, labels, batch=BATCH):
   """Mean gradient over the ghost batches applied one by one; stats updated in order."""
   grads, losses, correct = [], [], []
-  for start in range(0, BATCH, GHOST):
+  for start in range(0, batch, GHOST):
     x, y = inputs[start : start + GHOST], labels[start : start + GHOST]
     grad, batch_stats, loss, right = _one_ghost_batch(params, batch_stats, x, y)
     grads.append(grad)
@@ -233,6 +233,82 @@ def test_several_steps_per_dispatch_equal_single_steps(max_micro_batch_size):
   got = {k: float(v) for k, v in running.compute().items()}
   assert got['loss'] == pytest.approx(np.mean([m['loss'] for m in expected]), rel=1e-5)
   assert got['accuracy'] == pytest.approx(np.mean([m['accuracy'] for m in expected]))
+
+
+def test_one_micro_batch_measures_the_noise_scale_from_its_two_halves():
+  """One device, one micro-batch of 8 ghost batches: every update measures |G_b|² at
+  b = 16 from the halves (4 ghost batches each), back-propagated in one vmapped pass.
+
+  Reference: each half's gradient is the mean of its ghost batches' gradients, applied
+  one by one (`_one_ghost_batch`); the estimate folded in is ibs/gns.py's formula.
+  """
+  from ibs import gns as gns_lib
+
+  assert step_lib.measuring_groups(BATCH, GHOST) == 2
+  mesh = sharding.make_mesh(jax.devices()[:1])
+  plan = sharding.plan_micro_batches(BATCH, 1, GHOST, BATCH)
+  state = jax.device_put(_state(*_initial_variables()), sharding.replicated(mesh))
+  (step,) = _compile(mesh, state, [plan]).values()
+  (local,) = _data(1)
+  state, _ = step(state, [local], step_lib.empty_metrics(mesh))
+
+  params, batch_stats = _initial_variables()
+  halves = []
+  for half in range(2):
+    rows = slice(half * BATCH // 2, (half + 1) * BATCH // 2)
+    grad, batch_stats, *_ = _ghost_batch_reference(
+      params, batch_stats, local['input'][rows], local['label'][rows], BATCH // 2
+    )
+    halves.append(grad)
+  whole = jax.tree.map(lambda a, b: (a + b) / 2, *halves)
+
+  def sq(t):
+    return sum(float(np.sum(np.square(x, dtype=np.float64))) for x in jax.tree.leaves(t))
+
+  expected = gns_lib.update(
+    gns_lib.GNSState.empty(),
+    np.float32((sq(halves[0]) + sq(halves[1])) / 2),
+    np.float32(sq(whole)),
+    BATCH / 2,
+    BATCH,
+    1000.0,
+  )
+  _assert_close(state.gns, expected, rtol=1e-4, atol=0)
+  _assert_close(state.batch_stats, batch_stats)  # the 8 ghost batches in order
+
+
+def test_one_ghost_batch_measures_every_nth_update_whatever_the_dispatches():
+  """A batch of one ghost batch measures on the updates whose step is a multiple of
+  gns_split_every only, in an executable of its own: dispatches of 3 + 4 updates (K =
+  4) end bit-identical to 7 single updates (K = 1), and the last measurement folded in
+  is step 6's (no examples pending after it)."""
+  mesh = sharding.make_mesh(jax.devices()[:1])
+  plan = sharding.plan_micro_batches(GHOST, 1, GHOST, GHOST)
+  options = step_lib.StepOptions(gns_horizon_examples=1000.0, gns_split_every=3)
+  assert step_lib.measures_sometimes(plan, options, GHOST)
+  example = {k: v[:1] for k, v in _data(1)[0].items()}
+  data = [{k: v[:GHOST] for k, v in d.items()} for d in _data(7)]
+  finals = []
+  for k, chunks in ((4, (data[:3], data[3:])), (1, [[d] for d in data])):
+    state = jax.device_put(_state(*_initial_variables()), sharding.replicated(mesh))
+    (step,) = step_lib.compile_train_steps(
+      mesh,
+      state,
+      [plan],
+      example,
+      ghost_batch_size=GHOST,
+      steps_per_dispatch=k,
+      options=options,
+    ).values()
+    running, at = step_lib.empty_metrics(mesh), 0
+    for chunk in chunks:
+      state, running = step(state, chunk, running, at)
+      at += len(chunk)
+    finals.append(state)
+  jax.tree.map(np.testing.assert_array_equal, finals[0].params, finals[1].params)
+  jax.tree.map(np.testing.assert_array_equal, finals[0].gns, finals[1].gns)
+  assert float(finals[0].gns.pending_examples) == 0.0
+  assert float(finals[0].gns.weight) > 0.0
 
 
 def test_train_batches_to_device_refuses_more_batches_than_the_dispatch_holds():
@@ -362,9 +438,11 @@ def _counting(fn, counter):
 def test_one_compilation_per_distinct_phase_shape(
   tiny_config, tmp_path, monkeypatch, without_compilation_cache
 ):
-  """Four phases, three shapes: three compilations, all before the first step.
+  """Four phases, three shapes: four compilations, all before the first step.
 
-  Phases 0 and 2 share B = 32 but not ε: they share the compiled step. Traces of
+  Phases 0 and 2 share B = 32 but not ε: they share the compiled step. B = 32 is one
+  ghost batch, so its noise-scale measurement (every `gns.split_every`-th update) has an
+  executable of its own: one more compilation. Traces of
   train_step are counted directly; XLA compilations through jax.monitoring's backend
   compile event, which names the jitted function (the session's compilation cache is
   off here: a program found there would not be compiled). One convolution: the count
@@ -413,6 +491,6 @@ def test_one_compilation_per_distinct_phase_shape(
 
   assert summary['finished']
   assert compiles_done == [[(1, 32), (1, 64), (2, 64)]]
-  assert len(traces) == 3
+  assert len(traces) == 4
   train_step_compiles = [after for name, after in events if '_updates' in name]
-  assert train_step_compiles == [False, False, False], events
+  assert train_step_compiles == [False] * 4, events

@@ -24,8 +24,8 @@ _UINT64 = 1 << 64
 def epoch_permutation(seed: int, epoch: int, num_examples: int) -> np.ndarray:
   """perm_e: the order of epoch `epoch`, from a generator seeded by (seed, epoch).
 
-  Cached (read-only) because consecutive batches mostly fall in the same epoch; an
-  ImageNet-sized permutation costs ~20 ms to draw.
+  Cached (read-only) because consecutive batches mostly fall in the same epoch, and an
+  ImageNet-sized permutation is not free to draw.
   """
   if seed < 0 or epoch < 0:
     raise ValueError(f'Seed {seed} and epoch {epoch} must be non-negative.')

@@ -35,7 +35,8 @@ def _define_flags() -> None:
   flags.DEFINE_string(
     'data_dir',
     None,
-    'TFDS data directory to write to (default $TFDS_DATA_DIR, else ~/tensorflow_datasets).',
+    'TFDS data directory to write to (default $TFDS_DATA_DIR, '
+    'else ~/tensorflow_datasets).',
   )
   flags.DEFINE_string(
     'manual_dir',

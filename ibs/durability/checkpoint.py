@@ -15,6 +15,8 @@ import dataclasses
 import hashlib
 import json
 import os
+import weakref
+from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
 import jax
@@ -49,7 +51,8 @@ TRAJECTORY_FIELDS = (
 # and how often to log, evaluate and checkpoint; how the batch is split and dispatched
 # (accumulation over ghost batches is exact); the measured noise scale (it only reads
 # the gradients; on one device with one micro-batch its updates differ in float rounding);
-# what to do on a non-finite update (nothing happens until one occurs).
+# what to do on a non-finite update and how many skips to bear (nothing happens until
+# one occurs).
 # tests/test_fingerprint.py checks every config field is in one list or the other.
 NON_TRAJECTORY_FIELDS = (
   'checkpoint_every_epochs',
@@ -61,6 +64,7 @@ NON_TRAJECTORY_FIELDS = (
   'log_every_epochs',
   'max_micro_batch_size',
   'nonfinite',
+  'nonfinite_max_skipped',
   'steps_per_dispatch',
   'stop_after_steps',
 )
@@ -71,7 +75,7 @@ class CheckpointRecord:
   """What is saved beside a checkpoint's state: where it stands, and how to verify it.
 
   Not ibs.clock.ClockPosition, which is where the schedule says a step stands; a restored
-  record is checked against that (ibs.train.check_restored). Saved as the checkpoint item
+  record is checked against that (ibs.setup.check_restored). Saved as the checkpoint item
   'position' (JSON), the name it has had since ibs began, so older workdirs resume.
   """
 
@@ -96,9 +100,9 @@ class CheckpointRecord:
   # current rung has been ready to climb (-1: not ready). Empty for fixed schedules.
   switches: tuple[tuple[int, int], ...] = ()
   ready_since: int = -1
-  # A measured schedule's record of decisions (ibs/measured/: its `to_record`), None
-  # for the other kinds.
-  decisions: dict[str, Any] | None = None
+  # Any other schedule kind's decisions (ibs/segments.py, `RunSchedule.to_record`), as
+  # JSON: what it decided, replayed on resume, never re-derived.
+  decisions: dict[str, Any] = dataclasses.field(default_factory=dict)
 
   @classmethod
   def from_json(cls, fields: dict[str, Any]) -> CheckpointRecord:
@@ -122,6 +126,17 @@ class CheckpointError(RuntimeError):
 
   The message is one line, meant to be printed as it is.
   """
+
+
+class SaveError(CheckpointError):
+  """A save (or a metric write) the disk or the store did not take: a full disk, a
+  failed background write, a save orbax declined. The run stops at once: training on
+  without a checkpoint would lose everything after the last good one. Its one line is
+  the last thing printed: the process exits without the interpreter's teardown, whose
+  writers and checkpoint threads would fail again on the same disk, each with a
+  traceback (ibs.reporting.one_line_errors)."""
+
+  exit_at_once = True
 
 
 class ConfigMismatchError(ValueError):
@@ -219,9 +234,10 @@ def save(
   `metrics`, the running train metrics, are saved beside the state and covered by the
   checksum too.
 
-  Raises CheckpointError, writing nothing, when the state is not finite. A save that
-  fails in the background surfaces at the next `check_save_errors`; call
-  `manager.wait_until_finished()` before exiting.
+  Raises CheckpointError, writing nothing, when the state is not finite; SaveError when
+  the previous save failed or orbax declines this one (it saves only steps above its
+  latest). A save that fails in the background surfaces at the next
+  `check_save_errors`; call `manager.wait_until_finished()` before exiting.
   """
   checksum, finite = state_checksum(state if metrics is None else (state, metrics))
   if not finite:
@@ -238,10 +254,19 @@ def save(
   }
   if metrics is not None:
     items['train_metrics'] = ocp.args.StandardSave(metrics)
+  check_save_errors(manager, wait=True)  # the previous save, confirmed, or named
   try:
-    manager.save(record.step, args=ocp.args.Composite(**items))
+    saved = manager.save(record.step, args=ocp.args.Composite(**items))
   except Exception as e:  # any failure is reported the same way
     raise save_error(manager, record.step, e) from None
+  if not saved:  # orbax saves only steps above its latest
+    raise SaveError(
+      f'Saving the checkpoint of step {record.step} was declined by orbax: its latest '
+      f'step is {manager.latest_step()}, at or above it (a step directory that does not '
+      f'belong to this run?). The last good checkpoint is '
+      f'{last_good(manager, exclude=record.step)}.'
+    )
+  _unconfirmed[manager] = record.step
   return record
 
 
@@ -268,29 +293,165 @@ def _cause(error: BaseException) -> str:
 
 def save_error(
   manager: ocp.CheckpointManager, step: int, error: BaseException
-) -> CheckpointError:
-  return CheckpointError(
+) -> SaveError:
+  return SaveError(
     f'Saving the checkpoint of step {step} failed: {_cause(error)}. '
     f'The last good checkpoint is {last_good(manager, exclude=step)}.'
   )
 
 
-def check_save_errors(manager: ocp.CheckpointManager, step: int | None) -> None:
-  """Raises CheckpointError at once if the last background save failed.
+# The step of each manager's last save, until confirmed on disk.
+_unconfirmed: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
-  The manager is closed first (its threads would otherwise report the error again, with
+
+def check_save_errors(manager: ocp.CheckpointManager, wait: bool = False) -> None:
+  """Raises SaveError at once if the manager's last save failed; confirms it once done.
+
+  Called after every dispatch, and by `save` before the next save (with `wait`). While
+  the save runs in the background, asks orbax for an error; once it has finished,
+  confirms it: the finalize thread ended without an error (orbax's own error check may
+  already have turned it into a log line) and the step is on disk. The manager is
+  closed before raising (its threads would otherwise report the error again, with
   tracebacks, at interpreter exit).
   """
+  step = _unconfirmed.get(manager)
+  if step is None:
+    return
   try:
     manager.check_for_errors()
+    if not wait and manager.is_saving_in_progress():
+      return
+    manager.wait_until_finished()  # finished: re-raises its failure, if any
+    if step not in manager.all_steps() or not (manager.directory / str(step)).exists():
+      raise OSError('the save ended without an error but the step is not on disk')
   except Exception as e:
-    error = save_error(manager, step if step is not None else -1, e)
+    error = save_error(manager, step, e)
     with contextlib.suppress(Exception):
       manager.close()
     raise error from None
+  del _unconfirmed[manager]
+
+
+@contextlib.contextmanager
+def metric_writes_confirmed(
+  writer: Any, manager: ocp.CheckpointManager
+) -> Iterator[None]:
+  """clu's `ensure_flushes` for the run's metric writer, with its failure in one line.
+
+  The TensorBoard writer writes in a background thread and raises the failure of an
+  earlier write (a full disk: ENOSPC) at a later call, as clu's AsyncError: that
+  becomes a SaveError naming the workdir, the cause and the last good checkpoint. After
+  any other error the writer is left unflushed: on a full disk its pending writes would
+  only fail again, each with a traceback after the run's one line.
+  """
+  from clu import asynclib  # noqa: PLC0415
+
+  try:
+    yield
+  except asynclib.AsyncError as e:
+    raise _write_error(manager, e) from None
+  try:
+    writer.flush()
+  except Exception as e:
+    raise _write_error(manager, e) from None
+
+
+def _write_error(manager: ocp.CheckpointManager, error: BaseException) -> SaveError:
+  workdir = os.path.dirname(str(manager.directory))
+  return SaveError(
+    f'Writing the metrics to {workdir} failed: {_cause(error)}. The last good '
+    f'checkpoint is {last_good(manager)}.'
+  )
 
 
 # ----------------------------------------------------------------------- restoring
+
+
+def open_read_only(workdir: str) -> ocp.CheckpointManager:
+  """A workdir's checkpoints opened read-only: orbax creates, deletes and writes nothing
+  (the probe's branches read a run that may still be training)."""
+  return ocp.CheckpointManager(
+    checkpoints_dir(workdir),
+    options=ocp.CheckpointManagerOptions(read_only=True, create=False),
+  )
+
+
+def read_record(manager: ocp.CheckpointManager, step: int) -> CheckpointRecord:
+  """The record saved beside the checkpoint of `step` (raises if it cannot be read)."""
+  fields = manager.restore(
+    step, args=ocp.args.Composite(**{_RECORD_ITEM: ocp.args.JsonRestore()})
+  )[_RECORD_ITEM]
+  return CheckpointRecord.from_json(fields)
+
+
+def check_fingerprint(manager, step: int, record: CheckpointRecord, fingerprint: str):
+  """Raises ConfigMismatchError, touching nothing, when another config wrote `record`."""
+  if record.config_fingerprint != fingerprint:
+    raise ConfigMismatchError(
+      f'The checkpoint at step {step} in {manager.directory} was written by a '
+      f'different config (fingerprint {record.config_fingerprint}, this config '
+      f'{fingerprint}); a changed dataset, model, optimizer, schedule or seed cannot '
+      'resume it. Use a new --workdir, or restore the original config. The '
+      'checkpoint was left untouched.'
+    )
+
+
+def read_records(
+  manager: ocp.CheckpointManager, fingerprint: str
+) -> dict[int, CheckpointRecord]:
+  """{step: record} of every checkpoint whose record reads; one being written or
+  damaged is left out. Raises ConfigMismatchError if another config wrote one."""
+  records = {}
+  for step in sorted(manager.all_steps()):
+    try:
+      record = read_record(manager, step)
+    except Exception:  # a checkpoint being written or damaged: skip it
+      continue
+    check_fingerprint(manager, step, record, fingerprint)
+    records[step] = record
+  return records
+
+
+class Damaged(CheckpointError):
+  """One checkpoint that cannot be read, or whose state does not match its checksum."""
+
+
+def restore_verified(
+  manager: ocp.CheckpointManager,
+  step: int,
+  record: CheckpointRecord,
+  abstract_state: Any,
+  abstract_metrics: Any = None,
+) -> Restored:
+  """The state (and running metrics, when saved and `abstract_metrics` is given) saved at
+  `step`, verified against the checksum in `record`. Raises Damaged saying why.
+
+  The one reader of a checkpoint's state: resume (`restore_latest`) and the probe's
+  branches (ibs/tools/branch.py) both restore through it.
+  """
+  items = {'state': ocp.args.StandardRestore(abstract_state)}
+  if record.with_metrics:  # the checksum covers the running metrics too
+    items['train_metrics'] = ocp.args.StandardRestore(abstract_metrics)
+  missing = _missing_manifest(manager, step, items)
+  if missing:  # orbax's failed read would leave tensorstore reads behind, each
+    # printing an 'Event loop is closed' traceback as it completes
+    raise Damaged(f'state unreadable: {missing} is missing')
+  try:
+    restored = manager.restore(step, args=ocp.args.Composite(**items))
+  except Exception as e:
+    raise Damaged(f'state unreadable: {_cause(e)}') from e
+  state, metrics = restored['state'], restored.get('train_metrics')
+  if record.checksum:
+    checksum, _ = state_checksum(state if metrics is None else (state, metrics))
+    if checksum != record.checksum:
+      raise Damaged(f'checksum mismatch (recorded {record.checksum}, read {checksum})')
+  else:
+    logging.warning(
+      'The checkpoint of step %d records no checksum (written before ibs stored '
+      'one); restored unverified.',
+      step,
+    )
+  return Restored(state, record, metrics if abstract_metrics is not None else None)
 
 
 def restore_latest(
@@ -298,61 +459,47 @@ def restore_latest(
   abstract_state: Any,
   fingerprint: str,
   abstract_metrics: Any = None,
+  validate: Callable[[CheckpointRecord, Any], None] | None = None,
 ) -> Restored | None:
   """The newest intact (state, record, metrics), or None for a fresh workdir.
 
   `metrics` are restored (like `abstract_metrics`) when the checkpoint holds them and
   `abstract_metrics` is given, else None.
 
-  Checkpoints are tried newest first. One that cannot be read, is incomplete, or whose
-  state does not match its recorded checksum is skipped with a warning naming it and
-  why, and moved to `damaged_checkpoints/` beside `checkpoints/` (never deleted).
+  Checkpoints are tried newest first. One that cannot be read, is incomplete, whose
+  state does not match its recorded checksum, whose record names another step than its
+  directory (a checkpoint copied or renamed: left there, it would make orbax decline
+  every later save), or that `validate(record, state)` rejects with a CheckpointError
+  (a record that does not follow from the schedule) is skipped with a warning naming it
+  and why, and moved to `damaged_checkpoints/` beside `checkpoints/` (never deleted).
   Raises CheckpointError when checkpoints exist but none is intact, and
-  ConfigMismatchError (a ValueError), touching nothing, when the newest readable one was written by a config whose
-  trajectory fields differ.
+  ConfigMismatchError (a ValueError), touching nothing, when the newest readable one was
+  written by a config whose trajectory fields differ.
   """
   damaged: list[tuple[int, str]] = []
   result = None
   for step in sorted(manager.all_steps(), reverse=True):
     try:
-      fields = manager.restore(
-        step, args=ocp.args.Composite(**{_RECORD_ITEM: ocp.args.JsonRestore()})
-      )[_RECORD_ITEM]
-      record = CheckpointRecord.from_json(fields)
+      record = read_record(manager, step)
     except Exception as e:  # a damaged record is any failure to read it
       damaged.append((step, f'position record unreadable: {_cause(e)}'))
       continue
-    if record.config_fingerprint != fingerprint:
-      raise ConfigMismatchError(
-        f'The checkpoint at step {step} in {manager.directory} was written by a '
-        f'different config (fingerprint {record.config_fingerprint}, this config '
-        f'{fingerprint}); a changed dataset, model, optimizer, schedule or seed cannot '
-        'resume it. Use a new --workdir, or restore the original config. The '
-        'checkpoint was left untouched.'
-      )
-    items = {'state': ocp.args.StandardRestore(abstract_state)}
-    if record.with_metrics:
-      items['train_metrics'] = ocp.args.StandardRestore(abstract_metrics)
-    try:
-      restored = manager.restore(step, args=ocp.args.Composite(**items))
-    except Exception as e:
-      damaged.append((step, f'state unreadable: {_cause(e)}'))
+    if record.step != step:
+      damaged.append((step, f'its record is of step {record.step} (copied or renamed)'))
       continue
-    state, metrics = restored['state'], restored.get('train_metrics')
-    if record.checksum:
-      checksum, _ = state_checksum(state if metrics is None else (state, metrics))
-      if checksum != record.checksum:
-        damaged.append(
-          (step, f'checksum mismatch (recorded {record.checksum}, read {checksum})')
-        )
+    check_fingerprint(manager, step, record, fingerprint)
+    try:
+      result = restore_verified(manager, step, record, abstract_state, abstract_metrics)
+    except Damaged as e:
+      damaged.append((step, str(e)))
+      continue
+    if validate is not None:
+      try:
+        validate(result.record, result.state)
+      except CheckpointError as e:
+        damaged.append((step, f'inconsistent record: {e}'))
+        result = None
         continue
-    else:
-      logging.warning(
-        'The checkpoint of step %d records no checksum (written before ibs stored '
-        'one); restored unverified.',
-        step,
-      )
-    result = Restored(state, record, metrics if abstract_metrics is not None else None)
     break
   if damaged:
     _quarantine(manager, damaged)
@@ -363,6 +510,18 @@ def restore_latest(
       + f'. They were moved to {_damaged_root(manager)}; a rerun starts from scratch.'
     )
   return result
+
+
+def _missing_manifest(manager: ocp.CheckpointManager, step: int, items) -> str:
+  """The first OCDBT manifest of an item written in that format that is not there."""
+  for name in items:
+    item = os.path.join(str(manager.directory), str(step), name)
+    written = os.path.isdir(item) and any(
+      entry.startswith('ocdbt.process_') for entry in os.listdir(item)
+    )
+    if written and not os.path.exists(os.path.join(item, 'manifest.ocdbt')):
+      return f'{name}/manifest.ocdbt'
+  return ''
 
 
 def _damaged_root(manager: ocp.CheckpointManager) -> str:

@@ -1,20 +1,27 @@
-"""The divergence guard's host side: a NaN or inf loss or gradient stops the run.
+"""The divergence guard's host side: a non-finite update stops the run, or too many skips.
 
-The step counts the updates whose loss or gradient was not finite in its running
-metrics (`nonfinite`, summed over the dispatch) and, with config.nonfinite = 'skip',
-leaves the parameters, BN statistics and optimizer state of those updates as they were.
-The loop reads the count after every dispatch (one scalar): with 'stop' (the default) a
-non-zero count ends the run with `Diverged` before anything of that state is evaluated
-or checkpointed, so the checkpoints on disk stay finite and rotation never replaces the
-last good one; with 'skip' the skips are counted, logged and kept in the position record.
+The step (ibs/step.py) never applies an update whose loss or gradient is not finite or
+that would leave the state non-finite; it counts them in the state
+(`nonfinite_updates`) and, with config.nonfinite = 'stop' (the default), freezes the
+state at the first (`halted_at_step`). The loop reads those scalars before every event
+(log, evaluation, checkpoint): 'stop' ends the run with `Diverged` before anything of
+that state is evaluated or checkpointed, so the checkpoints on disk stay finite and
+rotation never replaces the last good one. With 'skip' the skips are counted, logged
+and kept in the position record, and `SkipWindow` stops the run with `Diverged` when
+more than config.nonfinite_max_skipped of the updates since the previous event were
+skipped: a run that skips nearly every update is not training.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
 import numpy as np
+
+# config.nonfinite: what the step does at a non-finite update (ibs/step.py).
+POLICIES = ('stop', 'skip')
 
 
 class Diverged(RuntimeError):
@@ -39,16 +46,50 @@ def message(
   learning_rate: float,
   batch_size: int,
   last_good: str,
+  max_skipped: float | None = None,
 ) -> str:
-  where = (
-    f'update {last_step}'
-    if first_step == last_step
-    else f'updates {first_step}–{last_step} (one dispatch)'
-  )
+  """The one line of `Diverged`: a non-finite update ('stop'), or, given `max_skipped`
+  (config.nonfinite_max_skipped), a window of 'skip' that skipped too many."""
+  if max_skipped is None:
+    where = (
+      f'update {last_step}'
+      if first_step == last_step
+      else f'updates {first_step}–{last_step} (one dispatch)'
+    )
+    what = f'{count} update(s) with a NaN or inf loss or gradient in {where}'
+    fix = "or set config.nonfinite='skip' to skip such updates."
+  else:
+    what = (
+      f'{count} of the {last_step - first_step + 1} updates {first_step}–{last_step} '
+      f'skipped as not finite (more than config.nonfinite_max_skipped={max_skipped:g})'
+    )
+    fix = 'or raise config.nonfinite_max_skipped.'
   return (
-    f'Training diverged: {count} update(s) with a NaN or inf loss or gradient in '
-    f'{where}, phase {phase_index}, {examples_seen:,} examples seen (epoch {epoch:.2f}), '
-    f'learning rate ε={learning_rate:g}, batch size B={batch_size}. Nothing of it was '
-    f'checkpointed; the last good checkpoint is {last_good}. Lower the learning rate, '
-    "or set config.nonfinite='skip' to skip such updates."
+    f'Training diverged: {what}, phase {phase_index}, {examples_seen:,} examples seen '
+    f'(epoch {epoch:.2f}), learning rate ε={learning_rate:g}, batch size B={batch_size}. '
+    f'Nothing of it was checkpointed; the last good checkpoint is {last_good}. Lower the '
+    f'learning rate, {fix}'
   )
+
+
+@dataclasses.dataclass
+class SkipWindow:
+  """The skipped updates of each window: the updates between two events of the loop.
+
+  `max_fraction` is config.nonfinite_max_skipped; `step` and `skipped` where the
+  current window began (the session's start, then each event).
+  """
+
+  max_fraction: float
+  step: int
+  skipped: int
+
+  def exceeded(self, step: int, skipped: int) -> tuple[int, int, int] | None:
+    """(first step, last step, skips) of a window that skipped more than allowed, or
+    None (and a new window begins at `step`)."""
+    window = (self.step, step - 1, skipped - self.skipped)
+    self.step, self.skipped = step, skipped
+    updates = window[1] - window[0] + 1
+    if updates > 0 and window[2] > self.max_fraction * updates:
+      return window
+    return None

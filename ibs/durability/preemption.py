@@ -9,6 +9,9 @@ Exit statuses of `python -m ibs.main` (README.md, docs/RELIABILITY.md):
        checkpoint
   128 + signal number (130, 143)   a second SIGINT/SIGTERM: exited at once, no save
 
+Before training (imports, restoring, compiling): SIGTERM and SIGINT exit 75 at once
+with one line; nothing new was trained, the last checkpoint is kept.
+
 Single process: SIGTERM and SIGINT set a flag; the loop ends the dispatch in flight,
 saves that step, waits for the save and returns `preempted`; main exits 75. A second
 signal exits at once.
@@ -58,6 +61,9 @@ class PreemptionHandler:
   def __init__(self, process_count: int = 1):
     self.multiprocess = process_count > 1
     self.signal_name: str | None = None
+    # False until the loop's first dispatch is issued: before it (restoring, compiling)
+    # there is nothing new to save, and a signal exits at once (`exit_before_training`).
+    self.training = False
     self._previous: dict[int, Any] = {}
 
   def __enter__(self) -> PreemptionHandler:
@@ -69,8 +75,9 @@ class PreemptionHandler:
     return self
 
   def __exit__(self, *exc) -> None:
-    for sig, previous in self._previous.items():
-      signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
+    for sig, previous in self._previous.items():  # Trained: not start-up any more.
+      start_up = previous is None or previous is _exit_before_training
+      signal.signal(sig, signal.SIG_DFL if start_up else previous)
     self._previous.clear()
 
   def _handle(self, signum: int, frame: Any) -> None:
@@ -83,6 +90,8 @@ class PreemptionHandler:
         flush=True,
       )
       os._exit(128 + signum)
+    if not self.training:
+      exit_before_training(name)
     self.signal_name = name
     print(
       f'{name} received: finishing the current dispatch, then saving a checkpoint '
@@ -103,6 +112,33 @@ class PreemptionHandler:
         return True
       return False
     return self.signal_name is not None
+
+
+def exit_before_training(name: str) -> None:
+  """A signal during start-up (imports, restore, compilation): nothing was trained since
+  the last checkpoint, which stays as it was; exits EXIT_PREEMPTED at once (a compile
+  can take minutes, more than a preemption's grace period)."""
+  print(
+    f'{name} received before training began: nothing new to save (the last checkpoint '
+    f'is kept); exiting with status {EXIT_PREEMPTED}. Rerun the same command to resume.',
+    file=sys.stderr,
+    flush=True,
+  )
+  logging.flush()
+  os._exit(EXIT_PREEMPTED)
+
+
+def exit_on_signals_until_training() -> None:
+  """Until train_and_evaluate's PreemptionHandler takes over: SIGTERM and SIGINT exit
+  at once with EXIT_PREEMPTED and one line (main calls it first; before it, a signal
+  ends the process with Python's default: -15, or a KeyboardInterrupt traceback)."""
+  if threading.current_thread() is threading.main_thread():
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      signal.signal(sig, _exit_before_training)
+
+
+def _exit_before_training(signum: int, frame: Any) -> None:
+  exit_before_training(signal.Signals(signum).name)
 
 
 def exit_preempted() -> None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ibs.measured import plateau, temperature
+from ibs.measured import driven, plateau, temperature
 
 KINDS = {
   temperature.KIND: temperature.MeasuredBatchSchedule,
@@ -26,6 +26,11 @@ CHECKS = {temperature.KIND: temperature.check_config, plateau.KIND: plateau.chec
 def from_config(config: Any, num_train_examples: int):
   """The measured schedule of `config.schedule.kind` (validated)."""
   return KINDS[config.schedule.kind].from_config(config, num_train_examples)
+
+
+def run_schedule(config: Any, num_train_examples: int) -> driven.MeasuredSchedule:
+  """The measured kind of `config` as the schedule the loop drives (ibs/segments.py)."""
+  return driven.MeasuredSchedule(from_config(config, num_train_examples))
 
 
 def check_config(config: Any, num_train_examples: int | None = None) -> None:

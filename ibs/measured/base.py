@@ -106,12 +106,13 @@ def check_common(config: Any, kind: str) -> None:
     )
   if s.get('scale_weight_decay'):
     raise schedules.ScheduleError(
-      f"config.schedule.scale_weight_decay is not supported with kind='{kind}'; remove it."
+      f"config.schedule.scale_weight_decay is not supported with kind='{kind}'; "
+      'remove it.'
     )
   if config.optimizer == 'adam':
     raise schedules.ScheduleError(
-      f"config.schedule.kind='{kind}' keeps SGD's g = εN/(B(1 − m)) (B ∝ ε); for Adam use "
-      "a fixed kind ('sqrt_scaling' or 'seesaw'), or config.optimizer 'momentum', "
+      f"config.schedule.kind='{kind}' keeps SGD's g = εN/(B(1 − m)) (B ∝ ε); for Adam "
+      "use a fixed kind ('sqrt_scaling' or 'seesaw'), or config.optimizer 'momentum', "
       "'nesterov' or 'sgd'."
     )
   if not config.gns.enabled:

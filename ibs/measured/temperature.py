@@ -8,7 +8,7 @@ temperature over training,
 and the recipe's milestones stay. What the run chooses is the batch: at every decision
 point it takes the largest batch of the ladder B₀, B₀r, B₀r², … (up to the cap) that
 
-    B ≤ B_window / c                 the measured noise scale allows (ibs/measured/window.py)
+    B ≤ B_window / c                 the measured noise scale allows (window.py)
     ε = g(t) · B (1 − m) / N = ε_recipe(t) · B / B₀ ≤ ε_max     the learning-rate cap
 
 and sets ε by the second line, so every update has the recipe's temperature while using

@@ -18,13 +18,22 @@ With `ghost_batch_size` equal to the batch size this is exactly `flax.linen.Batc
 
 Under the per-device train step (ibs/step.py, a `shard_map` over the mesh's `data`
 axis) each device normalises its own ghost batches, which needs nothing from the others;
-only the running averages must see every device's ghost batches. The step traces the
-model inside `running_statistics_across('data')`, and the layer then gathers the
-per-ghost-batch means and variances of all devices (a few floats per feature, never a
-gradient) and applies the k·D updates in mesh order, so every device holds the same
-running averages: for micro-batch a, device 0's ghost batches, then device 1's, and so
-on. The axis is a property of how the step runs the model, not of the model, hence a
-context rather than a layer attribute threaded through every model.
+only the running averages must see every device's ghost batches, in the order: for
+micro-batch a, device 0's ghost batches, then device 1's, and so on. The k·D updates of a
+micro-batch are affine in r, so device d's share of them has a closed form,
+
+    r ← μ^(Dk)·r + Σ_d μ^((D−1−d)k)·c_d,   c_d = Σ_j (1 − μ)·μ^(k−1−j)·s_dj,
+
+and the step traces the model inside `running_statistics_across('data')`: there the layer
+returns device d's term μ^(Dk)·a + μ^((D−1−d)k)·c_d of its accumulator a (the step
+starts a at r on device 0 and at 0 elsewhere, carries it over micro-batches, and sums it
+over devices in the update's one all-reduce: 2F floats per layer whatever B). On one
+device that is the sequential update itself, operation for operation; across devices it
+is the same sum in another order (float32 rounding: ibs/step.py). A vmapped axis of
+equal groups of ghost batches within a device (the step's free noise-scale measurement)
+is folded the same way, with a `psum` over the vmapped axis, which costs nothing. The
+axes are a property of how the step runs the model, not of the model, hence a context
+rather than a layer attribute threaded through every model.
 """
 
 import contextlib
@@ -36,27 +45,32 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-_STATISTICS_AXIS: contextvars.ContextVar[str | None] = contextvars.ContextVar(
-  'ghost_batch_norm_statistics_axis', default=None
+_STATISTICS_AXES: contextvars.ContextVar[tuple[str | None, str | None]] = (
+  contextvars.ContextVar('ghost_batch_norm_statistics_axes', default=(None, None))
 )
 
 
 @contextlib.contextmanager
-def running_statistics_across(axis_name: str) -> Iterator[None]:
-  """Trace training-mode ghost BN so running averages see all devices on `axis_name`."""
-  token = _STATISTICS_AXIS.set(axis_name)
+def running_statistics_across(
+  axis_name: str | None, *, groups_axis: str | None = None
+) -> Iterator[None]:
+  """Trace training-mode ghost BN as one device's share of the running averages.
+
+  `axis_name`: the devices' axis; the layer then returns this device's closed-form term
+  (see the module docstring) for the caller to sum over `axis_name`. `groups_axis`: a
+  vmapped axis of equal, consecutive groups of ghost batches within the device, summed
+  at once.
+  """
+  token = _STATISTICS_AXES.set((axis_name, groups_axis))
   try:
     yield
   finally:
-    _STATISTICS_AXIS.reset(token)
+    _STATISTICS_AXES.reset(token)
 
 
-def _gathered(statistics: jax.Array) -> jax.Array:
-  """(k, F) per device → (D·k, F) over the statistics axis in mesh order, if one is set."""
-  axis_name = _STATISTICS_AXIS.get()
-  if axis_name is None:
-    return statistics
-  return jax.lax.all_gather(jax.lax.stop_gradient(statistics), axis_name, tiled=True)
+def statistics_axes() -> tuple[str | None, str | None]:
+  """The (devices, groups) axes set by `running_statistics_across`, or (None, None)."""
+  return _STATISTICS_AXES.get()
 
 
 def ghost_statistics(x: jax.Array, ghost_batch_size: int) -> tuple[jax.Array, jax.Array]:
@@ -78,13 +92,42 @@ def ghost_statistics(x: jax.Array, ghost_batch_size: int) -> tuple[jax.Array, ja
   return mean, variance
 
 
+def contribution(observations: jax.Array, momentum: float) -> jax.Array:
+  """c = Σ_j (1 − μ)·μ^(k−1−j)·s_j: what k successive updates add to μ^k·r."""
+  k = observations.shape[0]
+  weights = (1.0 - momentum) * momentum ** jnp.arange(k - 1, -1, -1, dtype=jnp.float32)
+  return jnp.tensordot(weights, observations, axes=1)
+
+
 def sequential_moving_average(
   average: jax.Array, observations: jax.Array, momentum: float
 ) -> jax.Array:
   """k successive updates r ← μ·r + (1 − μ)·s_j, in closed form, in order j = 1..k."""
+  return momentum ** observations.shape[0] * average + contribution(
+    observations, momentum
+  )
+
+
+def moving_average_share(
+  average: jax.Array, observations: jax.Array, momentum: float
+) -> jax.Array:
+  """This device's share of the running-average update (the module docstring).
+
+  Outside `running_statistics_across` it is `sequential_moving_average`.
+  """
+  axis_name, groups_axis = _STATISTICS_AXES.get()
   k = observations.shape[0]
-  weights = (1.0 - momentum) * momentum ** jnp.arange(k - 1, -1, -1, dtype=jnp.float32)
-  return momentum**k * average + jnp.tensordot(weights, observations, axes=1)
+  c = contribution(observations, momentum)
+  if groups_axis is not None:  # Group g of G: μ^((G−1−g)k)·c_g, summed over groups.
+    groups = jax.lax.axis_size(groups_axis)
+    later = groups - 1 - jax.lax.axis_index(groups_axis)
+    c = jax.lax.psum(jnp.float32(momentum) ** (later * k) * c, groups_axis)
+    k *= groups
+  if axis_name is None:
+    return momentum**k * average + c
+  devices = jax.lax.axis_size(axis_name)
+  later = devices - 1 - jax.lax.axis_index(axis_name)
+  return momentum ** (devices * k) * average + jnp.float32(momentum) ** (later * k) * c
 
 
 class GhostBatchNorm(nn.Module):
@@ -121,16 +164,13 @@ class GhostBatchNorm(nn.Module):
     if train:
       mean, variance = ghost_statistics(x, self.ghost_batch_size)
       if not self.is_initializing():
-        # One gather for both: independent collectives may be issued in different
-        # orders on different devices (gloo on CPU then mixes them up).
-        gathered = _gathered(jnp.concatenate([mean, variance], axis=-1))
-        all_means, all_variances = jnp.split(gathered, 2, axis=-1)
-        running_mean.value = sequential_moving_average(
-          running_mean.value, all_means, self.momentum
+        # Mean and variance together: one sum per layer where the step reduces them.
+        updated = moving_average_share(
+          jnp.concatenate([running_mean.value, running_var.value]),
+          jax.lax.stop_gradient(jnp.concatenate([mean, variance], axis=-1)),
+          self.momentum,
         )
-        running_var.value = sequential_moving_average(
-          running_var.value, all_variances, self.momentum
-        )
+        running_mean.value, running_var.value = jnp.split(updated, 2)
       groups = x.astype(jnp.float32).reshape((mean.shape[0], -1, features))
       normalized = (groups - mean[:, None, :]) * jax.lax.rsqrt(
         variance[:, None, :] + self.epsilon

@@ -1,4 +1,4 @@
-"""Short branches from a run's checkpoints, for the critical-batch probe (ibs/tools/probe.py).
+"""Short branches from a run's checkpoints, for the critical-batch probe (tools/probe.py).
 
 A branch starts from the state a run saved at step k (parameters, BN statistics, the
 momentum buffer, the noise-scale averages, the update count), trains it for L examples
@@ -22,7 +22,7 @@ the source run and writes nothing there:
 
 At the run's own B and ε a branch is the run's continuation: the same executable
 structure (K, host loop, noise-scale options come from the run's config through
-`train.step_options`), the same data and the same arithmetic, so it ends on the run's
+`setup.step_options`), the same data and the same arithmetic, so it ends on the run's
 later checkpoint bit for bit when no phase boundary or warm-up falls inside it
 (tests/test_probe.py).
 """
@@ -38,21 +38,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 import orbax.checkpoint as ocp
 
-from ibs import (
-  adaptive,
-  clock,
-  config_checks,
-  measured,
-  models,
-  optim,
-  reporting,
-  schedules,
-  sharding,
-  train,
-)
+from ibs import clock, reporting, schedules, setup, sharding
 from ibs import step as step_lib
 from ibs.data import pipeline
 from ibs.durability import checkpoint
@@ -82,37 +70,24 @@ def load_run_config(workdir: str) -> ml_collections.ConfigDict:
 
 
 def open_checkpoints(workdir: str) -> ocp.CheckpointManager:
-  """The run's checkpoints, opened read-only: orbax creates, deletes and writes nothing."""
-  return ocp.CheckpointManager(
-    checkpoint.checkpoints_dir(workdir),
-    options=ocp.CheckpointManagerOptions(read_only=True, create=False),
-  )
+  """The run's checkpoints, opened read-only (checkpoint.open_read_only)."""
+  return checkpoint.open_read_only(workdir)
 
 
 def read_positions(
   manager: ocp.CheckpointManager, fingerprint: str
 ) -> dict[int, checkpoint.CheckpointRecord]:
-  """{step: Position} of every checkpoint whose record reads and matches the config.
+  """{step: record} of every checkpoint whose record reads and matches the config.
 
   A record of another config means config.json and checkpoints/ come from different
   runs; nothing can be branched then, and this says so.
   """
-  positions = {}
-  for step in sorted(manager.all_steps()):
-    try:
-      record = manager.restore(
-        step, args=ocp.args.Composite(position=ocp.args.JsonRestore())
-      )['position']
-    except Exception:  # a checkpoint being written or damaged: skip it
-      continue
-    position = checkpoint.CheckpointRecord.from_json(record)
-    if position.config_fingerprint != fingerprint:
-      raise BranchError(
-        f'The checkpoint of step {step} was written by another config (fingerprint '
-        f"{position.config_fingerprint}) than the workdir's config.json ({fingerprint})."
-      )
-    positions[step] = position
-  return positions
+  try:
+    return checkpoint.read_records(manager, fingerprint)
+  except checkpoint.ConfigMismatchError as e:
+    raise BranchError(
+      f'{e} (config.json and checkpoints/ come from different runs.)'
+    ) from None
 
 
 def restore(
@@ -122,26 +97,22 @@ def restore(
   abstract_state: Any,
   mesh,
 ) -> Any:
-  """The state saved at `step`, verified against its checksum, replicated on `mesh`."""
-  items = {'state': ocp.args.StandardRestore(abstract_state)}
-  if position.with_metrics:  # the checksum covers the running metrics too
-    items['train_metrics'] = ocp.args.StandardRestore(step_lib.empty_metrics(mesh))
+  """The state saved at `step`, verified against its checksum, replicated on `mesh`.
+
+  Restored by step through checkpoint.restore_verified, never `restore_latest`, which
+  moves a damaged checkpoint aside: a damaged one is refused here instead.
+  """
+  metrics = step_lib.empty_metrics(mesh)
   try:
-    restored = manager.restore(step, args=ocp.args.Composite(**items))
-  except Exception as e:
+    restored = checkpoint.restore_verified(
+      manager, step, position, abstract_state, metrics
+    )
+  except checkpoint.Damaged as e:
     raise BranchError(
-      f'The checkpoint of step {step} could not be read ({type(e).__name__}); a '
-      'running run may have just replaced it: probe again, or name other --points.'
+      f'The checkpoint of step {step} cannot be branched from ({e}); a running run '
+      'may have just replaced it: probe again, or name other --points.'
     ) from e
-  state, metrics = restored['state'], restored.get('train_metrics')
-  if position.checksum:
-    got, _ = checkpoint.state_checksum(state if metrics is None else (state, metrics))
-    if got != position.checksum:
-      raise BranchError(
-        f'The checkpoint of step {step} does not match its checksum (recorded '
-        f'{position.checksum}, read {got}); it is damaged. Probe at other --points.'
-      )
-  return sharding.replicate(state, mesh)
+  return sharding.replicate(restored.state, mesh)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,13 +144,8 @@ def run_point(
   step belongs to (at a phase boundary, the new phase).
   """
   step = position.step
-  if config.schedule.kind == 'adaptive':  # The phases it had decided by then.
-    growth = adaptive.Growth.from_record(position.switches, position.ready_since)
-    rules = adaptive.AdaptiveSchedule.from_config(config, schedule.num_train_examples)
-    schedule = rules.realized(growth)
-  if config.schedule.kind in measured.KINDS:  # likewise, from its record
-    rules = measured.from_config(config, schedule.num_train_examples)
-    schedule = rules.realized(rules.from_record(position.decisions))
+  run_schedule = setup.run_schedule(config, schedule)  # The phases decided by then.
+  schedule = run_schedule.realized(run_schedule.from_record(position))
   where = clock.position(schedule, step)
   values = {'learning_rate': schedules.learning_rate_schedule(schedule)(step)}
   if config.optimizer != 'sgd':
@@ -200,25 +166,6 @@ def run_point(
 
 
 # ----------------------------------------------------------------------- the optimizer
-
-
-def probe_optimizer(config: Any, hyperparams: dict[str, float]) -> Any:
-  """The run's optimizer with its injected hyperparameters as numbers, not schedules.
-
-  optax's `inject_hyperparams` reads a numeric hyperparameter from
-  `opt_state.hyperparams` at every update, so a branch sets its ε there (`branch_state`)
-  and the compiled step serves any ε. The chain (and so the inner state: momentum,
-  Adam's moments) is the run's: same factory, same static arguments
-  (train.create_train_state builds the run's).
-  """
-  mask = models.weight_decay_mask if config.weight_decay_mask == 'kernels' else None
-  kwargs = {**hyperparams, 'decoupled': config.decoupled_weight_decay, 'mask': mask}
-  static = ['decoupled', 'mask']
-  if 'weight_decay' not in hyperparams:  # a constant λ is static in the run, too
-    kwargs['weight_decay'] = config.weight_decay
-    static.append('weight_decay')
-  factory = optim.factory(config.optimizer)  # the run's own chain
-  return optax.inject_hyperparams(factory, static_args=tuple(static))(**kwargs)
 
 
 def branch_state(run_state: Any, tx: Any, hyperparams: dict[str, float], mesh) -> Any:
@@ -253,74 +200,55 @@ def branch_state(run_state: Any, tx: Any, hyperparams: dict[str, float], mesh) -
 class Prober:
   """Everything a branch needs that does not change between branches.
 
-  Built once per probe (`create`): the data, the model, the compiled steps (one per
-  batch shape of `batch_sizes`), the evaluation step.
+  Built once per probe (`create`, through ibs.setup.build in its read-only BRANCH
+  mode): the data, the model, the compiled steps (one per batch of `batch_sizes`), the
+  evaluation step.
   """
 
-  config: Any
-  schedule: schedules.Schedule
-  mesh: Any
-  init_state: Any  # the restore target: the run's TrainState at initialisation
-  tx: Any
-  plans: dict[int, sharding.MicroBatchPlan]
-  compiled: dict[tuple[int, int], step_lib.TrainStep]
+  run: setup.Run
   eval_step: Any
-  train_source: Any
-  test_source: Any
-  preprocess: Any
-  compile_s: float
 
   @classmethod
   def create(cls, config: Any, batch_sizes: list[int]) -> Prober:
     """Validates the run's config, loads its data and compiles every B's step before
     any branch runs, so that a B that cannot be split or compiled fails first."""
-    spec, schedule = config_checks.check_config(config, jax.device_count(), 1)
-    mesh = sharding.make_mesh()
-    data = train.Data.load(config, spec)
-    train_source, test_source, preprocess = data
-    model = train.create_model(config, spec.num_classes)
-    init_state = train.create_train_state(config, model, schedule, spec.input_shape, mesh)
-    # The values at step 0 only give the compiled step its shapes and dtypes; every
-    # branch sets its own (branch_state).
-    at_start = run_point(schedule, config, checkpoint.CheckpointRecord(0, 0, 0, 0, ''))
-    tx = probe_optimizer(config, at_start.hyperparams)
-    template = branch_state(init_state, tx, at_start.hyperparams, mesh)
-    plans = {
-      b: sharding.plan_micro_batches(
-        b, jax.device_count(), config.ghost_batch_size, config.max_micro_batch_size
-      )
-      for b in batch_sizes
-    }
-    example = data.example()
-    start = time.perf_counter()
-    options = dataclasses.replace(train.step_options(config), nonfinite='stop')
-    compiled = step_lib.compile_train_steps(
-      mesh,
-      template,
-      list(plans.values()),
-      example,
-      ghost_batch_size=config.ghost_batch_size,
-      steps_per_dispatch=config.steps_per_dispatch,
-      options=options,
-    )
-    compile_s = time.perf_counter() - start
-    return cls(
-      config,
-      schedule,
-      mesh,
-      init_state,
-      tx,
-      plans,
-      compiled,
-      step_lib.jit_eval_step(mesh),
-      train_source,
-      test_source,
-      preprocess,
-      compile_s,
-    )
+    run = setup.build(config, None, setup.Mode.BRANCH, batch_sizes=list(batch_sizes))
+    return cls(run, step_lib.jit_eval_step(run.mesh))
+
+  @property
+  def config(self) -> Any:
+    return self.run.config
+
+  @property
+  def schedule(self) -> schedules.Schedule:
+    return self.run.segments.schedule  # as configured (an adaptive one: not yet grown)
+
+  @property
+  def mesh(self) -> Any:
+    return self.run.mesh
+
+  @property
+  def tx(self) -> Any:
+    return self.run.compiled_for.tx  # every injected value a number (branch_state)
+
+  @property
+  def steps(self) -> dict[int, step_lib.TrainStep]:
+    return self.run.steps
+
+  @property
+  def compile_s(self) -> float:
+    return self.run.compile_s
+
+  @property
+  def train_source(self) -> Any:
+    return self.run.data.train
+
+  @property
+  def test_source(self) -> Any:
+    return self.run.data.test
 
   def restore(self, manager, step: int, position: checkpoint.CheckpointRecord) -> Any:
-    return restore(manager, step, position, self.init_state, self.mesh)
+    return restore(manager, step, position, self.run.state, self.mesh)
 
   def branch(
     self,
@@ -335,21 +263,21 @@ class Prober:
   ) -> Branch:
     """Trains a copy of `run_state` on examples [start, start + L) at batch B.
 
-    `num_examples` L is a multiple of B (ibs/tools/probe.py checks): L/B updates. After each
-    update count in `measure_after`, `measure(state)` is recorded (a dispatch ends
+    `num_examples` L is a multiple of B (ibs/tools/probe.py checks): L/B updates. After
+    each update count in `measure_after`, `measure(state)` is recorded (a dispatch ends
     there). The running train loss (train mode, the step's own metric) is kept over
     the updates after the first `window_start`.
     """
     start = time.perf_counter()
-    train_step = self.compiled[self.plans[batch_size].shape]
+    train_step = self.steps[batch_size]
     state = branch_state(run_state, self.tx, hyperparams, self.mesh)
     num_steps = num_examples // batch_size
     marks = sorted({m for m in measure_after if 0 < m <= num_steps})
     window = min(window_start, num_steps - 1)  # the last update at least
     stops = sorted({*marks, window, num_steps} - {0})
     batches = pipeline.train_batches(
-      self.train_source,
-      self.preprocess,
+      self.run.data.train,
+      self.run.data.preprocess,
       seed=self.config.data_seed,
       start_examples=start_examples,
       batch_size=batch_size,
@@ -377,15 +305,16 @@ class Prober:
     )
 
   def mean_metrics(self, state: Any, source: Any) -> dict[str, float]:
-    """Loss and accuracy over `source`, each example once, in eval mode (train.evaluate
-    with any source: BN running statistics, no augmentation)."""
-    total = None
-    for local in pipeline.eval_batches(
-      source, self.preprocess, batch_size=self.config.eval_batch_size
-    ):
-      batch = self.eval_step(state, sharding.eval_batch_to_device(local, self.mesh))
-      total = batch if total is None else total.merge(batch)
-    return {k: float(v) for k, v in total.compute().items()}
+    """Loss and accuracy over `source`, each example once, in eval mode: the loop's
+    evaluation (setup.evaluate) with any source."""
+    return setup.evaluate(
+      state,
+      source,
+      self.run.data.preprocess,
+      eval_step=self.eval_step,
+      mesh=self.mesh,
+      batch_size=self.config.eval_batch_size,
+    )
 
 
 @dataclasses.dataclass

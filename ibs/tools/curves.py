@@ -1,9 +1,9 @@
 r"""Learning curves from a workdir's TensorBoard event files: reading and plotting.
 
-`read_scalars(workdir)` is the one reader of ibs's logs (ibs.tools.compare, experiments/plots.py
-and the notebooks use it); `plot_runs` draws runs against epochs and against parameter
-updates, like the paper's Figure 2; `save_paper_figure` writes such a figure sized for
-one column of a two-column paper, as PDF or PNG.
+`read_scalars(workdir)` is the one reader of ibs's logs (ibs.tools.compare,
+experiments/plots.py and the notebooks use it); `plot_runs` draws runs against epochs and
+against parameter updates, like the paper's Figure 2; `save_paper_figure` writes such a
+figure sized for one column of a two-column paper, as PDF or PNG.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ LEARNING_CURVES = (
 SCHEDULES = (
   ('learning_rate', 'epoch'),
   ('batch_size', 'epoch'),
-  ('noise_scale', 'epoch'),
+  ('g_sgd', 'epoch'),
 )
 NAMES = {
   'train_loss': 'training cross-entropy',
@@ -32,15 +32,15 @@ NAMES = {
   'learning_rate': 'learning rate ε',
   'momentum': 'momentum m',
   'batch_size': 'batch size B',
-  'noise_scale': 'noise scale g',
+  'g_sgd': 'noise scale g (SGD formula)',
   'epoch': 'epochs',
   'examples_seen': 'examples seen',
   'parameter_updates': 'parameter updates',
 }
 # Quantities spanning decades (cross-entropy, and ε, B, g falling ×5 per phase).
-LOG_SCALE = ('train_loss', 'test_loss', 'learning_rate', 'batch_size', 'noise_scale')
+LOG_SCALE = ('train_loss', 'test_loss', 'learning_rate', 'batch_size', 'g_sgd')
 # ε, B, m, g logged at a step are those of the period just ended: draw them as steps.
-PIECEWISE_CONSTANT = ('learning_rate', 'momentum', 'batch_size', 'noise_scale', 'phase')
+PIECEWISE_CONSTANT = ('learning_rate', 'momentum', 'batch_size', 'g_sgd', 'phase')
 
 Scalars = dict[str, tuple[np.ndarray, np.ndarray]]
 
@@ -104,6 +104,8 @@ def read_scalars(workdir: str) -> Scalars:
           for step in [s for s in values if s >= event.step]:
             del values[step]
         values[event.step] = number
+  if 'noise_scale' in by_tag:  # the name of g_sgd in runs before it was renamed
+    by_tag.setdefault('g_sgd', by_tag.pop('noise_scale'))
   return {
     tag: (
       np.array(sorted(values), np.int64),

@@ -75,7 +75,7 @@ from typing import Any
 
 from absl import app, flags
 
-from ibs import reporting  # absl and etils only: the command's errors stay fast
+from ibs import clock, reporting  # pure Python, absl and etils: errors stay fast
 
 RULES = ('linear', 'sqrt')
 
@@ -115,7 +115,8 @@ class CriticalBatch:
 def critical_batch(
   batch_sizes: Sequence[int], losses: Sequence[float], tolerance: float
 ) -> CriticalBatch:
-  """The largest B before the first whose loss exceeds (1 + tolerance)·L at the smallest B.
+  """The largest B before the first whose loss exceeds (1 + tolerance)·L at the
+  smallest B.
 
   A diverged branch has loss inf and fails; a non-finite reference gives no estimate.
   """
@@ -344,10 +345,10 @@ def probe(args: Arguments, log=print, prober=None) -> dict[str, Any]:
     chosen = _choose_checkpoints(args.points, positions, n, log)
     if prober is None:
       prober = branch.Prober.create(config, list(args.batch_sizes))
-    elif not set(args.batch_sizes) <= set(prober.plans):
-      raise ValueError(f'The prober was compiled for B = {sorted(prober.plans)}.')
+    elif not set(args.batch_sizes) <= set(prober.steps):
+      raise ValueError(f'The prober was compiled for B = {sorted(prober.steps)}.')
     log(
-      f'compiled {len(prober.compiled)} batch shape(s) in {prober.compile_s:.1f} s '
+      f'compiled {len(prober.steps)} batch size(s) in {prober.compile_s:.1f} s '
       f'for B = {", ".join(map(str, args.batch_sizes))}'
     )
     slice_ = branch.Prefix(prober.train_source, args.loss_examples or n)
@@ -393,7 +394,7 @@ def _choose_checkpoints(points, positions, n, log) -> dict[int, list[float]]:
   examples = {s: p.examples_seen for s, p in positions.items()}
   chosen: dict[int, list[float]] = {}
   for point in points:
-    step = nearest_checkpoint(round(point * n), examples)
+    step = nearest_checkpoint(clock.examples_at_epoch(point, n), examples)
     chosen.setdefault(step, []).append(point)
   for step, pts in sorted(chosen.items()):
     epoch = examples[step] / n
