@@ -52,6 +52,34 @@ def get_config() -> ml_collections.ConfigDict:
   config.schedule.adaptive = ml_collections.ConfigDict(
     dict(threshold=5.0, window_epochs=2.0, min_epochs=5.0, check_every_epochs=0.5)
   )
+  # kind='measured_batch' keeps the recipe's temperature g = εN/(B(1 − m)) (its ε
+  # decays at the milestones) and takes, every check_every_epochs, the largest batch of
+  # the ladder 32, 32·ladder_factor, … that is at most B_simple/divisor (B_simple over
+  # the last window_epochs) and keeps ε = ε_recipe·B/32 at most max_learning_rate (the
+  # paper's §5.2: ε 0.1 → 0.5 with B kept accuracy); ibs/measured/temperature.py.
+  config.schedule.measured_batch = ml_collections.ConfigDict(
+    dict(
+      divisor=2.0,
+      ladder_factor=2.0,
+      max_learning_rate=0.5,
+      window_epochs=2.0,
+      check_every_epochs=0.5,
+    )
+  )
+  # kind='plateau' ignores the milestones' epochs and climbs one rung (B × 5, or ε ÷ 5
+  # once B × 5 would pass B_simple/divisor) when the loss on loss_examples training
+  # examples improved by less than a fraction delta over the last window_epochs against
+  # the window_epochs before; ibs/measured/plateau.py.
+  config.schedule.plateau = ml_collections.ConfigDict(
+    dict(
+      delta=0.02,
+      window_epochs=5.0,
+      check_every_epochs=0.5,
+      loss_examples=2048,
+      divisor=1.0,
+      noise_window_epochs=2.0,
+    )
+  )
 
   config.max_micro_batch_size = 800  # per-device cap; larger batches accumulate (CPU is
   # fastest near 800 examples per micro-batch for this model)

@@ -16,8 +16,12 @@ Arguments (`--config=configs/mnist1d_study.py:schedule=hybrid,optimizer=nesterov
              Beyond the paper (docs/REPRODUCTION.md, "The adaptive schedule"): adaptive
              (increasing_batch's ladder, climbed when the measured noise scale says
              so; threshold 5), adaptive_cautious (threshold 25: the next rung
-             at most B_simple/5); two controls, constant (ε 0.1, B 32 throughout) and
-             increasing_batch_early (the same ladder at epochs 3/6/8, 10× too soon).
+             at most B_simple/5); measured_batch (decaying_lr's temperature, the batch
+             the noise scale allows) and plateau (climb on a plateau of the training
+             loss; ibs/measured/), both measuring on every update; two controls,
+             constant (ε 0.1, B 32 throughout) and increasing_batch_early (the same
+             ladder at epochs 3/6/8, 10× too soon).
+  size       10k (the study's N), 20k (configs/default.py's N).
   optimizer  momentum (m 0.9), nesterov (m 0.9), sgd (ε 1.0, no momentum: same g),
              adam (ε 1e-3, β1 0.9, L2 5e-4), adamw (ε 1e-3, β1 0.9, decoupled λ 0.1:
              τ = B/(ελN) = 32 epochs at B 32).
@@ -46,11 +50,24 @@ SCHEDULES = (
   'seesaw',
   'adaptive',
   'adaptive_cautious',
+  'measured_batch',
+  'plateau',
   'constant',
   'increasing_batch_early',
 )
 OPTIMIZERS = ('momentum', 'nesterov', 'sgd', 'adam', 'adamw')
 WEIGHT_DECAY = ('constant', 'scaled')
+# N: 10k, the study's; 20k, configs/default.py's problem (the same trajectory fields, so
+# `size=20k,schedule=increasing_batch` is the default run; tests/test_configs.py).
+SIZES = ('10k', '20k')
+MEASURED_STUDY = (
+  'measured_batch',
+  'plateau',
+  'adaptive',
+  'increasing_batch',
+  'decaying_lr',
+)
+CONTROLS = ('constant', 'increasing_batch_early')
 
 
 def get_grids() -> dict[str, list[str]]:
@@ -101,17 +118,31 @@ def get_grids() -> dict[str, list[str]]:
         'increasing_batch_early',
       )
     ),
+    # Schedules decided by measurement (ibs/measured/): the recipe's temperature with the
+    # batch the noise scale allows, and growth on a plateau of the training loss, against
+    # today's adaptive kind, the fixed schedule, decaying LR and the two controls;
+    # shares its runs with mnist1d_adaptive (docs/REPRODUCTION.md, "Schedules decided
+    # by measurement"). Run with --seeds=0,1,2,3,4.
+    'mnist1d_measured': variants.grid(schedule=MEASURED_STUDY + CONTROLS),
+    # The same on configs/default.py's problem, N = 20,000.
+    'mnist1d_measured_20k': variants.grid(size=('20k',), schedule=MEASURED_STUDY),
   }
 
 
 def get_config(arg: str = '') -> ml_collections.ConfigDict:
   args = variants.parse(
     arg,
-    {'schedule': SCHEDULES, 'optimizer': OPTIMIZERS, 'weight_decay': WEIGHT_DECAY},
+    {
+      'schedule': SCHEDULES,
+      'optimizer': OPTIMIZERS,
+      'weight_decay': WEIGHT_DECAY,
+      'size': SIZES,
+    },
   )
   config = default.get_config()
-  config.mnist1d.num_train = 10_000
-  config.gns.horizon_examples = 10_000  # one epoch
+  num_train = {'10k': 10_000, '20k': 20_000}[args['size']]
+  config.mnist1d.num_train = num_train
+  config.gns.horizon_examples = num_train  # one epoch
   config.mnist1d.num_test = 5_000
   s = config.schedule
   s.num_epochs = 100.0
@@ -128,6 +159,8 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
     hybrid_max_batch_size=160,
     capped_max_batch_size=1024,
   )
+  if args['schedule'] in ('measured_batch', 'plateau'):
+    config.gns.split_every = 1  # a measurement on every update: what the rule decides on
   variants.set_optimizer(config, args['optimizer'])
   if args['weight_decay'] == 'scaled':
     s.scale_weight_decay = True

@@ -88,7 +88,13 @@ def set_schedule(
     s.kind = 'decaying_lr'
   elif schedule == 'hybrid':
     s.kind, s.max_batch_size = 'hybrid', hybrid_max_batch_size
-  elif schedule in ('increasing_batch', 'seesaw', 'adaptive'):
+  elif schedule in (
+    'increasing_batch',
+    'seesaw',
+    'adaptive',
+    'measured_batch',
+    'plateau',
+  ):
     s.kind = schedule  # adaptive: increasing_batch's ladder, climbed by measurement
   elif schedule == 'constant':  # a control: neither ε nor B changes
     s.kind = 'explicit'

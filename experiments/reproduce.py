@@ -69,20 +69,24 @@ def define_flags() -> None:
 
 
 def group_and_label(arg: str) -> tuple[str, str]:
-  """(optimizer, schedule label) of a grid argument, e.g. ('sgd', 'hybrid').
+  """(group, schedule label) of a grid argument, e.g. ('sgd', 'hybrid').
 
-  Runs of one optimizer are compared (results.py) and drawn (plots.py) together; an
-  argument without `optimizer=` is in group 'all'. The label is the rest of the argument
-  with `schedule=` dropped, or 'default' for the config's own schedule.
+  Runs of one optimizer and one problem size are compared (results.py) and drawn
+  (plots.py) together: the group is the optimizer ('all' without `optimizer=`), with
+  `,size=…` when the argument names one. The label is the rest of the argument with
+  `schedule=` dropped, or 'default' for the config's own schedule.
   """
   parts = [p for p in arg.split(',') if p]
   optimizer = next(
     (p.split('=', 1)[1] for p in parts if p.startswith('optimizer=')), 'all'
   )
+  size = [p for p in parts if p.startswith('size=')]
   label = ','.join(
-    p.removeprefix('schedule=') for p in parts if not p.startswith('optimizer=')
+    p.removeprefix('schedule=')
+    for p in parts
+    if not p.startswith(('optimizer=', 'size='))
   )
-  return optimizer, label or 'default'
+  return ','.join([optimizer, *size]), label or 'default'
 
 
 def load_config(path: str, arg: str):

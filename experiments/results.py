@@ -3,7 +3,10 @@ r"""Tables of a finished grid from its workdirs' summary.json files (Markdown).
 For every (config argument) it gives final test accuracy mean ± std over seeds, parameter
 updates and wall-clock; then the paper's claim, per optimizer: does each other schedule
 reach decaying LR's test accuracy within noise — a difference within 2 standard errors
-or at most 0.5 points — and with how many times fewer parameter updates?
+or at most 0.5 points — and with how many times fewer parameter updates? With
+`--detail`, a third table: accuracy ± its standard error, the final training loss (the
+last logged, from TensorBoard) and, for schedules decided by measurement, when each
+decision fell (epoch: batch, ε) in every seed.
 
   python -m experiments.results --experiment=mnist1d_5_1 --root=workdirs
 """
@@ -104,17 +107,73 @@ def claim_table(runs: dict[str, list[dict]]) -> str:
   return '\n'.join(lines)
 
 
+def final_train_loss(workdir: str) -> float:
+  """The last logged training cross-entropy of a run (TensorBoard's train_loss)."""
+  from ibs.tools import curves
+
+  _, values = curves.against(curves.read_scalars(workdir), 'train_loss', 'epoch')
+  return float(values[-1]) if len(values) else math.nan
+
+
+def format_decisions(summary: dict) -> str:
+  """'epoch: B, ε' of every switch a run decided ('–' for a fixed schedule)."""
+  switches = summary.get('switches')
+  if not switches:
+    return '–' if switches is None else 'none'
+  return '; '.join(
+    f'{s["epoch"]:.1f}: {s["batch_size"]}, {s["learning_rate"]:.3g}' for s in switches
+  )
+
+
+def detail_table(experiment: str, root: str, seeds: list[int]) -> str:
+  """Accuracy ± SE, updates, final train loss; then each run's decisions per seed."""
+  lines = [
+    '| run | seeds | test accuracy (%) ± SE | parameter updates | final train loss |',
+    '|---|---|---|---|---|',
+  ]
+  decisions = []
+  for path, arg in reproduce.EXPERIMENTS[experiment]:
+    found = []
+    for seed in seeds:
+      workdir = reproduce.run_workdir(root, path, arg, seed)
+      file = os.path.join(workdir, 'summary.json')
+      if os.path.exists(file):
+        with open(file) as f:
+          found.append((seed, workdir, json.load(f)))
+    if not found:
+      lines.append(f'| {arg} | 0 | – | – | – |')
+      continue
+    summaries = [s for _, _, s in found]
+    acc, sd = mean_std([100 * s['test_accuracy'] for s in summaries])
+    se = sd / math.sqrt(len(summaries))
+    loss = statistics.mean(final_train_loss(w) for _, w, _ in found)
+    lines.append(
+      f'| {arg} | {len(found)} | {acc:.2f} ± {se:.2f} | {format_updates(summaries)} | '
+      f'{loss:.4f} |'
+    )
+    if summaries[0].get('switches') is not None:
+      decisions += [
+        f'- {arg}, seed {seed}: {format_decisions(s)}' for seed, _, s in found
+      ]
+  return '\n'.join(lines + ([''] if decisions else []) + decisions)
+
+
 def main(argv):
   del argv
   values = flags.FLAGS
-  runs = load_runs(values.experiment, values.root, [int(s) for s in values.seeds])
+  seeds = [int(s) for s in values.seeds]
+  runs = load_runs(values.experiment, values.root, seeds)
   print(f'### {values.experiment}\n')
   print(table(runs))
   print()
   print(claim_table(runs))
+  if values.detail:
+    print()
+    print(detail_table(values.experiment, values.root, seeds))
 
 
 if __name__ == '__main__':
   reproduce.define_flags()
+  flags.DEFINE_bool('detail', False, 'Also: ± SE, final train loss, decisions per seed.')
   flags.mark_flags_as_required(['experiment'])
   app.run(main)

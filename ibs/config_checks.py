@@ -13,7 +13,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from ibs import adaptive, models, optim, schedules, sharding
+from ibs import adaptive, measured, models, optim, schedules, sharding
 from ibs.data import catalog
 from ibs.durability import divergence
 
@@ -106,6 +106,8 @@ def check_config(
   try:
     if config.schedule.kind == 'adaptive':
       adaptive.check_config(config)
+    if config.schedule.kind in measured.KINDS:
+      measured.check_config(config, spec.num_train_examples)
     schedule = schedules.from_config(config, spec.num_train_examples)
   except schedules.ScheduleError as e:
     raise ConfigError(str(e)) from None
@@ -131,6 +133,17 @@ def check_config(
       )
     except ValueError as e:
       raise ConfigError(f'Phase starting at epoch {phase.start_epoch:g}: {e}') from None
+  if config.schedule.kind in measured.KINDS:  # every batch it may choose
+    rule = measured.from_config(config, spec.num_train_examples)
+    for batch in rule.batch_sizes(rule.initial()):
+      try:
+        sharding.plan_micro_batches(
+          batch, num_devices, config.ghost_batch_size, config.max_micro_batch_size
+        )
+      except ValueError as e:
+        raise ConfigError(
+          f'config.schedule.kind={config.schedule.kind!r} may choose batch {batch}: {e}'
+        ) from None
   if config.eval_batch_size % num_devices:
     raise ConfigError(
       f'config.eval_batch_size={config.eval_batch_size} is not divisible by the '

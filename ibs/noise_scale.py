@@ -337,6 +337,8 @@ def report(config: Any, baseline: bool = False, plot: str | None = None) -> str:
       ": its ladder, at the recipe's milestones; the run decides when to climb "
       '(ibs/adaptive.py)'
     )
+  if config.schedule.kind in ('measured_batch', 'plateau'):
+    title += ': before any decision; the run decides its phases (ibs/measured/)'
   parts = [format_table(schedule, title=title, optimizer=optimizer)]
   reference = None
   if baseline:

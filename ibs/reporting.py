@@ -777,10 +777,11 @@ def format_switches(switches: list[dict[str, Any]] | None) -> list[str]:
   """The schedule's switches, one line each (none for a fixed schedule)."""
   if not switches:
     return []
-  lines = ['', f'{len(switches)} switch(es) decided by the measured noise scale']
+  lines = ['', f'{len(switches)} switch(es) decided by measurement']
   lines += [
     f'  step {s["step"]:,} at epoch {s["epoch"]:.2f} ({s["examples"]:,} examples): batch '
     f'{s["batch_size"]}, lr {s["learning_rate"]:g}'
+    + (f' ({s["why"]})' if 'why' in s else '')
     for s in switches
   ]
   return lines

@@ -51,6 +51,8 @@ SCHEDULE_KINDS = (
   'seesaw',
   'explicit',
   'adaptive',
+  'measured_batch',
+  'plateau',
 )
 # Kinds whose conversion follows Adam's ε/√B rather than SGD's ε/B (ibs.config_checks
 # refuses them with other optimizers).
@@ -546,9 +548,11 @@ def from_config(config: Any, num_train_examples: int) -> Schedule:
 
   Fields of `config.schedule`:
     kind: 'decaying_lr' | 'increasing_batch' | 'hybrid' | 'sqrt_scaling' | 'seesaw' |
-      'explicit' | 'adaptive'. For 'adaptive' the result is its ladder at the recipe's
-      milestones: the increasing-batch conversion, or the hybrid one when
-      max_batch_size caps it; the run decides when to climb (ibs/adaptive.py).
+      'explicit' | 'adaptive' | 'measured_batch' | 'plateau'. For 'adaptive' the result
+      is its ladder at the recipe's milestones: the increasing-batch conversion, or the
+      hybrid one when max_batch_size caps it; the run decides when to climb
+      (ibs/adaptive.py). For 'measured_batch' and 'plateau' it is the schedule before
+      any decision (ibs/measured/): the recipe at B₀, and one phase at (ε₀, B₀).
     num_epochs, warmup_epochs (optional, default 0).
     learning_rate, batch_size, momentum, milestones, decay_factor (a number or one per
       milestone), max_batch_size (hybrid): the step-decay recipe to convert.
@@ -598,6 +602,10 @@ def from_config(config: Any, num_train_examples: int) -> Schedule:
     recipe = scale_batch_with_momentum(recipe, float(target_momentum))
   if kind == 'adaptive':  # The ladder it climbs, at the recipe's milestones.
     kind = 'hybrid' if s.get('max_batch_size') else 'increasing_batch'
+  if kind == 'plateau':  # Before its first climb: ε₀ and B₀ to the end.
+    recipe = dataclasses.replace(recipe, milestones=(), factors=())
+  if kind in ('measured_batch', 'plateau'):  # Before any decision: the recipe at B₀.
+    kind = 'decaying_lr'
   cap = s.get('max_batch_size') if kind == 'hybrid' else None
   if isinstance(cap, float) and cap.is_integer():
     cap = int(cap)

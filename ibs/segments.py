@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import math
 from typing import Any, NamedTuple, Protocol
 
 from ibs import clock, noise_scale, optim, schedules
@@ -81,6 +82,13 @@ class Measured(NamedTuple):
 
   b_simple: float  # the noise scale tr(Σ)/|G|² (ibs/gns.py); NaN before a measurement
   train_loss: float  # the running training loss since the last log; NaN if none
+  # The bias-corrected moving averages behind B_simple (ibs/gns.py), for a schedule that
+  # averages them over its own window (ibs/measured/window.py); NaN before an estimate.
+  trace_cov: float = math.nan
+  grad_sq_norm: float = math.nan
+  # The loss on the schedule's fixed training slice, evaluated only for a schedule that
+  # asks for it (`needs_train_slice_loss`, ibs/measured/plateau.py); NaN otherwise.
+  train_slice_loss: float = math.nan
 
 
 class Decision(Protocol):

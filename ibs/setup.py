@@ -32,6 +32,7 @@ from ibs import (
   cadence,
   clock,
   config_checks,
+  measured,
   models,
   optim,
   schedules,
@@ -147,9 +148,12 @@ def step_options(config: Any) -> step_lib.StepOptions:
 
 
 def run_schedule(config: Any, schedule: schedules.Schedule) -> segments.RunSchedule:
-  """The schedule the loop drives (ibs/segments.py): adaptive, or the fixed `schedule`."""
+  """The schedule the loop drives (ibs/segments.py): adaptive, a kind decided by
+  measurement (ibs/measured/), or the fixed `schedule`."""
   if config.schedule.kind == 'adaptive':
     return adaptive.AdaptiveSchedule.from_config(config, schedule.num_train_examples)
+  if config.schedule.kind in measured.KINDS:
+    return measured.run_schedule(config, schedule.num_train_examples)
   return segments.Fixed(schedule)
 
 

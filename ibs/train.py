@@ -62,10 +62,24 @@ def check_finite(
   )
 
 
-def measure(state: step_lib.TrainState, metrics: step_lib.Metrics) -> segments.Measured:
-  """What a schedule's decision reads: the noise scale and the running training loss."""
+def measure(
+  state: step_lib.TrainState, metrics: step_lib.Metrics, report: Reporter
+) -> segments.Measured:
+  """What a schedule's decision reads: the noise scale (and the averages behind it), the
+  running training loss, and the loss on a fixed training slice where the schedule asks
+  for it (an evaluation pass, so only then)."""
   loss = float(np.asarray(metrics.compute()['loss']))
-  return segments.Measured(gns.b_simple(state.gns), loss)
+  estimates = gns.estimates(state.gns)
+  slice_loss = float('nan')
+  if getattr(report.run.schedule, 'needs_train_slice_loss', False):
+    slice_loss = report.train_slice_loss(state, report.run.schedule.loss_examples)
+  return segments.Measured(
+    gns.b_simple(state.gns),
+    loss,
+    trace_cov=estimates['gns/trace_cov'],
+    grad_sq_norm=estimates['gns/grad_sq_norm'],
+    train_slice_loss=slice_loss,
+  )
 
 
 def stop_step(config: Any, segs: segments.Segments) -> int:
@@ -89,6 +103,19 @@ def log_phase(
     f'{plan.accumulation} accumulation × {plan.micro_batch_size} micro-batch, lr '
     f'{p.learning_rate:g}, momentum {p.momentum:g}, {steps}.'
   )
+
+
+class Head:
+  """The first `n` examples of a data source: a schedule's fixed training slice."""
+
+  def __init__(self, source: Any, n: int):
+    self.source, self.n = source, n
+
+  def __len__(self) -> int:
+    return self.n
+
+  def get(self, indices: Any) -> Any:
+    return self.source.get(indices)
 
 
 class Reporter:
@@ -197,6 +224,21 @@ class Reporter:
       batch_size=self.config.eval_batch_size,
     )
     self.eval_results = {f'test_{k}': v for k, v in results.items()}
+
+  def train_slice_loss(self, state: step_lib.TrainState, num_examples: int) -> float:
+    """Mean loss over the first `num_examples` training examples, in eval mode: the
+    same slice at every decision point, so its changes are the model's, not the
+    batches'."""
+    run = self.run
+    results = setup.evaluate(
+      state,
+      Head(run.data.train, num_examples),
+      run.data.preprocess,
+      eval_step=self.eval_step,
+      mesh=run.mesh,
+      batch_size=self.config.eval_batch_size,
+    )
+    return results['loss']
 
   def train_time_s(self) -> float:
     return reporting.cumulative_time(self.run.previous_train_s, self.wall_start)
@@ -323,7 +365,8 @@ def train(
             continue
           check_finite(state, segs, manager, skips)
           if 'decide' in due:  # Before the checkpoint, which records the decision.
-            decision = run.schedule.decide(decisions, examples, measure(state, metrics))
+            measured = measure(state, metrics, report)
+            decision = run.schedule.decide(decisions, examples, measured)
             decisions, switched = decision.decisions, decision.switched
             if switched:  # The phases as known now: held until the next switch.
               segs = segments.Segments.of(run.schedule.realized(decisions))

@@ -10,10 +10,11 @@ import re
 
 import pytest
 
-from configs import resnet50_tpu, variants
+from configs import default, mnist1d_study, resnet50_tpu, variants
 from experiments import reproduce
 from ibs import clock, config_checks, schedules
 from ibs.data import catalog
+from ibs.durability import checkpoint
 
 CIFAR_N = 50_000
 
@@ -120,6 +121,8 @@ def test_study_grids_are_gathered_from_their_configs():
     'mnist1d_5_2': ['configs/mnist1d_study.py'],
     'mnist1d_adam': ['configs/mnist1d_study.py'],
     'mnist1d_adaptive': ['configs/mnist1d_study.py'],
+    'mnist1d_measured': ['configs/mnist1d_study.py'],
+    'mnist1d_measured_20k': ['configs/mnist1d_study.py'],
     'cifar10_5_1': ['configs/cifar10_wrn.py'],
     'cifar10_5_2': ['configs/cifar10_wrn.py'],
     'imagenet_5_3': ['configs/imagenet_irv2.py'],
@@ -134,6 +137,31 @@ def test_study_grids_are_gathered_from_their_configs():
 def test_every_grid_argument_is_one_its_config_accepts(experiment):
   for path, arg in reproduce.EXPERIMENTS[experiment]:
     reproduce.load_config(path, arg)  # variants.parse refuses what it cannot place
+
+
+def test_the_study_at_20k_examples_is_the_default_run():
+  """`size=20k` is configs/default.py's problem: the same trajectory (fingerprint) for
+  the fixed schedule, and the measured kinds differ from it only by their kind and
+  their measurement on every update (gns.split_every, in their fingerprint)."""
+  config = mnist1d_study.get_config('size=20k,schedule=increasing_batch')
+  fingerprint = checkpoint.config_fingerprint
+  assert fingerprint(config) == fingerprint(default.get_config())
+  for kind in ('measured_batch', 'plateau'):
+    study = mnist1d_study.get_config(f'size=20k,schedule={kind}')
+    assert study.gns.split_every == 1
+    expected = default.get_config()
+    expected.schedule.kind, expected.gns.split_every = kind, 1
+    assert fingerprint(study) == fingerprint(expected)
+    config_checks.check_config(study, num_devices=1, process_count=1)
+
+
+def test_runs_of_one_size_are_compared_with_each_other():
+  assert reproduce.group_and_label('size=20k,schedule=plateau') == (
+    'all,size=20k',
+    'plateau',
+  )
+  assert reproduce.group_and_label('schedule=plateau') == ('all', 'plateau')
+  assert reproduce.group_and_label('optimizer=sgd,schedule=hybrid') == ('sgd', 'hybrid')
 
 
 def test_grid_is_every_combination_last_axis_fastest():

@@ -150,7 +150,7 @@ def config_fingerprint(config: Any) -> str:
   TRAJECTORY_FIELDS keeps the fingerprint (and the resumability) of configs without it.
   """
   fields = {k: config[k] for k in TRAJECTORY_FIELDS if k in config}
-  if config.get('schedule', {}).get('kind') == 'adaptive':
+  if config.get('schedule', {}).get('kind') in ('adaptive', 'measured_batch', 'plateau'):
     # Its switches follow the measured noise scale: how it is averaged decides them.
     fields['gns'] = config.gns
   text = json.dumps(fields, sort_keys=True, default=_to_jsonable)
