@@ -208,6 +208,28 @@ def test_an_adaptive_run_that_climbs_at_the_milestones_is_the_fixed_schedule(
     assert len(json.load(f)['switches']) == 3
 
 
+def kill_and_rerun(config, tmp_path, pattern):
+  """Trains `config` uninterrupted; then again in a process killed (-9) once `pattern`
+  is logged, and rerun: the final state and the switches must be the uninterrupted
+  run's. Shared by every kind that decides (tests/test_measured.py too)."""
+  uninterrupted = train.train_and_evaluate(config, str(tmp_path / 'reference'))
+  assert len(uninterrupted['switches']) >= 2, uninterrupted['switches']
+  script = _train_script(config, tmp_path)
+  workdir = tmp_path / 'killed'
+  process = _start(script, workdir, tmp_path / 'killed.log')
+  assert _wait_for(process, pattern), 'no decision before the end'
+  process.send_signal(signal.SIGKILL)
+  rc, _ = _finish(process)
+  assert rc == -signal.SIGKILL
+  rerun = _start(script, workdir, tmp_path / 'rerun.log')
+  rc, output = _finish(rerun)
+  assert rc == 0, output[-3000:]
+  assert 'Resumed at step' in output
+  _assert_identical(str(tmp_path / 'reference'), str(workdir))
+  with open(os.path.join(workdir, 'summary.json')) as f:
+    assert json.load(f)['switches'] == uninterrupted['switches']
+
+
 @pytest.mark.slow
 def test_kill_9_after_a_switch_then_rerun_ends_where_the_uninterrupted_run_ends(
   tiny_config, tmp_path
@@ -223,20 +245,4 @@ def test_kill_9_after_a_switch_then_rerun_ends_where_the_uninterrupted_run_ends(
   config.schedule.adaptive.check_every_epochs = 0.25
   config.checkpoint_every_epochs = 0.5
   config.gns.split_every = 1
-  uninterrupted = train.train_and_evaluate(config, str(tmp_path / 'reference'))
-  assert len(uninterrupted['switches']) >= 2, uninterrupted['switches']
-
-  script = _train_script(config, tmp_path)
-  workdir = tmp_path / 'killed'
-  process = _start(script, workdir, tmp_path / 'killed.log')
-  assert _wait_for(process, r'rung 2 from step'), 'no second switch before the end'
-  process.send_signal(signal.SIGKILL)
-  rc, _ = _finish(process)
-  assert rc == -signal.SIGKILL
-  rerun = _start(script, workdir, tmp_path / 'rerun.log')
-  rc, output = _finish(rerun)
-  assert rc == 0, output[-3000:]
-  assert 'Resumed at step' in output
-  _assert_identical(str(tmp_path / 'reference'), str(workdir))
-  with open(os.path.join(workdir, 'summary.json')) as f:
-    assert json.load(f)['switches'] == uninterrupted['switches']
+  kill_and_rerun(config, tmp_path, r'rung 2 from step')

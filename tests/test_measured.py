@@ -9,8 +9,6 @@ decision against the same run uninterrupted.
 
 import json
 import math
-import os
-import signal
 
 import jax
 import numpy as np
@@ -19,8 +17,7 @@ import pytest
 from configs import default
 from ibs import clock, config_checks, schedules, train
 from ibs.measured import base, plateau, temperature, window
-from tests.test_multidevice import _train_script
-from tests.test_reliability import _assert_identical, _finish, _start, _wait_for
+from tests.test_adaptive import kill_and_rerun
 from tests.test_train import _final_params, _logged_tags
 
 N = 1000
@@ -406,25 +403,6 @@ def test_a_plateau_run_that_climbs_by_epsilon_is_the_decaying_lr_run(
   _assert_same_parameters(workdir, reference)
 
 
-def _kill_and_rerun(config, tmp_path, pattern):
-  uninterrupted = train.train_and_evaluate(config, str(tmp_path / 'reference'))
-  assert len(uninterrupted['switches']) >= 2, uninterrupted['switches']
-  script = _train_script(config, tmp_path)
-  workdir = tmp_path / 'killed'
-  process = _start(script, workdir, tmp_path / 'killed.log')
-  assert _wait_for(process, pattern), 'no decision before the end'
-  process.send_signal(signal.SIGKILL)
-  rc, _ = _finish(process)
-  assert rc == -signal.SIGKILL
-  rerun = _start(script, workdir, tmp_path / 'rerun.log')
-  rc, output = _finish(rerun)
-  assert rc == 0, output[-3000:]
-  assert 'Resumed at step' in output
-  _assert_identical(str(tmp_path / 'reference'), str(workdir))
-  with open(os.path.join(workdir, 'summary.json')) as f:
-    assert json.load(f)['switches'] == uninterrupted['switches']
-
-
 @pytest.mark.slow
 def test_kill_9_after_a_measured_batch_decision_then_rerun_is_the_uninterrupted_run(
   tiny_config, tmp_path
@@ -439,7 +417,7 @@ def test_kill_9_after_a_measured_batch_decision_then_rerun_is_the_uninterrupted_
   k.divisor, k.window_epochs, k.check_every_epochs = 1.0, 0.5, 0.25
   config.checkpoint_every_epochs = 0.5
   config.gns.split_every = 1
-  _kill_and_rerun(
+  kill_and_rerun(
     config, tmp_path, r'Step \d+: measured batch: (.|\n)*Step \d+: measured batch: '
   )
 
@@ -458,4 +436,4 @@ def test_kill_9_after_a_plateau_climb_then_rerun_is_the_uninterrupted_run(
   p.loss_examples, p.noise_window_epochs = 256, 0.5
   config.checkpoint_every_epochs = 0.5
   config.gns.split_every = 1
-  _kill_and_rerun(config, tmp_path, r'Step \d+: plateau: (.|\n)*Step \d+: plateau: ')
+  kill_and_rerun(config, tmp_path, r'Step \d+: plateau: (.|\n)*Step \d+: plateau: ')
