@@ -60,9 +60,12 @@ def _step_dir(workdir, step):
   return os.path.join(workdir, 'checkpoints', str(step))
 
 
+def _data_files(step_dir):
+  return glob.glob(os.path.join(step_dir, 'state', '**', 'd', '*'), recursive=True)
+
+
 def _largest_data_file(step_dir):
-  files = glob.glob(os.path.join(step_dir, 'state', '**', 'd', '*'), recursive=True)
-  return max(files, key=os.path.getsize)
+  return max(_data_files(step_dir), key=os.path.getsize)
 
 
 def _truncate_data(d):
@@ -71,13 +74,23 @@ def _truncate_data(d):
     f.truncate(os.path.getsize(path) // 2)
 
 
+_BTREE_NODE = bytes.fromhex('0cdb20de')  # the magic opening an OCDBT b-tree node file
+
+
 def _flip_bytes(d):
-  path = _largest_data_file(d)
-  with open(path, 'r+b') as f:
-    f.seek(os.path.getsize(path) // 2)
-    chunk = f.read(64)
-    f.seek(os.path.getsize(path) // 2)
-    f.write(bytes(b ^ 0xFF for b in chunk))
+  """Inverts 64 bytes in the middle of every file of array values (not the b-tree nodes,
+  whose damage is an unreadable checkpoint, not a silent one). Every such file, because
+  OCDBT can leave a file of values that the manifest no longer references (seen: the
+  largest file of a run's final checkpoint), and damage there changes nothing read."""
+  for path in _data_files(d):
+    with open(path, 'r+b') as f:
+      if f.read(4) == _BTREE_NODE:
+        continue
+      middle = os.path.getsize(path) // 2
+      f.seek(middle)
+      chunk = f.read(64)
+      f.seek(middle)
+      f.write(bytes(b ^ 0xFF for b in chunk))
 
 
 def _delete(*parts):
