@@ -20,6 +20,13 @@ def get_config() -> ml_collections.ConfigDict:
     dict(num_train=1024, num_test=256, num_classes=10, shape=(40,))
   )  # used when dataset='fake'
   config.data_dir = ''  # TFDS data directory; '' = TFDS_DATA_DIR or ~/tensorflow_datasets
+  # The train split on the devices, each batch gathered (and augmented) there from keys
+  # the host computes (ibs/data/resident.py): 'auto' where the split fits
+  # resident_data_fraction of one device's memory (MNIST-1D, CIFAR-10), 'on' (required),
+  # 'off' (the host pipeline). The same batches either way; the run's opening lines say
+  # which.
+  config.resident_data = 'auto'
+  config.resident_data_fraction = 0.25
 
   config.model = 'cnn1d'
   config.model_kwargs = ml_collections.ConfigDict(dict(width=32, depth=3))

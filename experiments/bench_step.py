@@ -147,7 +147,7 @@ def ibs_runner(
       if with_transfer:  # As the loop (ibs/train.py) calls it.
         state, metrics = compiled(state, local_batches, metrics)
       else:
-        state, metrics = compiled._run(state, on_device, metrics, count)
+        state, metrics = compiled._run(state, on_device, metrics, count, {})
     jax.block_until_ready((state, metrics))
     holder['state'], holder['metrics'] = state, metrics
 

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from ibs import adaptive, measured, models, optim, schedules, sharding
-from ibs.data import catalog
+from ibs.data import catalog, resident
 from ibs.durability import divergence
 
 
@@ -150,6 +150,7 @@ def check_config(
       f'{num_devices} devices; use a multiple of {num_devices}.'
     )
   _check_model(config, spec)
+  _check_resident_data(config, spec)
   if workdir is not None:
     check_workdir(workdir)
   return Checked(spec, schedule)
@@ -188,6 +189,31 @@ def _check_step_options(config: Any) -> None:
       "nonfinite='skip', the run stops when more of the updates between two events "
       'were skipped).'
     )
+
+
+def _check_resident_data(config: Any, spec: catalog.DatasetSpec) -> None:
+  """config.resident_data and its fraction; 'on' where the split cannot be resident
+  (ibs/data/resident.py)."""
+  mode = config.get('resident_data', 'auto')
+  if mode not in resident.MODES:
+    raise ConfigError(
+      f'config.resident_data={mode!r} must be one of {list(resident.MODES)} (auto: the '
+      'train split on the devices where it fits, else the host pipeline).'
+    )
+  fraction = config.get('resident_data_fraction', 0.25)
+  if (
+    isinstance(fraction, bool)
+    or not isinstance(fraction, int | float)
+    or not 0.0 < fraction <= 1.0
+  ):
+    raise ConfigError(
+      f'config.resident_data_fraction={fraction!r} must be a fraction in (0, 1] (of one '
+      "device's memory that resident_data='auto' may fill with the train split)."
+    )
+  try:
+    resident.choose(config, spec)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
 
 
 def check_optimizer_rules(config: Any) -> None:

@@ -40,7 +40,7 @@ from ibs import (
   sharding,
 )
 from ibs import step as step_lib
-from ibs.data import catalog, pipeline
+from ibs.data import catalog, pipeline, resident
 from ibs.durability import checkpoint, preemption
 
 
@@ -53,18 +53,31 @@ class Mode(enum.Enum):
 
 
 class Data(NamedTuple):
-  """The run's train and test sources and its preprocessing."""
+  """The run's train and test sources and its preprocessing; the train split on the
+  devices too where it fits (`resident`, ibs/data/resident.py): then the train batches
+  are keys that the compiled step materialises."""
 
   train: Any
   test: Any
   preprocess: Any
+  resident: resident.Resident | None = None
 
   @classmethod
-  def load(cls, config: Any, spec: catalog.DatasetSpec) -> Data:
+  def load(cls, config: Any, spec: catalog.DatasetSpec, mesh: Any = None) -> Data:
+    """The sources; given `mesh`, the train split placed on it where
+    `config.resident_data` chooses so, the choice logged in one line."""
+    train = pipeline.load_source(config, spec, 'train')
+    on_device = None
+    if mesh is not None:
+      choice = resident.choose(config, spec)
+      if choice.resident:
+        on_device = resident.Resident.place(config, train, mesh)
+      logging.info('%s', choice.describe())
     return cls(
-      pipeline.load_source(config, spec, 'train'),
+      train,
       pipeline.load_source(config, spec, 'test'),
       pipeline.preprocess_fn(config, spec),
+      on_device,
     )
 
   def example(self) -> Any:
@@ -80,7 +93,16 @@ class Data(NamedTuple):
     num_steps: int,
     prefetch: int,
   ) -> Any:
-    """This process's share of `num_steps` batches from `start_examples` on."""
+    """This process's share of `num_steps` batches from `start_examples` on (their keys,
+    with resident data)."""
+    if self.resident is not None:
+      return self.resident.train_batches(
+        start_examples=start_examples,
+        batch_size=batch_size,
+        num_steps=num_steps,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+      )
     return pipeline.train_batches(
       self.train,
       self.preprocess,
@@ -183,6 +205,7 @@ def compile_steps(
     ghost_batch_size=config.ghost_batch_size,
     steps_per_dispatch=config.steps_per_dispatch,
     options=options or step_options(config),
+    resident=data.resident,
   )
   for b, plan in plans.items():
     train_step = compiled[plan.shape]
@@ -350,7 +373,8 @@ def build(
   spec, schedule = checked or check(config, workdir, mode)
   mesh = sharding.make_mesh()
   use_compilation_cache(config.compilation_cache_dir)
-  data = Data.load(config, spec)  # Before compiling: a missing dataset fails at once.
+  # Before compiling: a missing dataset fails at once.
+  data = Data.load(config, spec, mesh)
   run_sched = run_schedule(config, schedule)
   model = create_model(config, spec.num_classes)
   init = functools.partial(create_train_state, config, model, schedule, spec.input_shape)

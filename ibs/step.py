@@ -485,23 +485,43 @@ def measures_sometimes(
   )
 
 
+def materialise(batch: dict, data: dict, resident: Any) -> dict:
+  """The update's batch: `batch` itself, or with device-resident data
+  (ibs/data/resident.py) the examples its keys name, gathered and augmented here."""
+  return batch if resident is None else resident.materialise(data, batch)
+
+
 def _updates(
-  state, batches, running, num_steps, *, plan, options, ghost_batch_size, measure_now
+  state,
+  batches,
+  running,
+  num_steps,
+  data,
+  *,
+  plan,
+  options,
+  ghost_batch_size,
+  measure_now,
+  resident=None,
 ):
   """`num_steps` ≤ K updates on this device's (K, A, b, ...) batches, in order.
 
   The trip count is a value, not a shape: one executable serves every count (the
   layout pads the unused slots). K = 1 runs its one update without a loop. No update
   holds a conditional: what an update measures is fixed when it is compiled
-  (`measure_now`; `TrainStep` sends the updates that measure apart).
+  (`measure_now`; `TrainStep` sends the updates that measure apart). With `resident`
+  data the batches are keys, materialised one update at a time (`materialise`).
   """
-  update = functools.partial(
+  _update_of = functools.partial(
     _update,
     plan=plan,
     options=options,
     ghost_batch_size=ghost_batch_size,
     measure_now=measure_now,
   )
+
+  def update(state, batch, running):
+    return _update_of(state, materialise(batch, data, resident), running)
 
   def body(index, carry):
     batch = jax.tree.map(
@@ -540,9 +560,18 @@ class TrainStep:
   """
 
   def __init__(
-    self, run, plan, mesh, steps_per_dispatch: int, analysed, measuring=None, every=0
+    self,
+    run,
+    plan,
+    mesh,
+    steps_per_dispatch: int,
+    analysed,
+    measuring=None,
+    every=0,
+    data=None,
   ):
     self._run = run
+    self._data = data or {}  # device-resident arrays (ibs/data/resident.py), if any
     self.host_loop = isinstance(run, _HostLoop)
     self.plan = plan
     self.mesh = mesh
@@ -587,7 +616,8 @@ class TrainStep:
   def _dispatch(self, run, state, local_batches, running_metrics, k=None):
     k = k or self.steps_per_dispatch
     batches = sharding.train_batches_to_device(local_batches, self.plan, self.mesh, k)
-    return run(state, batches, running_metrics, self._counts[len(local_batches)])
+    count = self._counts[len(local_batches)]
+    return run(state, batches, running_metrics, count, self._data)
 
   def memory_analysis(self) -> Any:
     return self._analysed.memory_analysis()
@@ -608,10 +638,11 @@ class TrainStep:
 # as arrays with a leading device axis, sharded over `data`.
 
 
-def _host_loop_micro(state, acc, batch, index, *, options):
+def _host_loop_micro(state, acc, batch, index, data, *, options, resident):
   micro = jax.tree.map(
     lambda x: jax.lax.dynamic_index_in_dim(x[0], index, 0, False), batch
   )
+  micro = materialise(micro, data, resident)
   old = jax.tree.map(lambda x: x[0], acc)
   # Micro-batch 0 starts the sums and the BN share afresh; the others add to them, as
   # the scan does.
@@ -648,11 +679,11 @@ class _HostLoop:
       for a in range(plan.accumulation)
     ]
 
-  def __call__(self, state, batches, running, num_steps):
+  def __call__(self, state, batches, running, num_steps, data):
     del num_steps  # Always 1: a loop around the host loop would be K dispatches anyway.
     acc = self._acc
     for index in self._indices:
-      acc = self._micro(state, acc, batches, index)
+      acc = self._micro(state, acc, batches, index, data)
     self._acc = acc  # Not donated to the update: reused by the next step.
     return self._finish(state, acc, running)
 
@@ -739,15 +770,21 @@ def compile_train_steps(
   steps_per_dispatch: int = 1,
   options: StepOptions = StepOptions(),
   host_loop: bool | None = None,
+  resident: Any = None,
 ) -> dict[tuple[int, int], TrainStep]:
   """One ahead-of-time compiled TrainStep per distinct (A, devices·b) (decision 4).
 
   Compiling every phase's shape before training means a phase that cannot fit fails at
   step 0, not at epoch 160, and a phase switch never stalls. A compiled step never
   recompiles: called with another shape, dtype or sharding it raises. `state` may be
-  concrete or abstract (`jax.eval_shape`); `example` is one example per input key.
+  concrete or abstract (`jax.eval_shape`); `example` is one example per input key, as
+  the model sees it. With `resident` data (ibs/data/resident.py) the steps are called
+  with its keys instead of batches, and its arrays are arguments of every program.
   """
   rep = sharding.replicated(mesh)
+  data = resident.arrays if resident is not None else {}
+  data_shapes = _abstract(data, None)
+  sent = resident.example_keys() if resident is not None else example  # per dispatch
   state_shapes = _abstract(state, rep)
   metric_shapes = _abstract(Metrics.empty(), rep)
   count_shape = jax.ShapeDtypeStruct((), jnp.int32, sharding=rep)
@@ -759,10 +796,10 @@ def compile_train_steps(
   for plan in plans:
     if plan.shape in compiled or plan.shape in lowered:
       continue
-    batch = batch_shapes(plan, example, k)
+    batch = batch_shapes(plan, sent, k)
     if host_loop and plan.accumulation > 1:
       compiled[plan.shape] = _compile_host_loop(
-        mesh, state_shapes, metric_shapes, batch, plan, options
+        mesh, state_shapes, metric_shapes, batch, plan, options, data_shapes, resident
       )
       continue
 
@@ -773,10 +810,16 @@ def compile_train_steps(
         options=options,
         ghost_batch_size=ghost_batch_size,
         measure_now=measure_now,
+        resident=resident,
       )
-      per_device = _per_device(updates, mesh, (P(), batch_spec, P(), P()), (P(), P()))
+      in_specs = (P(), batch_spec, P(), P(), P())
+      per_device = _per_device(updates, mesh, in_specs, (P(), P()))
       return jax.jit(per_device, donate_argnums=(0, 2)).lower(
-        state_shapes, batch_shapes(plan, example, num_updates), metric_shapes, count_shape
+        state_shapes,
+        batch_shapes(plan, sent, num_updates),
+        metric_shapes,
+        count_shape,
+        data_shapes,
       )
 
     sometimes = measures_sometimes(plan, options, ghost_batch_size)
@@ -801,11 +844,14 @@ def compile_train_steps(
       executable,
       measuring=measuring,
       every=options.gns_split_every if measuring else 0,
+      data=data,
     )
   return {plan.shape: compiled[plan.shape] for plan in plans}
 
 
-def _compile_host_loop(mesh, state_shapes, metric_shapes, batch, plan, options):
+def _compile_host_loop(
+  mesh, state_shapes, metric_shapes, batch, plan, options, data_shapes, resident
+):
   rep = sharding.replicated(mesh)
   per_device_spec = P(sharding.DATA_AXIS)
   local_acc = _Accumulated(
@@ -819,14 +865,14 @@ def _compile_host_loop(mesh, state_shapes, metric_shapes, batch, plan, options):
   batch_spec = P(None, None, sharding.DATA_AXIS)
   index_shape = jax.ShapeDtypeStruct((), jnp.int32, sharding=rep)
   micro = _per_device(
-    functools.partial(_host_loop_micro, options=options),
+    functools.partial(_host_loop_micro, options=options, resident=resident),
     mesh,
-    (P(), per_device_spec, batch_spec, P()),
+    (P(), per_device_spec, batch_spec, P(), P()),
     per_device_spec,
   )
   micro = (
     jax.jit(micro, donate_argnums=(1,))
-    .lower(state_shapes, _abstract(acc, None), batch, index_shape)
+    .lower(state_shapes, _abstract(acc, None), batch, index_shape, data_shapes)
     .compile()
   )
   finish = _per_device(
@@ -840,7 +886,9 @@ def _compile_host_loop(mesh, state_shapes, metric_shapes, batch, plan, options):
     .lower(state_shapes, _abstract(acc, None), metric_shapes)
     .compile()
   )
-  return TrainStep(_HostLoop(micro, finish, plan, mesh, acc), plan, mesh, 1, micro)
+  host = _HostLoop(micro, finish, plan, mesh, acc)
+  data = resident.arrays if resident is not None else {}
+  return TrainStep(host, plan, mesh, 1, micro, data=data)
 
 
 def empty_metrics(mesh: jax.sharding.Mesh) -> Metrics:

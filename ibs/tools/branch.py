@@ -42,7 +42,6 @@ import orbax.checkpoint as ocp
 
 from ibs import clock, reporting, schedules, setup, sharding
 from ibs import step as step_lib
-from ibs.data import pipeline
 from ibs.durability import checkpoint
 
 
@@ -275,13 +274,11 @@ class Prober:
     marks = sorted({m for m in measure_after if 0 < m <= num_steps})
     window = min(window_start, num_steps - 1)  # the last update at least
     stops = sorted({*marks, window, num_steps} - {0})
-    batches = pipeline.train_batches(
-      self.run.data.train,
-      self.run.data.preprocess,
-      seed=self.config.data_seed,
-      start_examples=start_examples,
-      batch_size=batch_size,
-      num_steps=num_steps,
+    batches = self.run.data.train_batches(  # the run's own: resident keys, or batches
+      self.config,
+      start_examples,
+      batch_size,
+      num_steps,
       prefetch=2 * train_step.steps_per_dispatch,
     )
     metrics = step_lib.empty_metrics(self.mesh)
