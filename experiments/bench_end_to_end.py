@@ -6,6 +6,8 @@ Three programs do the same work (configs/default.py: cnn1d on MNIST-1D, 32 → 1
   lean        python -m experiments.lean_loop            (the speed floor; see there)
   ibs         python -m ibs.main --config=configs/default.py
   ibs_no_gns  the same with --config.gns.enabled=False
+  ibs_host_data  ibs with --config.resident_data=off: the host pipeline, not the train
+              split on the device (ibs/data/resident.py)
 
 Every repetition runs all three in a shuffled order, so load from other processes falls
 on all alike. Per run: training s (ibs: the summary's per-phase training time, which
@@ -43,6 +45,12 @@ COMMANDS = {
     'ibs.main',
     '--config=configs/default.py',
     '--config.gns.enabled=False',
+  ],
+  'ibs_host_data': [
+    '-m',
+    'ibs.main',
+    '--config=configs/default.py',
+    '--config.resident_data=off',
   ],
 }
 FIELDS = ('train_s', 'compile_s', 'whole_s', 'cpu_s', 'test_accuracy')
@@ -107,7 +115,12 @@ def table(runs: dict[str, list[dict]]) -> str:
     lines.append(f'| {name} | {" | ".join(cells)} |')
   lines.append('')
   lines.append('paired ratios, median over repetitions (≥ 1: the second is faster):')
-  pairs = [('lean', 'ibs'), ('lean', 'ibs_no_gns'), ('ibs_no_gns', 'ibs')]
+  pairs = [
+    ('lean', 'ibs'),
+    ('lean', 'ibs_no_gns'),
+    ('ibs_no_gns', 'ibs'),
+    ('ibs_host_data', 'ibs'),
+  ]
   for base, name in pairs:
     if base in runs and name in runs:
       ratios = ', '.join(

@@ -42,6 +42,18 @@ def _config(**overrides):
     ({'eval_batch_size': 1001, 'ghost_batch_size': 16}, 2, 'eval_batch_size=1001'),
     ({'weight_decay': -1.0}, 1, 'weight_decay=-1.0'),
     ({'steps_per_dispatch': 0}, 1, 'steps_per_dispatch=0 must be an integer >= 1'),
+    ({'resident_data': 'yes'}, 1, "resident_data='yes' must be one of"),
+    (
+      {'resident_data_fraction': 0.0},
+      1,
+      r'resident_data_fraction=0.0 must be .* \(0, 1\]',
+    ),
+    ({'resident_data_fraction': 1.5}, 1, 'resident_data_fraction=1.5 must be a fraction'),
+    (
+      {'resident_data': 'on', 'dataset': 'fake'},
+      1,
+      "resident_data='on', but fake data is generated per batch",
+    ),
     ({'weight_decay_mask': 'kernel'}, 1, "weight_decay_mask='kernel' must be"),
     ({'eval_every_epochs': 0.0}, 1, 'eval_every_epochs=0.0 must be positive'),
     ({'ghost_batch_size': 0}, 1, 'ghost_batch_size=0 must be positive'),

@@ -319,7 +319,9 @@ def _assert_states_equal(actual, expected):
 
 @pytest.fixture(scope='module')
 def one_device_run(data_dir, tmp_path_factory):
-  """The parallel config trained here, on one device: (config, final state)."""
+  """The parallel config trained here, on one device, on the host pipeline: (config,
+  final state). The parallel runs place the data on their devices ('auto', MNIST-1D
+  fits) unless a test says otherwise: the same batches, built another way."""
   from ibs import train
 
   assert jax.device_count() == 1, (
@@ -328,6 +330,7 @@ def one_device_run(data_dir, tmp_path_factory):
     'processes with 8 devices).'
   )
   config = _parallel_config(data_dir)
+  config.resident_data = 'off'
   workdir = str(tmp_path_factory.mktemp('one_device'))
   summary = train.train_and_evaluate(config, workdir)
   assert summary['finished']
@@ -356,14 +359,17 @@ def _train_script(config, tmp_path):
 
 
 @pytest.mark.slow
-def test_training_on_8_devices_equals_1_device(one_device_run, tmp_path):
-  """End to end on 8 fake devices; also checks the persistent compilation cache fills.
+@pytest.mark.parametrize('resident_data', ['on', 'off'])
+def test_training_on_8_devices_equals_1_device(one_device_run, tmp_path, resident_data):
+  """End to end on 8 fake devices, the data on the devices or from the host pipeline;
+  also checks the persistent compilation cache fills.
 
   Float tolerance (1e-5) after 94 steps: the all-reduced gradient is summed in another
   order than the single device's; the largest difference measured was 5e-7.
   """
   config, expected = one_device_run
   config = config.copy_and_resolve_references()
+  config.resident_data = resident_data
   cache = tmp_path / 'cache'
   config.compilation_cache_dir = str(cache)
   workdir = tmp_path / 'run'
@@ -446,15 +452,18 @@ def _launch_processes(script, workdir, name, num_processes=2, devices_per_proces
 @pytest.mark.slow
 @pytest.mark.multiprocess
 @pytest.mark.parametrize(
-  ('num_processes', 'devices_per_process'), [(2, 1), (2, 2), (4, 1)], ids=str
+  ('num_processes', 'devices_per_process', 'resident_data'),
+  [(2, 1, 'auto'), (2, 2, 'auto'), (4, 1, 'auto'), (2, 2, 'off')],
+  ids=str,
 )
 def test_process_layouts_equal_one_process(
-  one_device_run, tmp_path, num_processes, devices_per_process
+  one_device_run, tmp_path, num_processes, devices_per_process, resident_data
 ):
   """2 × 1, 2 × 2 and 4 × 1 processes × devices, preempted inside phase 1 and resumed:
-  the one-device run. One device per process is the usual GPU-cluster layout; there
-  every array the checkpoint saves must have been laid out on the mesh
-  (sharding.replicate). Logs, evaluations and checkpoints fall on the same steps
+  the one-device run (host pipeline), with the data on every process's devices ('auto')
+  or from each process's host pipeline. One device per process is the usual
+  GPU-cluster layout; there every array the checkpoint saves must have been laid out on
+  the mesh (sharding.replicate). Logs, evaluations and checkpoints fall on the same steps
   (every epoch: steps 63 and 94, the last), where a log resets the running metrics the
   checkpoint saves; the stop at 70 checkpoints alone.
 
@@ -465,6 +474,7 @@ def test_process_layouts_equal_one_process(
   config, expected = one_device_run
   config = config.copy_and_resolve_references()
   config.compilation_cache_dir = str(tmp_path / 'cache')
+  config.resident_data = resident_data
   # Not trajectory fields: the one-device run's parameters are those of any cadence.
   config.log_every_epochs = config.eval_every_epochs = 1.0
   config.checkpoint_every_epochs = 1.0

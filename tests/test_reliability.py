@@ -282,8 +282,10 @@ def test_a_full_disk_ends_in_one_line(tiny_run, tmp_path):
 # ------------------------------------------------------------------------ divergence
 
 
-def _poisoned_batches(monkeypatch, first, last):
-  """Makes the train batches of steps first..last (counted from 0) all NaN."""
+def _poisoned_batches(monkeypatch, config, first, last):
+  """Makes the train batches of steps first..last (counted from 0) all NaN: host
+  batches (config.resident_data='off'), whose inputs are there to poison."""
+  config.resident_data = 'off'
   original = pipeline.train_batches
 
   def batches(*args, **kwargs):
@@ -306,7 +308,7 @@ def test_divergence_stops_before_checkpointing_nan_and_keeps_the_good_ones(
   config = tiny_config.copy_and_resolve_references()
   config.checkpoint_every_epochs = 0.25  # every ~16 steps: 15, 32, 47 ... (3 kept)
   # K = 8, the default: a dispatch ends where an event is due, whatever K.
-  _poisoned_batches(monkeypatch, 41, 10**9)
+  _poisoned_batches(monkeypatch, config, 41, 10**9)
   with pytest.raises(divergence.Diverged) as info:
     train.train_and_evaluate(config, str(tmp_path))
   message = str(info.value)
@@ -331,7 +333,7 @@ def test_skip_mode_keeps_the_params_and_counts_the_skips(
   tiny_config, tmp_path, monkeypatch
 ):
   config = _skip_config(tiny_config)
-  _poisoned_batches(monkeypatch, 10, 12)  # in phase 0
+  _poisoned_batches(monkeypatch, config, 10, 12)  # in phase 0
   summary = train.train_and_evaluate(config, str(tmp_path))
   assert summary['finished'] and summary['skipped_updates'] == 3
   _, arrays = _state_arrays(str(tmp_path))

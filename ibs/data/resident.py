@@ -114,7 +114,7 @@ def choose(config: Any, spec: catalog.DatasetSpec, memory: int | None = None) ->
       False,
       0,
       f'the train split needs {need / 1e6:.1f} MB per device, more than '
-      f'config.resident_data_fraction={fraction:g} of the device\'s '
+      f"config.resident_data_fraction={fraction:g} of the device's "
       f'{memory / 1e6:.1f} MB',
     )
   return Choice(True, need, '')
@@ -202,7 +202,9 @@ class Resident:
       steps = np.arange(first, min(first + STEPS_PER_CHUNK, num_steps), dtype=np.int64)
       positions = start_examples + steps[:, None] * batch_size + offsets[None, :]
       keys = self.keys(positions.reshape(-1))
-      chunk = {k: v.reshape(len(steps), per_process, *v.shape[1:]) for k, v in keys.items()}
+      chunk = {
+        k: v.reshape(len(steps), per_process, *v.shape[1:]) for k, v in keys.items()
+      }
       for i in range(len(steps)):
         yield {k: v[i] for k, v in chunk.items()}
 
