@@ -9,6 +9,8 @@
   prepare.py   `python -m ibs.data.prepare`: writes those directories (array_record)
   augment.py   preprocessing keyed by (data seed, position)
   pipeline.py  the loaders a run calls: sources by split, training and evaluation batches
+  resident.py  a train split that fits on the devices: the host sends indices (and
+               augmentation choices), the step gathers and augments there
 
 Nothing is imported here, so `from ibs.data import catalog` stays free of TFDS and
 TensorFlow (the schedule calculator needs only the catalog).

@@ -5,7 +5,9 @@ returning a dict of numpy arrays (ibs.data.sources). Training batches are built 
 stream positions (ibs.data.order): the batch of size B at position s is positions
 [s, s + B), and each process reads only its contiguous slice of it. Preprocessing
 (augmentation, normalisation) is a function of (batch, positions, train) and of the
-data seed, so it is the same after a restart or on another number of hosts.
+data seed, so it is the same after a restart or on another number of hosts. A train
+split that fits in device memory skips the host's gather and augmentation: the run sends
+its keys instead and the step builds the same batch on the device (ibs/data/resident.py).
 
 Both loaders take the run's DatasetSpec (ibs.data.catalog), resolved once per run by
 ibs.config_checks.check_config, so that the sizes and shapes the schedule and the model
