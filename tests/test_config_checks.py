@@ -50,7 +50,7 @@ def _config(**overrides):
     ),
     ({'resident_data_fraction': 1.5}, 1, 'resident_data_fraction=1.5 must be a fraction'),
     (
-      {'resident_data': 'on', 'dataset': 'fake'},
+      {'resident_data': 'on', 'dataset': 'fake', 'fake.num_train': 40_000},
       1,
       "resident_data='on', but fake data is generated per batch",
     ),
