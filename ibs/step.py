@@ -51,6 +51,7 @@ import concurrent.futures
 import dataclasses
 import functools
 import os
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -564,6 +565,7 @@ class TrainStep:
     self._analysed = analysed
     self._measuring, self._every = measuring, every
     self._pending = pending  # futures of (run, measuring) while they compile
+    self._callbacks_done: list[threading.Event] = []
     self.background = background
     self._counts = [
       jax.device_put(np.int32(n), sharding.replicated(mesh))
@@ -585,17 +587,24 @@ class TrainStep:
 
   def add_done_callback(self, fn: Callable[['TrainStep'], None]) -> None:
     """Calls `fn(self)` once its programs are compiled (at once if they are), in the
-    compiling thread."""
+    compiling thread; the step's first call waits for it to return."""
     futures = [f for f in self._pending if f is not None]
-    left = [len(futures)]
-
-    def one_done(_):
-      left[0] -= 1
-      if not left[0]:
-        fn(self)
-
     if not futures:
       fn(self)
+      return
+    done, left, lock = threading.Event(), [len(futures)], threading.Lock()
+    self._callbacks_done.append(done)
+
+    def one_done(_):
+      with lock:  # the futures may finish in two threads at once
+        left[0] -= 1
+        last = not left[0]
+      if last:
+        try:
+          fn(self)
+        finally:
+          done.set()
+
     for future in futures:
       future.add_done_callback(one_done)
 
@@ -609,9 +618,11 @@ class TrainStep:
     """Runs the updates of `local_batches` from step `first_step` (read from the state
     when not given, which waits for the device); measuring updates go to their own
     program."""
+    self.result()
+    while self._callbacks_done:
+      self._callbacks_done.pop().wait()
     if self.background is not None:
       self.background.raise_error()
-    self.result()
     if self._measuring is None:
       return self._dispatch(self._run, state, local_batches, running_metrics)
     step = int(state.step) if first_step is None else first_step
