@@ -221,7 +221,7 @@ def test_the_hyperparameter_line_is_short(tiny_config):
   assert len(line) <= reporting.MAX_LINE, line
   assert line == (
     'hyperparameters: mnist1d, cnn1d, momentum, increasing_batch, ε 0.1, B 32, m 0.9, '
-    'epochs 4.0 (all 56 in config.json, HParams)'
+    'epochs 4.0 (all 58 in config.json, HParams)'
   )
 
 

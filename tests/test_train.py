@@ -165,11 +165,18 @@ def test_steps_per_dispatch_changes_neither_the_events_nor_the_training(
 
 
 @pytest.mark.slow
-def test_resume_ends_with_the_same_parameters(tiny_config, tiny_run, tmp_path):
+@pytest.mark.parametrize('first_data', ['auto', 'off'])
+def test_resume_ends_with_the_same_parameters(
+  tiny_config, tiny_run, tmp_path, first_data
+):
+  """Stopped at step 70 and resumed: the uninterrupted run's parameters, bit for bit.
+  The uninterrupted run and the resumed part read resident data ('auto'); the first
+  part reads it too, or the host pipeline ('off'): the same batches either way."""
   _, uninterrupted, _ = tiny_run  # tiny_config, checkpointed every 1.5 epochs
 
   interrupted = str(tmp_path / 'interrupted')
   first = tiny_config.copy_and_resolve_references()
+  first.resident_data = first_data
   first.stop_after_steps = 70  # Inside phase 1 (steps 63–94), not at a checkpoint period.
   partial = train.train_and_evaluate(first, interrupted)
   assert partial['parameter_updates'] == 70 and not partial['finished']

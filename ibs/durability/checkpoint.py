@@ -52,7 +52,8 @@ TRAJECTORY_FIELDS = (
 # (accumulation over ghost batches is exact); the measured noise scale (it only reads
 # the gradients; on one device with one micro-batch its updates differ in float rounding);
 # what to do on a non-finite update and how many skips to bear (nothing happens until
-# one occurs).
+# one occurs); whether the train split lives on the devices (the same batches either
+# way, ibs/data/resident.py).
 # tests/test_fingerprint.py checks every config field is in one list or the other.
 NON_TRAJECTORY_FIELDS = (
   'checkpoint_every_epochs',
@@ -65,6 +66,8 @@ NON_TRAJECTORY_FIELDS = (
   'max_micro_batch_size',
   'nonfinite',
   'nonfinite_max_skipped',
+  'resident_data',
+  'resident_data_fraction',
   'steps_per_dispatch',
   'stop_after_steps',
 )
