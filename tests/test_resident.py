@@ -15,6 +15,7 @@ import pytest
 
 from configs import cifar10_wrn, default
 from ibs import config_checks, sharding, train
+from ibs import step as step_lib
 from ibs.data import augment, catalog, pipeline, resident
 from tests.test_train import _final_params, latest_state
 
@@ -168,3 +169,49 @@ def test_tiny_run_is_resident(tiny_config):
   spec, _ = config_checks.check_config(tiny_config, 1)
   choice = resident.choose(tiny_config, spec)
   assert choice.resident and choice.bytes == 2000 * (40 * 4 + 4)
+
+
+@pytest.mark.parametrize(('host_loop', 'k'), [(False, 3), (True, 1)], ids=str)
+def test_the_step_on_keys_equals_the_step_on_host_batches(host_loop, k):
+  """The compiled step given keys (the batch gathered inside it) against the same step
+  given the host pipeline's batches: the same state, bit for bit, after 3 updates of
+  A = 2 micro-batches, in one dispatch of the update loop (K = 3) and in XLA:CPU's host
+  loop (one micro-batch program per call)."""
+  from tests import test_step
+
+  n, seed = 40, 5
+  rng = np.random.default_rng(1)
+  source = pipeline.ArraySource(
+    inputs=rng.normal(size=(n, test_step.LENGTH)).astype(np.float32),
+    labels=rng.integers(0, 10, n).astype(np.int32),
+  )
+  config = default.get_config()
+  config.data_seed = seed
+  mesh = sharding.make_mesh(jax.devices()[:1])
+  plan = sharding.plan_micro_batches(test_step.BATCH, 1, test_step.GHOST, 16)
+  assert plan.accumulation == 2
+  on_device = resident.Resident.place(config, source, mesh)
+  where = dict(start_examples=10, batch_size=test_step.BATCH, num_steps=3)
+  host = list(pipeline.train_batches(source, augment.cast, seed=seed, **where))
+  keys = list(on_device.train_batches(**where))
+  states = []
+  for placed, batches in ((None, host), (on_device, keys)):
+    state = test_step._state(*test_step._initial_variables())
+    state = jax.device_put(state, sharding.replicated(mesh))
+    (step,) = step_lib.compile_train_steps(
+      mesh,
+      state,
+      [plan],
+      {key: value[:1] for key, value in host[0].items()},
+      ghost_batch_size=test_step.GHOST,
+      steps_per_dispatch=k,
+      options=step_lib.StepOptions(gns_horizon_examples=1000.0),
+      host_loop=host_loop,
+      resident=placed,
+    ).values()
+    assert step.host_loop == host_loop
+    metrics = step_lib.empty_metrics(mesh)
+    for first in range(0, 3, k):
+      state, metrics = step(state, batches[first : first + k], metrics, first)
+    states.append(jax.tree.map(np.asarray, (state.params, state.batch_stats, state.gns)))
+  jax.tree.map(np.testing.assert_array_equal, *states)
