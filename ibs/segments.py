@@ -90,7 +90,7 @@ class Measured(NamedTuple):
   trace_cov: float = math.nan
   grad_sq_norm: float = math.nan
   # The loss on the schedule's fixed training slice, evaluated only for a schedule that
-  # asks for it (`needs_train_slice_loss`, ibs/measured/plateau.py); NaN otherwise.
+  # asks for it (`train_slice_examples`, ibs/measured/plateau.py); NaN otherwise.
   train_slice_loss: float = math.nan
 
 
