@@ -11,7 +11,7 @@ in its BENCH mode, on one device, with `config.gns.enabled` on and off). Prints 
 batch the median updates/s of each and the median of the per-repetition ratios (on /
 off).
 
-  python experiments/bench_gns.py --repetitions=15
+  python -m experiments.bench_gns --repetitions=15
 """
 
 import copy
