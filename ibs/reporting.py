@@ -32,6 +32,7 @@ import logging as std_logging
 import math
 import os
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
@@ -474,6 +475,23 @@ def hparams_line(hparams: Mapping[str, Any]) -> str:
   """One short line: the identifying fields; the rest are in config.json and HParams."""
   shown = ', '.join(f'{name}{hparams[k]}' for k, name in _KEY_HPARAMS if k in hparams)
   return f'hyperparameters: {shown} (all {len(hparams)} in config.json, HParams)'
+
+
+def import_writers_in_background() -> threading.Thread:
+  """Imports clu's metric writers in a thread: their TensorBoard writer imports
+  TensorFlow, the largest import of a run, which then overlaps the run's build and
+  compilation (XLA compiles outside the GIL) instead of preceding them.
+  `create_writer`'s import waits for it, and raises its error if it failed."""
+
+  def load():
+    try:
+      import clu.metric_writers  # noqa: F401
+    except Exception:  # raised again, in the loop's thread, by create_writer's import
+      return
+
+  thread = threading.Thread(target=load, name='ibs_import_writers', daemon=True)
+  thread.start()
+  return thread
 
 
 def create_writer(workdir: str, just_logging: bool = False):

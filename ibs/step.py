@@ -888,14 +888,30 @@ def compile_train_steps(
       lower_updates(not sometimes, k),
       lower_updates(True, 1) if sometimes else None,
     )
-  # XLA compiles one program on one core: the programs compile side by side. The
-  # pool's threads end when the queue is empty; the interpreter waits for them at exit.
-  pool = concurrent.futures.ThreadPoolExecutor(
-    max_workers=os.cpu_count() or 1, thread_name_prefix='ibs_compile'
+  # XLA compiles one program on one core: the programs compile side by side, first
+  # those waited for on every core, then the others on all cores but one, which the
+  # training has. The pools' threads end when their queue is empty; the interpreter
+  # waits for them at exit.
+  cores = os.cpu_count() or 1
+  shapes = list(lowered)
+  waited = shapes if wait_for is None else shapes[:wait_for]
+  now = concurrent.futures.ThreadPoolExecutor(cores, thread_name_prefix='ibs_compile')
+  later = concurrent.futures.ThreadPoolExecutor(
+    max(1, cores - 1), thread_name_prefix='ibs_compile_later'
   )
+  first: list[concurrent.futures.Future] = []
+
+  def after_first(program):
+    concurrent.futures.wait(first)
+    return program.compile()
+
   background = Background()
   for shape, (plan, *programs) in lowered.items():
-    pending = tuple(pool.submit(p.compile) if p else None for p in programs)
+    if shape in waited:
+      pending = tuple(now.submit(p.compile) if p else None for p in programs)
+      first.extend(f for f in pending if f)
+    else:
+      pending = tuple(later.submit(after_first, p) if p else None for p in programs)
     compiled[shape] = TrainStep(
       None,
       plan,
@@ -906,9 +922,9 @@ def compile_train_steps(
       pending=pending,
       background=background,
     )
-  pool.shutdown(wait=False)
-  shapes = list(dict.fromkeys(plan.shape for plan in plans))
-  for shape in shapes[: len(shapes) if wait_for is None else wait_for]:
+  now.shutdown(wait=False)
+  later.shutdown(wait=False)
+  for shape in waited:
     compiled[shape].result()
   return {plan.shape: compiled[plan.shape] for plan in plans}
 

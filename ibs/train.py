@@ -17,7 +17,6 @@ from typing import Any
 
 import jax
 from absl import logging
-from clu import metric_writers  # noqa: F401 - tests/test_train.py patches it
 
 from ibs import cadence, gns, noise_scale, reporting, segments, setup
 from ibs import step as step_lib
@@ -182,6 +181,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
   docs/RELIABILITY.md). One process owns a workdir (ibs/durability/lock.py).
   """
   checked = setup.check(config, workdir)  # A bad config fails before anything else.
+  reporting.import_writers_in_background()
   workdir_lock = (
     lock.WorkdirLock(workdir) if jax.process_index() == 0 else contextlib.nullcontext()
   )
