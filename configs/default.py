@@ -5,7 +5,7 @@ here halved to 30/60/80 of 100) with factor 5, the batch growing 32 → 160 → 
 a constant learning rate.
 
   python -m ibs.main --config=configs/default.py --workdir=/tmp/ibs_default
-  python -m ibs.noise_scale --config=configs/default.py --baseline
+  python -m ibs.calculator --config=configs/default.py --baseline
 """
 
 import ml_collections
