@@ -165,9 +165,15 @@ def compile_steps(
   batch_sizes: list[int],
   options: step_lib.StepOptions | None = None,
 ) -> dict[int, step_lib.TrainStep]:
-  """The train step of every batch size in `batch_sizes`, compiled ahead of time, its
-  memory logged and checked against the device's (a batch that cannot fit fails now,
-  not at its phase)."""
+  """The train step of every batch size in `batch_sizes` (in the order of use), each
+  compiled ahead of its phase, its memory logged and checked against the device's.
+
+  Returns once the first batch size's step is compiled and checked: training starts
+  while the later phases' steps compile beside it (`step.compile_train_steps`). Their
+  check runs as each finishes, within seconds of the start; a batch that cannot fit
+  (or a program that fails to compile) stops the run at its next dispatch, not at its
+  phase.
+  """
   logging.info('Compiling the train step for every phase shape ahead of time...')
   plans = {
     b: sharding.plan_micro_batches(
@@ -183,25 +189,44 @@ def compile_steps(
     ghost_batch_size=config.ghost_batch_size,
     steps_per_dispatch=config.steps_per_dispatch,
     options=options or step_options(config),
+    wait_for=1,
   )
-  for b, plan in plans.items():
+  for i, (b, plan) in enumerate(plans.items()):
     train_step = compiled[plan.shape]
-    analysis = train_step.memory_analysis()
-    logging.info(
-      'Step for batch %d, shape (accumulation, devices × micro-batch) = %s, compiled: '
-      '%d update(s) per call; %s',
-      b,
-      plan.shape,
-      train_step.steps_per_dispatch,
-      'no memory analysis'
-      if analysis is None
-      else (
-        f'temp {analysis.temp_size_in_bytes / 2**20:.1f} MiB, arguments '
-        f'{analysis.argument_size_in_bytes / 2**20:.1f} MiB'
-      ),
-    )
-    check_memory(b, analysis)
+    if i == 0:  # compiled: checked now, before any training
+      _check_compiled(b, train_step)
+    else:
+      train_step.add_done_callback(functools.partial(_check_in_background, b))
   return {b: compiled[plan.shape] for b, plan in plans.items()}
+
+
+def _check_compiled(batch_size: int, train_step: step_lib.TrainStep) -> None:
+  analysis = train_step.memory_analysis()
+  logging.info(
+    'Step for batch %d, shape (accumulation, devices × micro-batch) = %s, compiled: '
+    '%d update(s) per call; %s',
+    batch_size,
+    train_step.plan.shape,
+    train_step.steps_per_dispatch,
+    'no memory analysis'
+    if analysis is None
+    else (
+      f'temp {analysis.temp_size_in_bytes / 2**20:.1f} MiB, arguments '
+      f'{analysis.argument_size_in_bytes / 2**20:.1f} MiB'
+    ),
+  )
+  check_memory(batch_size, analysis)
+
+
+def _check_in_background(batch_size: int, train_step: step_lib.TrainStep) -> None:
+  """`_check_compiled` of a step compiled beside training: its error (a failed
+  compile, or a batch that cannot fit) is raised by the run's next dispatch."""
+  try:
+    _check_compiled(batch_size, train_step)
+  except Exception as e:  # any error: the loop's thread raises it
+    if train_step.background is None:  # compiled in this thread (the host loop)
+      raise
+    train_step.background.add(e)
 
 
 def check_memory(batch_size: int, analysis: Any) -> None:

@@ -51,6 +51,7 @@ import concurrent.futures
 import dataclasses
 import functools
 import os
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -537,10 +538,24 @@ class TrainStep:
   the call splits its batches around them, so no executable holds a conditional. The
   caller passes `first_step`, the step of the first batch (read from the state if not:
   a wait for the device).
+
+  A step may still be compiling (`compile_train_steps(..., wait_for=...)`): its first
+  call, `result()` or `memory_analysis()` waits for it. Every call first raises the
+  error of any program of its run that failed to compile beside training (`Background`).
   """
 
   def __init__(
-    self, run, plan, mesh, steps_per_dispatch: int, analysed, measuring=None, every=0
+    self,
+    run,
+    plan,
+    mesh,
+    steps_per_dispatch: int,
+    analysed,
+    measuring=None,
+    every=0,
+    *,
+    pending: tuple[concurrent.futures.Future, ...] = (),
+    background: 'Background | None' = None,
   ):
     self._run = run
     self.host_loop = isinstance(run, _HostLoop)
@@ -549,10 +564,49 @@ class TrainStep:
     self.steps_per_dispatch = steps_per_dispatch
     self._analysed = analysed
     self._measuring, self._every = measuring, every
+    self._pending = pending  # futures of (run, measuring) while they compile
+    self._callbacks_done: list[threading.Event] = []
+    self.background = background
     self._counts = [
       jax.device_put(np.int32(n), sharding.replicated(mesh))
       for n in range(steps_per_dispatch + 1)
     ]
+
+  def done(self) -> bool:
+    """Whether its programs are compiled (or failed to)."""
+    return all(f is None or f.done() for f in self._pending)
+
+  def result(self) -> 'TrainStep':
+    """This step, its programs compiled: waits for them, raises their compile error."""
+    if self._pending:
+      run, measuring = (f.result() if f else None for f in self._pending)
+      self._run = self._analysed = run
+      self._measuring = measuring
+      self._pending = ()
+    return self
+
+  def add_done_callback(self, fn: Callable[['TrainStep'], None]) -> None:
+    """Calls `fn(self)` once its programs are compiled (at once if they are), in the
+    compiling thread; the step's first call waits for it to return."""
+    futures = [f for f in self._pending if f is not None]
+    if not futures:
+      fn(self)
+      return
+    done, left, lock = threading.Event(), [len(futures)], threading.Lock()
+    self._callbacks_done.append(done)
+
+    def one_done(_):
+      with lock:  # the futures may finish in two threads at once
+        left[0] -= 1
+        last = not left[0]
+      if last:
+        try:
+          fn(self)
+        finally:
+          done.set()
+
+    for future in futures:
+      future.add_done_callback(one_done)
 
   def __call__(
     self,
@@ -564,6 +618,11 @@ class TrainStep:
     """Runs the updates of `local_batches` from step `first_step` (read from the state
     when not given, which waits for the device); measuring updates go to their own
     program."""
+    self.result()
+    while self._callbacks_done:
+      self._callbacks_done.pop().wait()
+    if self.background is not None:
+      self.background.raise_error()
     if self._measuring is None:
       return self._dispatch(self._run, state, local_batches, running_metrics)
     step = int(state.step) if first_step is None else first_step
@@ -590,11 +649,26 @@ class TrainStep:
     return run(state, batches, running_metrics, self._counts[len(local_batches)])
 
   def memory_analysis(self) -> Any:
-    return self._analysed.memory_analysis()
+    return self.result()._analysed.memory_analysis()
 
   def as_text(self) -> str:
     """The HLO of the executable that `memory_analysis` describes."""
-    return self._analysed.as_text()
+    return self.result()._analysed.as_text()
+
+
+class Background:
+  """What went wrong beside training: the first error of a program compiling in the
+  background (or of its checks), raised by the next call of any step of the run."""
+
+  def __init__(self):
+    self._errors: list[BaseException] = []
+
+  def add(self, error: BaseException) -> None:
+    self._errors.append(error)
+
+  def raise_error(self) -> None:
+    if self._errors:
+      raise self._errors[0]
 
 
 # The host-loop form of the same update, for XLA:CPU. XLA:CPU rewrites convolutions into
@@ -739,13 +813,21 @@ def compile_train_steps(
   steps_per_dispatch: int = 1,
   options: StepOptions = StepOptions(),
   host_loop: bool | None = None,
+  wait_for: int | None = None,
 ) -> dict[tuple[int, int], TrainStep]:
   """One ahead-of-time compiled TrainStep per distinct (A, devices·b) (decision 4).
 
-  Compiling every phase's shape before training means a phase that cannot fit fails at
-  step 0, not at epoch 160, and a phase switch never stalls. A compiled step never
-  recompiles: called with another shape, dtype or sharding it raises. `state` may be
-  concrete or abstract (`jax.eval_shape`); `example` is one example per input key.
+  Compiling every phase's shape before its phase means a phase that cannot fit fails
+  within seconds of the start, not at epoch 160, and a phase switch never stalls. A
+  compiled step never recompiles: called with another shape, dtype or sharding it
+  raises. `state` may be concrete or abstract (`jax.eval_shape`); `example` is one
+  example per input key.
+
+  The programs compile side by side, one per core, in the order of `plans`. This
+  returns once those of the first `wait_for` plans are compiled (all when None); the
+  others go on compiling beside training, and each step waits for its own programs at
+  its first call (`TrainStep.result`). XLA compiles outside the GIL, so on the host
+  whose device trains they cost a core, not the training's time.
   """
   rep = sharding.replicated(mesh)
   state_shapes = _abstract(state, rep)
@@ -785,23 +867,28 @@ def compile_train_steps(
       lower_updates(not sometimes, k),
       lower_updates(True, 1) if sometimes else None,
     )
-  # XLA compiles one program on one core: the programs compile side by side.
-  with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-    futures = {
-      shape: [pool.submit(program.compile) if program else None for program in programs]
-      for shape, (_, *programs) in lowered.items()
-    }
-  for shape, (plan, *_) in lowered.items():
-    executable, measuring = (f.result() if f else None for f in futures[shape])
+  # XLA compiles one program on one core: the programs compile side by side. The
+  # pool's threads end when the queue is empty; the interpreter waits for them at exit.
+  pool = concurrent.futures.ThreadPoolExecutor(
+    max_workers=os.cpu_count() or 1, thread_name_prefix='ibs_compile'
+  )
+  background = Background()
+  for shape, (plan, *programs) in lowered.items():
+    pending = tuple(pool.submit(p.compile) if p else None for p in programs)
     compiled[shape] = TrainStep(
-      executable,
+      None,
       plan,
       mesh,
       k,
-      executable,
-      measuring=measuring,
-      every=options.gns_split_every if measuring else 0,
+      None,
+      every=options.gns_split_every if programs[1] else 0,
+      pending=pending,
+      background=background,
     )
+  pool.shutdown(wait=False)
+  shapes = list(dict.fromkeys(plan.shape for plan in plans))
+  for shape in shapes[: len(shapes) if wait_for is None else wait_for]:
+    compiled[shape].result()
   return {plan.shape: compiled[plan.shape] for plan in plans}
 
 

@@ -438,7 +438,9 @@ def _counting(fn, counter):
 def test_one_compilation_per_distinct_phase_shape(
   tiny_config, tmp_path, monkeypatch, without_compilation_cache
 ):
-  """Four phases, three shapes: four compilations, all before the first step.
+  """Four phases, three shapes: four compilations, each once, and the first phase's
+  (B = 32 and its measuring executable) before the first step; the others compile
+  beside training (their steps wait for them at their first call).
 
   Phases 0 and 2 share B = 32 but not ε: they share the compiled step. B = 32 is one
   ghost batch, so its noise-scale measurement (every `gns.split_every`-th update) has an
@@ -483,6 +485,8 @@ def test_one_compilation_per_distinct_phase_shape(
     if event == '/jax/core/compile/backend_compile_duration':
       events.append((kwargs.get('fun_name', ''), bool(compiles_done)))
 
+  # Training starts only after compile_train_steps returns: anything compiled before
+  # then is marked False.
   jax.monitoring.register_event_duration_secs_listener(listener)
   try:
     summary = train.train_and_evaluate(config, str(tmp_path))
@@ -493,4 +497,6 @@ def test_one_compilation_per_distinct_phase_shape(
   assert compiles_done == [[(1, 32), (1, 64), (2, 64)]]
   assert len(traces) == 4
   train_step_compiles = [after for name, after in events if '_updates' in name]
-  assert train_step_compiles == [False] * 4, events
+  assert len(train_step_compiles) == 4, events
+  # B = 32's two programs (the plain and the measuring one) complete before training.
+  assert train_step_compiles.count(False) >= 2, events

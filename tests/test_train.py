@@ -193,3 +193,45 @@ def test_a_different_config_does_not_resume_someone_elses_checkpoint(
   with pytest.raises(ValueError, match='different config'):
     train.train_and_evaluate(other, str(workdir))
   assert os.path.isdir(workdir / 'checkpoints' / str(step))
+
+
+def test_a_later_phase_that_cannot_fit_stops_the_run_before_its_first_update(
+  tiny_config, tmp_path, monkeypatch
+):
+  """Later phases compile beside training (ibs/setup.py): a step whose memory check
+  fails there stops the run at its next dispatch with the check's error, never running
+  an update of that batch. Here B = 64's check fails (a device too small for it)."""
+  from ibs import setup
+
+  config = tiny_config.copy_and_resolve_references()
+  config.model_kwargs.depth = 1
+  config.dataset = 'fake'
+  config.fake.num_train = 256
+  config.fake.num_test = 64
+  config.eval_batch_size = 64
+  config.schedule.kind = 'explicit'
+  config.schedule.num_epochs = 2.0
+  config.schedule.phases = ((0.0, 32, 0.1, 0.9), (1.0, 64, 0.1, 0.9))
+  check_memory = setup.check_memory
+  checked = []
+
+  def small_device(batch_size, analysis):
+    checked.append(batch_size)
+    if batch_size == 64:
+      raise MemoryError('The train step for batch 64 needs more than the device has.')
+    check_memory(batch_size, analysis)
+
+  monkeypatch.setattr(setup, 'check_memory', small_device)
+  dispatched = []
+  step_call = setup.step_lib.TrainStep.__call__
+
+  def recording(self, state, batches, *args, **kwargs):
+    result = step_call(self, state, batches, *args, **kwargs)
+    dispatched.append(self.plan.batch_size)
+    return result
+
+  monkeypatch.setattr(setup.step_lib.TrainStep, '__call__', recording)
+  with pytest.raises(MemoryError, match='batch 64'):
+    train.train_and_evaluate(config, str(tmp_path / 'run'))
+  assert checked == [32, 64]
+  assert dispatched and set(dispatched) == {32}, dispatched
