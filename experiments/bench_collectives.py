@@ -5,8 +5,8 @@ reads it there: for each model and phase batch B it builds ibs's train step the 
 run does (the config from configs/, the model, state and step options of ibs/setup.py,
 the micro-batch plan of ibs/sharding.py, `ibs.step.compile_train_steps`), compiles it
 for 8 CPU devices from abstract shapes only (no state or batch is ever allocated, no
-step runs), and counts the collectives in its HLO (`ibs/tools/hlo.py`; one inside the
-micro-batch loop counts A times).
+step runs), and counts the collectives in its HLO (`ibs/tools/hlo.py`: one inside the
+micro-batch loop counts as many times as XLA's loop runs).
 
 The step all-reduces once per update (ibs/step.py): the gradient, each device's share of
 the ghost-BN running averages (2F floats per BN layer of F features, in closed form,
@@ -101,23 +101,17 @@ def abstract_run(config):
   return mesh, state, example
 
 
-def count(step, plan):
-  """Collective bytes per update of a compiled step, read off its HLO."""
+def count(step):
+  """Collective bytes per update of a compiled step (one update per call), read off
+  its HLO: each collective times the runs of the loops around it."""
   text = step.as_text()
-
-  def per_update(opcodes):
-    found = hlo.collectives(text, opcodes)
-    return sum(c.bytes * (plan.accumulation if c.in_loop else 1) for c in found), found
-
-  reduced, reduces = per_update(('all-reduce', 'all-reduce-start'))
-  gathered, _ = per_update(GATHERS)
-  other, _ = per_update(OTHERS)
+  reduces = hlo.collectives(text)
   return {
-    'all_reduced_bytes': reduced,
+    'all_reduced_bytes': hlo.bytes_per_call(text),
     'all_reduces': len(reduces),
     'all_reduces_in_loop': sum(c.in_loop for c in reduces),
-    'all_gathered_bytes': gathered,
-    'other_collective_bytes': other,
+    'all_gathered_bytes': hlo.bytes_per_call(text, GATHERS),
+    'other_collective_bytes': hlo.bytes_per_call(text, OTHERS),
   }
 
 
@@ -155,7 +149,7 @@ def measure(case: Case) -> list[dict]:
       'micro_batch': plan.micro_batch_size,
       'gradient_bytes': gradient,
       'bn_floats': bn_floats,
-      **count(steps[plan.shape], plan),
+      **count(steps[plan.shape]),
     }
     row['all_reduced_minus_gradient'] = row['all_reduced_bytes'] - gradient
     # The scalars, less any operand XLA found to duplicate another (docs/BENCHMARKS.md).

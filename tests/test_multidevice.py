@@ -274,9 +274,7 @@ def collectives_main(path):
     results[f'{plan.batch_size}/all_reduces'] = np.array(
       [(c.bytes, c.in_loop) for c in found]
     ).reshape(-1, 2)
-    results[f'{plan.batch_size}/per_update'] = hlo.all_reduce_bytes_per_update(
-      text, plan.accumulation
-    )
+    results[f'{plan.batch_size}/per_update'] = hlo.all_reduce_bytes_per_update(text)
     results[f'{plan.batch_size}/others'] = len(hlo.collectives(text, OTHER_COLLECTIVES))
   np.savez(path, **results)
 
