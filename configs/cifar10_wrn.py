@@ -19,7 +19,7 @@ config check at startup names the phase batch that does not split.
 
   python -m ibs.main --config=configs/cifar10_wrn.py:schedule=increasing_batch \
       --workdir=/tmp/wrn_increasing_batch
-  python -m ibs.noise_scale --config=configs/cifar10_wrn.py:schedule=hybrid --baseline
+  python -m ibs.calculator --config=configs/cifar10_wrn.py:schedule=hybrid --baseline
 """
 
 import ml_collections

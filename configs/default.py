@@ -5,7 +5,7 @@ here halved to 30/60/80 of 100) with factor 5, the batch growing 32 → 160 → 
 a constant learning rate.
 
   python -m ibs.main --config=configs/default.py --workdir=/tmp/ibs_default
-  python -m ibs.noise_scale --config=configs/default.py --baseline
+  python -m ibs.calculator --config=configs/default.py --baseline
 """
 
 import ml_collections
@@ -88,9 +88,10 @@ def get_config() -> ml_collections.ConfigDict:
   # (docs/BENCHMARKS.md, "Train step", measures it)
   # The gradient noise scale B_simple = tr(Σ)/|G|², measured in the step (ibs/gns.py):
   # moving averages over a horizon of this many examples (here one epoch). Every update
-  # measures, except where one device trains one micro-batch of a single ghost batch
-  # (here B = 32): that measures on every split_every-th update only (each costs a
-  # second backward pass; docs/BENCHMARKS.md).
+  # measures, except where one device trains one micro-batch (here B = 32, 160, 800):
+  # that measures on every split_every-th update only, and at least 4 times per horizon
+  # (a measuring update splits its batch, which costs more than a plain one;
+  # docs/BENCHMARKS.md).
   config.gns = ml_collections.ConfigDict(
     dict(enabled=True, horizon_examples=20_000, split_every=100)
   )

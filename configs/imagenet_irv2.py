@@ -12,7 +12,7 @@ Arguments (`--config=configs/imagenet_irv2.py:schedule=increasing_batch,momentum
              grid compares 0.95 and 0.975 with the Fig. 6 runs)
   data       imagenet2012 | fake (tiny IRv2 on synthetic 75×75 images: a CPU smoke test)
 
-  python -m ibs.noise_scale --config=configs/imagenet_irv2.py:momentum=0.975
+  python -m ibs.calculator --config=configs/imagenet_irv2.py:momentum=0.975
   python -m ibs.main --config=configs/imagenet_irv2.py --config.data_dir=gs://B/tfds \
       --workdir=gs://B/ibs/irv2        # on every host of a TPU pod
 """

@@ -6,12 +6,15 @@ device measuring needs the batch's two halves back-propagated apart (ibs/step.py
 A = 5 it costs a squared norm per micro-batch. The two executables alternate, repetition
 by repetition, so machine load falls on both alike; each repetition times
 `--dispatches` dispatches of K updates on pre-built host batches (the layout included,
-as train.py runs it). Prints per batch the median updates/s of each and the median of
-the per-repetition ratios (on / off).
+as train.py runs it). Both steps are built as training builds them (`ibs.setup.build`
+in its BENCH mode, on one device, with `config.gns.enabled` on and off). Prints per
+batch the median updates/s of each and the median of the per-repetition ratios (on /
+off).
 
-  python experiments/bench_gns.py --repetitions=15
+  python -m experiments.bench_gns --repetitions=15
 """
 
+import copy
 import json
 import time
 
@@ -20,9 +23,7 @@ import numpy as np
 from absl import app, flags
 
 from configs import default
-from ibs import schedules, setup, sharding
-from ibs import step as step_lib
-from ibs.data import catalog
+from ibs import setup
 
 _REPETITIONS = flags.DEFINE_integer('repetitions', 15, 'Interleaved repetitions.')
 _DISPATCHES = flags.DEFINE_integer('dispatches', 20, 'Dispatches timed per repetition.')
@@ -30,51 +31,43 @@ _BATCHES = flags.DEFINE_list('batch_sizes', ['32', '160', '800', '4000'], 'Batch
 _SPLIT_EVERY = flags.DEFINE_integer(
   'split_every', None, 'config.gns.split_every to measure with (default: the config).'
 )
+_DATA_DIR = flags.DEFINE_string(
+  'data_dir', None, "Where MNIST-1D is generated, once (default: the config's)."
+)
 
 
 def main(argv):
   del argv
   config = default.get_config()
-  spec = catalog.dataset_spec(config)
-  mesh = sharding.make_mesh(jax.devices()[:1])
-  model = setup.create_model(config, spec.num_classes)
-  schedule = schedules.from_config(config, spec.num_train_examples)
-  state = setup.create_train_state(config, model, schedule, spec.input_shape, mesh)
-  k = config.steps_per_dispatch
   if _SPLIT_EVERY.value is not None:
     config.gns.split_every = _SPLIT_EVERY.value
+  if _DATA_DIR.value is not None:
+    config.data_dir = _DATA_DIR.value
   rng = np.random.default_rng(0)
   for batch_size in map(int, _BATCHES.value):
-    plan = sharding.plan_micro_batches(
-      batch_size, 1, config.ghost_batch_size, config.max_micro_batch_size
-    )
-    example = {
-      'input': np.zeros((1, *spec.input_shape), np.float32),
-      'label': np.zeros(1, np.int32),
-    }
-    steps = {}
-    for name, horizon in (('on', config.gns.horizon_examples), ('off', 0.0)):
-      options = step_lib.StepOptions(
-        gns_horizon_examples=horizon, gns_split_every=config.gns.split_every
+    runs = {}  # the run as training builds it, on one device, measuring or not
+    for name, enabled in (('on', True), ('off', False)):
+      variant = copy.deepcopy(config)
+      variant.gns.enabled = enabled
+      runs[name] = setup.build(
+        variant,
+        None,
+        setup.Mode.BENCH,
+        batch_sizes=[batch_size],
+        devices=jax.devices()[:1],
       )
-      (steps[name],) = step_lib.compile_train_steps(
-        mesh,
-        state,
-        [plan],
-        example,
-        ghost_batch_size=config.ghost_batch_size,
-        steps_per_dispatch=k,
-        options=options,
-      ).values()
+    steps = {name: run.steps[batch_size] for name, run in runs.items()}
+    plan, k = steps['on'].plan, steps['on'].steps_per_dispatch
+    shape = runs['on'].spec.input_shape
     host = [
       {
-        'input': rng.normal(size=(batch_size, *spec.input_shape)).astype(np.float32),
+        'input': rng.normal(size=(batch_size, *shape)).astype(np.float32),
         'label': rng.integers(0, 10, batch_size).astype(np.int32),
       }
       for _ in range(k)
     ]
-    states = {name: jax.tree.map(lambda x: x.copy(), state) for name in steps}
-    metrics = {name: step_lib.empty_metrics(mesh) for name in steps}
+    states = {name: run.state for name, run in runs.items()}
+    metrics = {name: run.metrics for name, run in runs.items()}
     times = {name: [] for name in steps}
     for repetition in range(_REPETITIONS.value + 1):  # the first warms up
       for name, train_step in steps.items():

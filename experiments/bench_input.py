@@ -40,8 +40,7 @@ import jax
 import numpy as np
 
 from configs import cifar10_wrn, default
-from ibs import config_checks, setup, sharding
-from ibs import step as step_lib
+from ibs import setup
 from ibs.data import augment, catalog, pipeline
 
 WORKLOADS = ('mnist1d', 'cifar', 'imagenet', 'fake224')
@@ -85,25 +84,15 @@ def pipeline_rate(source, preprocess, batch_size: int) -> float:
 
 
 def step_measurers(config, source, preprocess, batch_size: int):
-  """Two callables timing (step alone, pipeline + step) in examples/s at `batch_size`."""
+  """Two callables timing (step alone, pipeline + step) in examples/s at `batch_size`:
+  the training step of `config`'s run, built as training builds it (`ibs.setup.build`,
+  BENCH mode), fed this workload's batches."""
   config.gns.enabled = ARGS.gns == 'on'
-  mesh = sharding.make_mesh()
-  spec, schedule = config_checks.check_config(config, jax.device_count())
-  model = setup.create_model(config, spec.num_classes)
-  plan = sharding.plan_micro_batches(
-    batch_size, jax.device_count(), config.ghost_batch_size, config.max_micro_batch_size
-  )
+  config.steps_per_dispatch = 1  # one step per dispatch (see the module docstring)
+  built = setup.build(config, None, setup.Mode.BENCH, batch_sizes=[batch_size])
+  step = built.steps[batch_size]
   local = next(stream(source, preprocess, batch_size, num_steps=1))
-  state = setup.create_train_state(config, model, schedule, spec.input_shape, mesh)
-  step = step_lib.compile_train_steps(
-    mesh,
-    state,
-    [plan],
-    local,
-    ghost_batch_size=config.ghost_batch_size,
-    options=setup.step_options(config),
-  )[plan.shape]
-  holder = {'state': state, 'metrics': step_lib.empty_metrics(mesh)}
+  holder = {'state': built.state, 'metrics': built.metrics}
 
   def run(batches):
     for host_batch in batches:

@@ -1,6 +1,7 @@
 r"""Examples/s of the ibs train step against a bare `jax.jit` step of the same model.
 
-The ibs step is what `ibs.train` runs: ahead-of-time compiled by
+The ibs step is what `ibs.train` runs, built as training builds it (`ibs.setup.build`
+in its BENCH mode, from the model's config): ahead-of-time compiled by
 `step.compile_train_steps` with `setup.step_options(config)`, a `shard_map` over the
 `data` mesh with the accumulation loop (when A > 1), the optimizer's injected
 hyperparameters (ε and m read from the schedule inside the step), the gradient noise
@@ -36,6 +37,7 @@ host → device copy of each batch: the ibs step called as ibs.train calls it,
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import random
 import statistics
@@ -45,38 +47,20 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 
-from configs import default
-from ibs import models, optim, schedules, setup, sharding
-from ibs import step as step_lib
+from configs import cifar10_wrn, default
+from ibs import setup, sharding
+from ibs.data import catalog
 
 # Models: 'cnn1d' is configs/default.py's; 'wrn' the CPU smoke model of
 # configs/cifar10_wrn.py:data=fake (WRN-10-1, ghost batch 16), a network of real
-# convolutions. Values: (model, kwargs, ghost batch size, input shape of one example).
+# convolutions.
 MODELS = {
-  'cnn1d': ('cnn1d', dict(width=32, depth=3), 32, (40,)),
-  'wrn': ('wide_resnet', dict(depth=10, widen_factor=1), 16, (32, 32, 3)),
+  'cnn1d': default.get_config,
+  'wrn': lambda: cifar10_wrn.get_config('data=fake'),
 }
-
-
-def make_config(name: str):
-  config = default.get_config()
-  config.model, kwargs, config.ghost_batch_size, shape = MODELS[name]
-  config.model_kwargs = ml_collections.ConfigDict(kwargs)
-  config.input_shape = shape
-  return config
-
-
-def make_model(config):
-  return models.create_model(
-    config.model,
-    num_classes=10,
-    ghost_batch_size=config.ghost_batch_size,
-    **config.model_kwargs,
-  )
 
 
 def make_batch(batch_size: int, shape, seed: int) -> dict[str, np.ndarray]:
@@ -89,59 +73,40 @@ def make_batch(batch_size: int, shape, seed: int) -> dict[str, np.ndarray]:
 
 def ibs_runner(
   config,
-  model,
-  variables,
   batch,
   max_micro_batch_size,
   with_transfer,
   steps_per_dispatch,
   host_loop=None,
 ):
-  """A closure running n ibs steps (n a multiple of K); with A, K and the form used.
+  """A closure running n ibs steps (n a multiple of K); with A, K, the form used and
+  the run (its model and initial variables serve the bare step).
 
-  `steps_per_dispatch` and `host_loop` go to `step.compile_train_steps`, which falls
-  back to K = 1 and the host loop for a conv net on XLA:CPU (`host_loop` None: its
-  automatic choice), as in ibs.train.
+  The step is built as training builds it (`ibs.setup.build`, BENCH mode) with
+  config.max_micro_batch_size and config.steps_per_dispatch set to these; `host_loop`
+  goes to `step.compile_train_steps`, which falls back to K = 1 and the host loop for a
+  conv net on XLA:CPU (`host_loop` None: its automatic choice), as in ibs.train.
   """
   batch_size = len(batch['label'])
-  schedule = schedules.Schedule(
-    phases=(schedules.Phase(0.0, batch_size, 0.1, 0.9),),
-    num_epochs=1e6,
-    num_train_examples=batch_size,
+  config = copy.deepcopy(config)
+  config.max_micro_batch_size = max_micro_batch_size
+  config.steps_per_dispatch = steps_per_dispatch
+  run = setup.build(
+    config, None, setup.Mode.BENCH, batch_sizes=[batch_size], host_loop=host_loop
   )
-  tx = optim.create_optimizer('momentum', schedule, weight_decay=config.weight_decay)
-  mesh = sharding.make_mesh()
-  state = step_lib.TrainState.create(
-    apply_fn=model.apply,
-    params=variables['params'],
-    batch_stats=variables['batch_stats'],
-    tx=tx,
-  )
-  # A copy: the step donates its state, and device_put would alias the caller's arrays.
-  state = jax.device_put(jax.tree.map(jnp.copy, state), sharding.replicated(mesh))
-  plan = sharding.plan_micro_batches(
-    batch_size, jax.device_count(), config.ghost_batch_size, max_micro_batch_size
-  )
-  example = {k: v[:1] for k, v in batch.items()}
-  (compiled,) = step_lib.compile_train_steps(
-    mesh,
-    state,
-    [plan],
-    example,
-    ghost_batch_size=config.ghost_batch_size,
-    steps_per_dispatch=steps_per_dispatch,
-    options=setup.step_options(config),
-    host_loop=host_loop,
-  ).values()
+  compiled, mesh = run.steps[batch_size], run.mesh
+  # A copy: the step donates its state, and the bare step starts from the same values.
+  state = jax.device_put(jax.tree.map(jnp.copy, run.state), sharding.replicated(mesh))
+  plan = compiled.plan
   k = compiled.steps_per_dispatch
   local_batches = [batch] * k
   # Batches already on the device: the executable behind the TrainStep, called with the
   # layout done once (TrainStep.__call__ does it on every call).
   on_device = sharding.train_batches_to_device(local_batches, plan, mesh, k)
   count = compiled._counts[k]
-  holder = {'state': state, 'metrics': step_lib.empty_metrics(mesh)}
+  holder = {'state': state, 'metrics': run.metrics}
 
-  def run(n):
+  def runner(n):
     state, metrics = holder['state'], holder['metrics']
     for _ in range(n // k):
       if with_transfer:  # As the loop (ibs/train.py) calls it.
@@ -151,7 +116,7 @@ def ibs_runner(
     jax.block_until_ready((state, metrics))
     holder['state'], holder['metrics'] = state, metrics
 
-  return run, plan.accumulation, k, compiled.host_loop
+  return runner, plan.accumulation, k, compiled.host_loop, run
 
 
 def bare_runner(config, model, variables, batch, with_transfer, donate=False):
@@ -198,29 +163,26 @@ def bare_runner(config, model, variables, batch, with_transfer, donate=False):
   return run
 
 
-def bench(batch_size, args, config, model):
-  batch = make_batch(batch_size, config.input_shape, seed=batch_size)
-  variables = jax.jit(
-    lambda k: model.init(
-      k, jnp.zeros((config.ghost_batch_size, *config.input_shape)), train=False
-    )
-  )(jax.random.key(0))
-  cap = args.max_micro_batch_size
-  common = (config, model, variables, batch)
+def bench(batch_size, args, config):
+  cap, k = args.max_micro_batch_size, args.steps_per_dispatch
+  shape = catalog.dataset_spec(config).input_shape
+  batch = make_batch(batch_size, shape, seed=batch_size)
+  runner, accumulation, k, host_loop, run = ibs_runner(
+    config, batch, cap, args.with_transfer, k
+  )
+  variables = {'params': run.state.params, 'batch_stats': run.state.batch_stats}
+  common = (config, run.model, variables, batch)
   runners = {
     'bare': bare_runner(*common, args.with_transfer),
     'bare donated': bare_runner(*common, args.with_transfer, donate=True),
+    'ibs': runner,
   }
-  k = args.steps_per_dispatch
-  runners['ibs'], accumulation, k, host_loop = ibs_runner(
-    *common, cap, args.with_transfer, k
-  )
-  runners['ibs K=1'], *_ = ibs_runner(*common, cap, args.with_transfer, 1)
+  runners['ibs K=1'], *_ = ibs_runner(config, batch, cap, args.with_transfer, 1)
   if accumulation > 1:
-    runners['ibs A=1'], *_ = ibs_runner(*common, batch_size, args.with_transfer, k)
+    runners['ibs A=1'], *_ = ibs_runner(config, batch, batch_size, args.with_transfer, k)
   if host_loop:
     runners['ibs one executable'], *_ = ibs_runner(
-      *common, cap, args.with_transfer, 1, host_loop=False
+      config, batch, cap, args.with_transfer, 1, host_loop=False
     )
   for run in runners.values():
     run(3 * k)  # warm-up
@@ -260,7 +222,7 @@ def main():
     '--max_micro_batch_size',
     type=int,
     default=None,
-    help='per-device cap; default: configs/default.py (800)',
+    help="per-device cap; default: the model's config (cnn1d: 800, wrn: 256)",
   )
   parser.add_argument('--with_transfer', action='store_true')
   parser.add_argument('--model', choices=sorted(MODELS), default='cnn1d')
@@ -268,7 +230,7 @@ def main():
     '--steps_per_dispatch',
     type=int,
     default=None,
-    help='K of the ibs step; default: configs/default.py (8)',
+    help="K of the ibs step; default: the model's config (cnn1d: 8, wrn: 1)",
   )
   parser.add_argument(
     '--gns',
@@ -276,14 +238,17 @@ def main():
     default='on',
     help='measure the gradient noise scale in the ibs step (config.gns.enabled)',
   )
+  parser.add_argument(
+    '--data_dir', default='/tmp/ibs_bench_tfds', help='where MNIST-1D is generated, once'
+  )
   args = parser.parse_args()
-  config = make_config(args.model)
+  config = MODELS[args.model]()
+  config.data_dir = args.data_dir
   config.gns.enabled = args.gns == 'on'
   if args.max_micro_batch_size is None:
     args.max_micro_batch_size = config.max_micro_batch_size
   if args.steps_per_dispatch is None:
     args.steps_per_dispatch = config.steps_per_dispatch
-  model = make_model(config)
   print(
     f'jax {jax.__version__}, {jax.device_count()} {jax.devices()[0].platform} '
     f'device(s), model {config.model} {dict(config.model_kwargs)}, ghost batch '
@@ -299,7 +264,7 @@ def main():
   scans = []
   for batch_size in (int(b) for b in args.batch_sizes.split(',')):
     rates, paired, cpu_ratios, accumulation, k, host_loop = bench(
-      batch_size, args, config, model
+      batch_size, args, config
     )
     a1 = f'{rates["ibs A=1"]:,.0f}' if 'ibs A=1' in rates else '(A = 1)'
     print(

@@ -3,9 +3,12 @@ r"""Train-step memory against the accumulation count A (docs/DESIGN.md decision 
 At a fixed per-device micro-batch b the ibs step for A micro-batches loops over them
 (`lax.fori_loop`, indexing the batch in place), so its temporary memory — activations,
 gradients, the gradient sum — must not grow with A; only the batch argument (A·b
-examples of input) does. For contrast the
-script also compiles a bare whole-batch step (one `value_and_grad` over all A·b examples,
-what a step without accumulation needs). Nothing is run: the numbers are XLA's
+examples of input) does. For contrast the script also compiles a bare whole-batch step
+(one `value_and_grad` over all A·b examples, what a step without accumulation needs).
+The ibs steps are built as training builds them (`ibs.setup.build` in its BENCH mode)
+from the model's config: configs/default.py (cnn1d; mlp with its model swapped in) or
+configs/cifar10_wrn.py (wide_resnet: WRN-16-4, in float32), on synthetic data of the
+dataset's size and shape. No step is run: the numbers are XLA's
 `TrainStep.memory_analysis()` of ahead-of-time compiled steps (for a host-loop step, the
 XLA:CPU form for models with convolutions, those of its micro-batch step). `--gns=off`
 compiles the step without the gradient-noise-scale measurement (config.gns.enabled).
@@ -24,19 +27,50 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 
-from configs import default
-from ibs import models, optim, schedules, sharding
-from ibs import step as step_lib
+from configs import cifar10_wrn, default
+from ibs import setup
+from ibs.data import catalog
 
-# (input shape of one example, ghost batch size, model kwargs) per model.
-MODELS = {
-  'cnn1d': ((40,), 32, dict(width=32, depth=3)),
-  'mlp': ((40,), 32, dict(hidden=(100, 100))),
-  'wide_resnet': ((32, 32, 3), 128, dict(depth=16, widen_factor=4)),
-}
+
+def cnn1d_config() -> ml_collections.ConfigDict:
+  return default.get_config()
+
+
+def mlp_config() -> ml_collections.ConfigDict:
+  config = default.get_config()
+  config.model = 'mlp'
+  config.model_kwargs = ml_collections.ConfigDict(dict(hidden=(100, 100)))
+  return config
+
+
+def wide_resnet_config() -> ml_collections.ConfigDict:
+  config = cifar10_wrn.get_config()  # WRN-16-4, ghost batch 128
+  config.half_precision = False
+  return config
+
+
+# The run config of each model. Nothing is trained, so its data is synthetic, of the
+# dataset's size and shape (the step needs only shapes): no dataset to generate or read.
+MODELS = {'cnn1d': cnn1d_config, 'mlp': mlp_config, 'wide_resnet': wide_resnet_config}
+
+
+def make_config(name: str) -> ml_collections.ConfigDict:
+  config = MODELS[name]()
+  spec = catalog.dataset_spec(config)
+  config.dataset = 'fake'
+  config.fake = ml_collections.ConfigDict(
+    dict(
+      num_train=spec.num_train_examples,
+      num_test=spec.num_test_examples,
+      num_classes=spec.num_classes,
+      shape=spec.input_shape,
+    )
+  )
+  return config
 
 
 def bare_step(model, tx):
@@ -94,41 +128,29 @@ def main():
   )
   args = parser.parse_args()
 
-  input_shape, ghost, kwargs = MODELS[args.model]
-  b = args.micro_batch_size
+  config = make_config(args.model)
+  ghost, b = config.ghost_batch_size, args.micro_batch_size
   if b % ghost:
     parser.error(
       f'--micro_batch_size={b} is not a multiple of the ghost batch size {ghost} of '
       f'{args.model}; use e.g. --micro_batch_size={ghost * max(1, b // ghost)}.'
     )
-  host_loop = {'auto': None, 'on': True, 'off': False}[args.host_loop]
-  gns = default.get_config().gns  # as ibs.setup.step_options reads it
-  options = step_lib.StepOptions(
-    gns_horizon_examples=gns.horizon_examples if args.gns == 'on' else 0.0,
-    gns_split_every=gns.split_every,
-  )
-  model = models.create_model(
-    args.model, num_classes=10, ghost_batch_size=ghost, **kwargs
-  )
-  variables = jax.eval_shape(
-    lambda: model.init(jax.random.key(0), jnp.zeros((ghost, *input_shape)), train=False)
-  )
+  config.gns.enabled = args.gns == 'on'
+  config.max_micro_batch_size = b
+  config.steps_per_dispatch = args.steps_per_dispatch
   accumulations = [int(a) for a in args.accumulations.split(',')]
-  schedule = schedules.Schedule(
-    phases=(schedules.Phase(0.0, b, 0.1, 0.9),), num_epochs=1.0, num_train_examples=b
+  batches = {a: a * b * jax.device_count() for a in accumulations}
+  # The steps as training builds them (ibs.setup.build, BENCH mode): its model, state
+  # and optimizer, every batch compiled ahead of time, its memory checked.
+  run = setup.build(
+    config,
+    None,
+    setup.Mode.BENCH,
+    batch_sizes=list(batches.values()),
+    host_loop={'auto': None, 'on': True, 'off': False}[args.host_loop],
   )
-  tx = optim.create_optimizer('momentum', schedule, weight_decay=5e-4)
-  mesh = sharding.make_mesh()
-  state = jax.eval_shape(
-    lambda v: step_lib.TrainState.create(
-      apply_fn=model.apply, params=v['params'], batch_stats=v['batch_stats'], tx=tx
-    ),
-    variables,
-  )
-  example = {
-    'input': np.zeros((1, *input_shape), np.float32),
-    'label': np.zeros((1,), np.int32),
-  }
+  variables = {'params': run.state.params, 'batch_stats': run.state.batch_stats}
+  input_shape, tx = run.spec.input_shape, run.state.tx
   num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(variables['params']))
   print(
     f'jax {jax.__version__}, {jax.device_count()} {jax.devices()[0].platform} device(s); '
@@ -141,19 +163,9 @@ def main():
   )
   print('|---|---|---|---|---|---|---|')
   for a in accumulations:
-    batch = a * b * jax.device_count()
-    plan = sharding.plan_micro_batches(batch, jax.device_count(), ghost, b)
-    assert plan.micro_batch_size == b, plan
-    (compiled,) = step_lib.compile_train_steps(
-      mesh,
-      state,
-      [plan],
-      example,
-      ghost_batch_size=ghost,
-      steps_per_dispatch=args.steps_per_dispatch,
-      options=options,
-      host_loop=host_loop,
-    ).values()
+    batch = batches[a]
+    compiled = run.steps[batch]
+    assert compiled.plan.micro_batch_size == b, compiled.plan
     form = 'host loop' if compiled.host_loop else 'one executable'
     if compiled.steps_per_dispatch != args.steps_per_dispatch:
       form += f', K = {compiled.steps_per_dispatch}'
@@ -163,7 +175,7 @@ def main():
       opt_state = jax.eval_shape(tx.init, variables['params'])
       x = jax.ShapeDtypeStruct((batch, *input_shape), jnp.float32)
       y = jax.ShapeDtypeStruct((batch,), jnp.int32)
-      lowered = bare_step(model, tx).lower(
+      lowered = bare_step(run.model, tx).lower(
         variables['params'], variables['batch_stats'], opt_state, x, y
       )
       bare = mib(lowered.compile().memory_analysis().temp_size_in_bytes)

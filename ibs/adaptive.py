@@ -42,10 +42,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ibs import clock, schedules
-from ibs.segments import Measured, Segments
+
+if TYPE_CHECKING:  # annotations only: ibs.segments drives this schedule, not the reverse
+  from ibs.segments import Measured, Segments
 
 NOT_READY = -1  # `Growth.ready_since` when the current rung is not ready
 
@@ -131,6 +133,7 @@ class AdaptiveSchedule:
   """
 
   host_sets_hyperparams = True  # its step cannot know when it switches
+  train_slice_examples = 0  # it decides from the noise scale alone
 
   def __init__(
     self,

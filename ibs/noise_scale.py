@@ -5,22 +5,17 @@
 ε learning rate, N training-set size, B batch size, m momentum. Decaying ε by α or growing
 B by α lowers g by the same α; that equivalence is the paper's whole argument.
 
-Run as a calculator:
+Here: g itself, the per-phase table (`format_table`: one row per phase and the totals),
+the decaying-LR baseline of a recipe and its plot (the paper's Figure 1), and the
+scalars the run logs. The calculator that prints them for a config is
+`python -m ibs.calculator` (ibs/calculator.py).
 
-    python -m ibs.noise_scale --config=configs/default.py
-    python -m ibs.noise_scale --config=configs/resnet50_tpu.py --baseline \
-        --plot=/tmp/fig1.png
-
-It prints one row per phase and the totals; `--baseline` compares with the decaying-LR
-version of the same recipe (before any scaling rule), and `--plot` draws ε, B and g
-against epochs (the paper's Figure 1). It never imports TensorFlow.
-
-Where the phases carry them it also prints the decoupled weight decay λ and AdamW's
-timescale τ = B/(ε·λ·N) in epochs (`scale_weight_decay`), and Adam's β2 and epsilon term
-ε̂ (`sqrt_scaling`). With config.optimizer 'adam' the g columns are headed as the SGD
-formula they are, and a column ε·√(N/B) is added: Adam's update is normalised, so its
-noise falls with ε/√B (Malladi et al. 2022), the quantity `sqrt_scaling` and `seesaw`
-lower by α at each milestone as decaying ε does.
+Where the phases carry them the table also shows the decoupled weight decay λ and
+AdamW's timescale τ = B/(ε·λ·N) in epochs (`scale_weight_decay`), and Adam's β2 and
+epsilon term ε̂ (`sqrt_scaling`). With optimizer 'adam' the g columns are headed as the
+SGD formula they are, and a column ε·√(N/B) is added: Adam's update is normalised, so
+its noise falls with ε/√B (Malladi et al. 2022), the quantity `sqrt_scaling` and
+`seesaw` lower by α at each milestone as decaying ε does.
 """
 
 from __future__ import annotations
@@ -316,77 +311,3 @@ def logged_scalars(hyperparams: Any, batch_size: int, n: int) -> dict[str, float
     'batch_size': batch_size,
     'g_sgd': noise_scale(lr, n, batch_size, momentum),
   }
-
-
-def report(config: Any, baseline: bool = False, plot: str | None = None) -> str:
-  """The calculator's output for `config`: table, optional baseline, optional plot."""
-  from ibs import config_checks
-
-  # Training's own checks, for the smallest machine (one device): what the calculator
-  # prints, training accepts (a phase batch that ghost batches do not divide, a rule
-  # for another optimizer, a model that cannot be built are refused here too).
-  spec, schedule = config_checks.check_config(config, num_devices=1)
-  n = spec.num_train_examples
-  optimizer = config.get('optimizer')
-  title = f'{config.schedule.kind} schedule on {config.dataset}'
-  if optimizer:
-    decoupled = optimizer == 'adam' and config.get('decoupled_weight_decay')
-    title += f' ({"adamw" if decoupled else optimizer})'
-  if config.schedule.kind == 'adaptive':
-    title += (
-      ": its ladder, at the recipe's milestones; the run decides when to climb "
-      '(ibs/adaptive.py)'
-    )
-  if config.schedule.kind in ('measured_batch', 'plateau'):
-    title += ': before any decision; the run decides its phases (ibs/measured/)'
-  parts = [format_table(schedule, title=title, optimizer=optimizer)]
-  reference = None
-  if baseline:
-    reference = baseline_schedule(config, n)
-    parts += [
-      format_table(
-        reference, title='baseline: decaying learning rate', optimizer=optimizer
-      )
-    ]
-    parts += [format_comparison(schedule, reference)]
-  if plot:
-    plot_schedule(schedule, plot, reference, title=title)
-    parts += [f'wrote {plot}']
-  return '\n\n'.join(parts)
-
-
-def main(argv):
-  from absl import app, flags
-
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  values = flags.FLAGS
-  config = values.config
-  config.keys()  # a config file that failed to load says so here, before JAX's imports
-  print(report(config, baseline=values.baseline, plot=values.plot))
-
-
-def _is_user_error(e: BaseException) -> bool:
-  from ibs import config_checks
-
-  return isinstance(e, config_checks.ConfigError | schedules.ScheduleError)
-
-
-def _define_flags() -> None:
-  """Flags only when run as a program: ibs.main defines its own --config."""
-  from absl import flags
-  from ml_collections import config_flags
-
-  config_flags.DEFINE_config_file('config', None, 'Config file.', lock_config=True)
-  flags.DEFINE_bool(
-    'baseline', False, 'Also print the decaying-LR version of the recipe.'
-  )
-  flags.DEFINE_string('plot', None, 'Write ε, B and g against epochs to this PNG.')
-  flags.mark_flags_as_required(['config'])
-
-
-if __name__ == '__main__':
-  from ibs import reporting
-
-  _define_flags()
-  reporting.run_command(main, _is_user_error)

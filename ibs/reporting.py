@@ -17,7 +17,7 @@ few clearly separated places (ibs.train):
 * `quiet_logging`: other libraries' INFO lines (orbax, TFDS, JAX) and the warnings a
   user cannot act on stay out of a default run's log.
 * `run_command`, `parse_flags`, `one_line_errors`: the one error path of every command
-  line (ibs.main, ibs.noise_scale, ibs.tools.probe, ibs.tools.compare, ibs.data.prepare):
+  line (ibs.main, ibs.calculator, ibs.tools.probe, ibs.tools.compare, ibs.data.prepare):
   a mistake a user can fix (a misspelled flag, config field or variant, a missing flag or
   file, a config training refuses) ends in one line naming it and the fix, exit status 2,
   the traceback only with --verbosity=1; `~` and `$VARS` in path flags are expanded.
@@ -32,6 +32,7 @@ import logging as std_logging
 import math
 import os
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
@@ -303,6 +304,23 @@ class Progress:
     return dict(self._timed_totals)
 
 
+def log_phase(segment: Any, plan: Any, step: int, end: int, decides: bool) -> None:
+  """The phase that begins, in one line: its ibs.segments.Segment's batch split (its
+  sharding.MicroBatchPlan `plan`), ε, m and steps (for a schedule that decides, its end
+  is the budget's unless a decision comes first)."""
+  p = segment.phase
+  steps = (
+    f'steps from {step} until a decision or, at most, {end}'
+    if decides
+    else f'steps {step}–{end}'
+  )
+  logging.info(
+    f'Phase {segment.index}: batch {p.batch_size} = {plan.num_devices} devices × '
+    f'{plan.accumulation} accumulation × {plan.micro_batch_size} micro-batch, lr '
+    f'{p.learning_rate:g}, momentum {p.momentum:g}, {steps}.'
+  )
+
+
 def format_throughput(rows: list[dict[str, Any]]) -> str:
   if not rows:
     return ''
@@ -459,6 +477,23 @@ def hparams_line(hparams: Mapping[str, Any]) -> str:
   return f'hyperparameters: {shown} (all {len(hparams)} in config.json, HParams)'
 
 
+def import_writers_in_background() -> threading.Thread:
+  """Imports clu's metric writers in a thread: their TensorBoard writer imports
+  TensorFlow, the largest import of a run, which then overlaps the run's build and
+  compilation (XLA compiles outside the GIL) instead of preceding them.
+  `create_writer`'s import waits for it, and raises its error if it failed."""
+
+  def load():
+    try:
+      import clu.metric_writers  # noqa: F401
+    except Exception:  # raised again, in the loop's thread, by create_writer's import
+      return
+
+  thread = threading.Thread(target=load, name='ibs_import_writers', daemon=True)
+  thread.start()
+  return thread
+
+
 def create_writer(workdir: str, just_logging: bool = False):
   """clu's asynchronous MultiWriter of the short log lines and (on the process that
   writes) TensorBoard's SummaryWriter, which gets every scalar."""
@@ -530,7 +565,7 @@ def quiet_logging(verbosity: int = 0) -> None:
     handler.addFilter(_QuietFilter(own))
 
 
-# Command lines: one error path for every entry point (ibs.main, ibs.noise_scale,
+# Command lines: one error path for every entry point (ibs.main, ibs.calculator,
 # ibs.tools.probe, ibs.tools.compare, ibs.data.prepare).
 
 # Flags (and config fields) that name files or directories: `~` and `$VARS` in them are

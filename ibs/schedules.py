@@ -28,7 +28,7 @@ and, where the phases carry λ (`scale_weight_decay`), `weight_decay_schedule(sc
 goes to `optax.inject_hyperparams(optax.adamw)(..., weight_decay=...)` the same way.
 
 JAX is imported only when one of these step → value functions is built, so the
-schedule arithmetic (and the `python -m ibs.noise_scale` calculator) starts in a fraction
+schedule arithmetic (and the `python -m ibs.calculator` calculator) starts in a fraction
 of a second.
 """
 

@@ -23,9 +23,12 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import math
+from collections.abc import Callable
 from typing import Any, NamedTuple, Protocol
 
-from ibs import clock, noise_scale, optim, schedules
+import numpy as np
+
+from ibs import clock, gns, noise_scale, optim, schedules
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,8 +90,32 @@ class Measured(NamedTuple):
   trace_cov: float = math.nan
   grad_sq_norm: float = math.nan
   # The loss on the schedule's fixed training slice, evaluated only for a schedule that
-  # asks for it (`needs_train_slice_loss`, ibs/measured/plateau.py); NaN otherwise.
+  # asks for it (`train_slice_examples`, ibs/measured/plateau.py); NaN otherwise.
   train_slice_loss: float = math.nan
+
+
+def measure(
+  run_schedule: RunSchedule,
+  state: Any,
+  metrics: Any,
+  train_slice_loss: Callable[[Any, int], float],
+) -> Measured:
+  """What a schedule's decision reads from the run's `state` and running `metrics`: the
+  noise scale and the averages behind it, the running training loss, and, where the
+  schedule asks for it, `train_slice_loss(state, examples)` (an evaluation pass, so
+  only then; ibs/setup.py's `Run.train_slice_loss`)."""
+  loss = float(np.asarray(metrics.compute()['loss']))
+  estimates = gns.estimates(state.gns)
+  slice_loss = math.nan
+  if run_schedule.train_slice_examples:
+    slice_loss = train_slice_loss(state, run_schedule.train_slice_examples)
+  return Measured(
+    gns.b_simple(state.gns),
+    loss,
+    trace_cov=estimates['gns/trace_cov'],
+    grad_sq_norm=estimates['gns/grad_sq_norm'],
+    train_slice_loss=slice_loss,
+  )
 
 
 class Decision(Protocol):
@@ -112,6 +139,7 @@ class RunSchedule(Protocol):
   budget_examples: int  # the examples the run is due to see
   decide_every_examples: int  # 0: the schedule never decides
   host_sets_hyperparams: bool  # ε and m set from the host as each phase begins
+  train_slice_examples: int  # > 0: a decision reads the loss on this many (Measured)
 
   def initial(self) -> Any: ...
 
@@ -139,6 +167,7 @@ class Fixed:
 
   decide_every_examples = 0
   host_sets_hyperparams = False
+  train_slice_examples = 0
 
   def __init__(self, schedule: schedules.Schedule):
     self.schedule = schedule

@@ -10,7 +10,11 @@ itself is ibs/train.py.
 `Mode.TRAIN` resumes the workdir's newest intact checkpoint (or initialises) and
 compiles the batches still to come; `Mode.BRANCH` builds the run's initial state as the
 target to restore checkpoints into, read-only, and compiles the probe's batches for an
-optimizer whose injected values are numbers set from the host.
+optimizer whose injected values are numbers set from the host; `Mode.BENCH` (the
+benchmarks in experiments/) initialises the state in no workdir and compiles the
+training step, as `Mode.TRAIN` would, for the batches it is given, on the `devices` it
+is given and, where a benchmark compares the two, in the accumulation form it forces
+(`host_loop`).
 """
 
 from __future__ import annotations
@@ -40,13 +44,14 @@ from ibs import (
   sharding,
 )
 from ibs import step as step_lib
-from ibs.data import catalog, pipeline
+from ibs.data import catalog, pipeline, sources
 from ibs.durability import checkpoint, preemption
 
 
 class Mode(enum.Enum):
   TRAIN = 'train'  # resume or initialise in a workdir this process owns
   BRANCH = 'branch'  # read another run's checkpoints, write nothing there
+  BENCH = 'bench'  # no workdir: an initialised state and training's steps, to time
 
 
 # ----------------------------------------------------------------------- the parts
@@ -164,6 +169,7 @@ def compile_steps(
   data: Data,
   batch_sizes: list[int],
   options: step_lib.StepOptions | None = None,
+  host_loop: bool | None = None,
 ) -> dict[int, step_lib.TrainStep]:
   """The train step of every batch size in `batch_sizes` (in the order of use), each
   compiled ahead of its phase, its memory logged and checked against the device's.
@@ -172,12 +178,12 @@ def compile_steps(
   while the later phases' steps compile beside it (`step.compile_train_steps`). Their
   check runs as each finishes, within seconds of the start; a batch that cannot fit
   (or a program that fails to compile) stops the run at its next dispatch, not at its
-  phase.
+  phase. `host_loop` None: step.compile_train_steps chooses the accumulation form.
   """
   logging.info('Compiling the train step for every phase shape ahead of time...')
   plans = {
     b: sharding.plan_micro_batches(
-      b, jax.device_count(), config.ghost_batch_size, config.max_micro_batch_size
+      b, mesh.size, config.ghost_batch_size, config.max_micro_batch_size
     )
     for b in dict.fromkeys(batch_sizes)
   }
@@ -189,6 +195,7 @@ def compile_steps(
     ghost_batch_size=config.ghost_batch_size,
     steps_per_dispatch=config.steps_per_dispatch,
     options=options or step_options(config),
+    host_loop=host_loop,
     wait_for=1,
   )
   for i, (b, plan) in enumerate(plans.items()):
@@ -352,15 +359,35 @@ class Run:
   manager: Any  # the checkpoint manager (BRANCH: read-only, or None)
   previous_train_s: float  # training time of earlier sessions
   compile_s: float
+  eval_step: Any  # step.jit_eval_step on the mesh, compiled at its first batch
+
+  def evaluate(self, state: step_lib.TrainState, source: Any = None) -> dict[str, float]:
+    """Loss and accuracy of `state` over `source` (the test split if None), in eval
+    mode: the loop's evaluation and the probe's, one function (`evaluate`)."""
+    return evaluate(
+      state,
+      self.data.test if source is None else source,
+      self.data.preprocess,
+      eval_step=self.eval_step,
+      mesh=self.mesh,
+      batch_size=self.config.eval_batch_size,
+    )
+
+  def train_slice_loss(self, state: step_lib.TrainState, num_examples: int) -> float:
+    """Mean loss over the first `num_examples` training examples, in eval mode: the
+    same slice at every decision point, so its changes are the model's, not the
+    batches'."""
+    return self.evaluate(state, sources.Prefix(self.data.train, num_examples))['loss']
 
 
-def check(config: Any, workdir: str | None, mode: Mode = Mode.TRAIN) -> Any:
+def check(
+  config: Any, workdir: str | None, mode: Mode = Mode.TRAIN, devices: Any = None
+) -> Any:
   """(dataset spec, schedule) of a valid config, or a one-line ConfigError: before any
   lock, data or compile."""
   processes = jax.process_count() if mode is Mode.TRAIN else 1
-  return config_checks.check_config(
-    config, jax.device_count(), processes, workdir=workdir
-  )
+  num_devices = jax.device_count() if devices is None else len(devices)
+  return config_checks.check_config(config, num_devices, processes, workdir=workdir)
 
 
 def build(
@@ -369,11 +396,18 @@ def build(
   mode: Mode = Mode.TRAIN,
   batch_sizes: list[int] | None = None,
   checked: Any = None,
+  *,
+  devices: Any = None,
+  host_loop: bool | None = None,
 ) -> Run:
   """The run of `config` (see the module docstring); `batch_sizes` are the probe's
-  (BRANCH), `checked` the result of `check` when the caller checked first."""
-  spec, schedule = checked or check(config, workdir, mode)
-  mesh = sharding.make_mesh()
+  (BRANCH) or a benchmark's (BENCH; default: the schedule's), `checked` the result of
+  `check` when the caller checked first. BENCH only: `devices` (default: all) and
+  `host_loop` (default: chosen by step.compile_train_steps)."""
+  if mode is not Mode.BENCH and (devices is not None or host_loop is not None):
+    raise ValueError('devices and host_loop are options of Mode.BENCH only.')
+  spec, schedule = checked or check(config, workdir, mode, devices)
+  mesh = sharding.make_mesh(devices)
   use_compilation_cache(config.compilation_cache_dir)
   data = Data.load(config, spec)  # Before compiling: a missing dataset fails at once.
   run_sched = run_schedule(config, schedule)
@@ -407,6 +441,10 @@ def build(
     compiled_for = state
     batch_sizes = run_sched.batch_sizes(decisions, int(state.step))
     steps = compile_steps(config, mesh, state, data, batch_sizes)
+  elif mode is Mode.BENCH:
+    manager, compiled_for = None, state
+    batch_sizes = batch_sizes or run_sched.batch_sizes(decisions, 0)
+    steps = compile_steps(config, mesh, state, data, batch_sizes, host_loop=host_loop)
   else:
     manager = checkpoint.open_read_only(workdir) if workdir else None
     compile_start = time.perf_counter()
@@ -434,4 +472,5 @@ def build(
     manager=manager,
     previous_train_s=previous_train_s,
     compile_s=time.perf_counter() - compile_start,
+    eval_step=step_lib.jit_eval_step(mesh),
   )

@@ -14,14 +14,15 @@ gradients itself; then
     |G_b|² = mean_a |G_a|²,  b = b_micro      over micro-batches on one device (A > 1)
 
 and the two squared norms feed McCandlish et al.'s estimators and their moving averages
-(ibs/gns.py). One device with one micro-batch has only one batch size, so there the batch
-is cut into equal groups of whole ghost batches (halves, for an even count), which ghost
-BN does not couple: their forward and backward passes run as one `jax.vmap`ped pass, the
-arithmetic of one full-batch pass, and every update measures at no extra cost
-(`grouped_gradients`). A batch of a single ghost batch has no such split: its halves,
-which share BN statistics (a slight bias of tr(Σ)), are back-propagated apart, a second
-backward pass, on every `config.gns.split_every`-th update only, in an executable of its
-own that `TrainStep` dispatches those updates to; no compiled step holds a conditional.
+(ibs/gns.py). One device with one micro-batch has only one batch size, so there a
+measuring update cuts its batch into equal groups of whole ghost batches (halves, for
+an even count), which ghost BN does not couple: their forward and backward passes run
+as one `jax.vmap`ped pass (`grouped_gradients`). A batch of a single ghost batch has no
+such split: its halves, which share BN statistics (a slight bias of tr(Σ)), are
+back-propagated apart, a second backward pass. Either costs more than a plain update,
+so such steps measure on every `config.gns.split_every`-th update only (and a few times
+per horizon at least, `measure_every`), in an executable of its own that `TrainStep`
+dispatches those updates to; no compiled step holds a conditional.
 `config.gns.enabled=False` turns the measurement off everywhere.
 
 With ghost batch norm the loss of a batch is the mean of its ghost-batch losses, so the
@@ -121,10 +122,12 @@ class StepOptions:
 
   gns_horizon_examples: horizon H of the noise-scale averages; 0 turns the measurement
     off (config.gns.enabled=False).
-  gns_split_every: on one device with one micro-batch of a single ghost batch, measure
-    on every this-many-th update only (config.gns.split_every): each measurement costs a
-    second backward pass. 0: no split measurement on one device with one micro-batch,
-    grouped or not (chosen for convolutional models on XLA:CPU, see `_loop_structure`).
+  gns_split_every: on one device with one micro-batch, measure on every this-many-th
+    update only (config.gns.split_every, at most `measure_every`'s cap), in a program
+    of its own: a split of the batch costs more than a plain update (see
+    `measure_every`). 1: every update, in the step itself. 0: no split measurement on
+    one device with one micro-batch (chosen for convolutional models on XLA:CPU, see
+    `_loop_structure`).
   nonfinite: 'stop' or 'skip' (see the module docstring).
   per_example_loss: (model output, labels) → per-example losses; cross-entropy with
     integer labels for every ibs model (experiments/validate_gns.py passes a squared
@@ -442,22 +445,22 @@ def _update(
 
 
 def _one_micro_batch(state, micro, running, plan, options, ghost_batch_size, measure_now):
-  """One update of one device with one micro-batch, the noise scale measured in it.
+  """One update of one device with one micro-batch, the noise scale measured in it
+  (`measure_now`) or not.
 
-  A batch of two or more ghost batches is back-propagated as equal groups of whole
-  ghost batches in one vmapped pass (`grouped_gradients`): every update measures, at
-  the cost of a plain update. A batch of one ghost batch has no exact split; its halves
-  are back-propagated apart (`split_batch_gradients`, a second backward pass), on the
-  updates the host sends to the measuring executable only (`TrainStep`); the others
-  are plain updates, and the moving averages decay over the examples in between
-  (ibs/gns.py). `options.gns_split_every == 0` (a convolutional model on XLA:CPU,
-  `_loop_structure`) measures neither way.
+  A measuring update back-propagates equal groups of whole ghost batches in one
+  vmapped pass (`grouped_gradients`) where the batch holds two or more; a batch of one
+  ghost batch has no exact split, and its halves are back-propagated apart
+  (`split_batch_gradients`, a second backward pass). The other updates are plain ones
+  and the moving averages decay over the examples in between (ibs/gns.py).
+  `options.gns_split_every == 0` (a convolutional model on XLA:CPU, `_loop_structure`)
+  measures neither way.
   """
   start = device_share(state.batch_stats)
   groups = measuring_groups(plan.micro_batch_size, ghost_batch_size)
   loss_fn = options.per_example_loss
   small_b = plan.batch_size / 2
-  if options.gns_split_every and groups > 1:
+  if options.gns_split_every and measure_now and groups > 1:
     grads, small_sq, small_b, stats, losses, correct = grouped_gradients(
       state, start, micro, groups, loss_fn
     )
@@ -473,17 +476,35 @@ def _one_micro_batch(state, micro, running, plan, options, ghost_batch_size, mea
   return _finish(state, acc, running, plan, options, split=(small_sq, small_b))
 
 
-def measures_sometimes(
-  plan: sharding.MicroBatchPlan, options: StepOptions, ghost_batch_size: int
-) -> bool:
-  """Whether `plan`'s updates measure the noise scale on every `gns_split_every`-th
-  update only: one device, one micro-batch of one ghost batch (`_one_micro_batch`)."""
-  return bool(
-    options.gns_horizon_examples
-    and plan.num_devices * plan.accumulation == 1
-    and options.gns_split_every > 1
-    and measuring_groups(plan.micro_batch_size, ghost_batch_size) == 1
+# At least this many measurements per horizon of the moving averages, whatever
+# config.gns.split_every says: at B = 800 and H = 20,000 examples, every 6th update.
+MEASUREMENTS_PER_HORIZON = 4
+
+
+def measure_every(plan: sharding.MicroBatchPlan, options: StepOptions) -> int:
+  """Every how many updates a step of `plan` measures the noise scale: 1 (every update,
+  in the step itself) or n > 1 (in a program of its own, `TrainStep`).
+
+  Devices or micro-batches give the two batch sizes of the estimate for free: every
+  update. One device with one micro-batch must split its batch (`_one_micro_batch`),
+  which costs more than a plain update: ~1.6× on XLA:CPU for the default model at
+  B = 160 as five vmapped groups of 32 (docs/BENCHMARKS.md, "Noise scale"). It measures
+  on every `gns_split_every`-th update, and at least `MEASUREMENTS_PER_HORIZON` times per
+  horizon of H examples.
+  """
+  if not options.gns_horizon_examples or plan.num_devices * plan.accumulation > 1:
+    return 1
+  if options.gns_split_every <= 1:
+    return 1
+  per_horizon = options.gns_horizon_examples / (
+    MEASUREMENTS_PER_HORIZON * plan.batch_size
   )
+  return max(1, min(options.gns_split_every, int(per_horizon)))
+
+
+def measures_sometimes(plan: sharding.MicroBatchPlan, options: StepOptions) -> bool:
+  """Whether `plan` measures in a program of its own (`measure_every` > 1)."""
+  return measure_every(plan, options) > 1
 
 
 def _updates(
@@ -861,33 +882,49 @@ def compile_train_steps(
         state_shapes, batch_shapes(plan, example, num_updates), metric_shapes, count_shape
       )
 
-    sometimes = measures_sometimes(plan, options, ghost_batch_size)
+    sometimes = measures_sometimes(plan, options)
     lowered[plan.shape] = (
       plan,
       lower_updates(not sometimes, k),
       lower_updates(True, 1) if sometimes else None,
     )
-  # XLA compiles one program on one core: the programs compile side by side. The
-  # pool's threads end when the queue is empty; the interpreter waits for them at exit.
-  pool = concurrent.futures.ThreadPoolExecutor(
-    max_workers=os.cpu_count() or 1, thread_name_prefix='ibs_compile'
+  # XLA compiles one program on one core: the programs compile side by side, first
+  # those waited for on every core, then the others on all cores but one, which the
+  # training has. The pools' threads end when their queue is empty; the interpreter
+  # waits for them at exit.
+  cores = os.cpu_count() or 1
+  shapes = list(lowered)
+  waited = shapes if wait_for is None else shapes[:wait_for]
+  now = concurrent.futures.ThreadPoolExecutor(cores, thread_name_prefix='ibs_compile')
+  later = concurrent.futures.ThreadPoolExecutor(
+    max(1, cores - 1), thread_name_prefix='ibs_compile_later'
   )
+  first: list[concurrent.futures.Future] = []
+
+  def after_first(program):
+    concurrent.futures.wait(first)
+    return program.compile()
+
   background = Background()
   for shape, (plan, *programs) in lowered.items():
-    pending = tuple(pool.submit(p.compile) if p else None for p in programs)
+    if shape in waited:
+      pending = tuple(now.submit(p.compile) if p else None for p in programs)
+      first.extend(f for f in pending if f)
+    else:
+      pending = tuple(later.submit(after_first, p) if p else None for p in programs)
     compiled[shape] = TrainStep(
       None,
       plan,
       mesh,
       k,
       None,
-      every=options.gns_split_every if programs[1] else 0,
+      every=measure_every(plan, options) if programs[1] else 0,
       pending=pending,
       background=background,
     )
-  pool.shutdown(wait=False)
-  shapes = list(dict.fromkeys(plan.shape for plan in plans))
-  for shape in shapes[: len(shapes) if wait_for is None else wait_for]:
+  now.shutdown(wait=False)
+  later.shutdown(wait=False)
+  for shape in waited:
     compiled[shape].result()
   return {plan.shape: compiled[plan.shape] for plan in plans}
 

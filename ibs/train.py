@@ -16,106 +16,16 @@ import time
 from typing import Any
 
 import jax
-import numpy as np
 from absl import logging
-from clu import metric_writers  # noqa: F401 - tests/test_train.py patches it
 
 from ibs import cadence, gns, noise_scale, reporting, segments, setup
 from ibs import step as step_lib
 from ibs.durability import checkpoint, divergence, lock, preemption
 
 
-def check_finite(
-  state: Any, segs: segments.Segments, manager: Any, skips: Any = None
-) -> None:
-  """Raises divergence.Diverged if the step halted on a non-finite update ('stop'), or
-  if `skips` (a divergence.SkipWindow, 'skip') finds too many skipped since the last
-  event.
-
-  The step itself never applies such an update and freezes the state at the first one
-  (ibs/step.py), so checking before every event is enough: no log, evaluation or
-  checkpoint ever sees a non-finite state.
-  """
-  halted = int(state.halted_at_step)
-  window = (
-    skips.exceeded(int(state.step), int(state.nonfinite_updates)) if skips else None
-  )
-  if halted < 0 and window is None:
-    return
-  manager.wait_until_finished()
-  first, last, count = (halted, halted, 1) if window is None else window
-  segment = segs.at(last)
-  examples = segment.examples_at(last)
-  raise divergence.Diverged(
-    divergence.message(
-      first_step=first,
-      last_step=last,
-      count=count,
-      max_skipped=None if window is None else skips.max_fraction,
-      phase_index=segment.index,
-      examples_seen=examples,
-      epoch=examples / segs.schedule.num_train_examples,
-      learning_rate=float(state.opt_state.hyperparams['learning_rate']),
-      batch_size=segment.phase.batch_size,
-      last_good=checkpoint.last_good(manager),
-    )
-  )
-
-
-def measure(
-  state: step_lib.TrainState, metrics: step_lib.Metrics, report: Reporter
-) -> segments.Measured:
-  """What a schedule's decision reads: the noise scale (and the averages behind it), the
-  running training loss, and the loss on a fixed training slice where the schedule asks
-  for it (an evaluation pass, so only then)."""
-  loss = float(np.asarray(metrics.compute()['loss']))
-  estimates = gns.estimates(state.gns)
-  slice_loss = float('nan')
-  if getattr(report.run.schedule, 'needs_train_slice_loss', False):
-    slice_loss = report.train_slice_loss(state, report.run.schedule.loss_examples)
-  return segments.Measured(
-    gns.b_simple(state.gns),
-    loss,
-    trace_cov=estimates['gns/trace_cov'],
-    grad_sq_norm=estimates['gns/grad_sq_norm'],
-    train_slice_loss=slice_loss,
-  )
-
-
 def stop_step(config: Any, segs: segments.Segments) -> int:
   """The step this session trains to: the end, or config.stop_after_steps before it."""
   return min(segs.num_steps, config.stop_after_steps or segs.num_steps)
-
-
-def log_phase(
-  segment: segments.Segment, plan: Any, step: int, end: int, decides: bool
-) -> None:
-  """The phase that begins: its batch split, ε, m and steps (for a schedule that decides,
-  its end is the budget's unless a decision comes first)."""
-  p = segment.phase
-  steps = (
-    f'steps from {step} until a decision or, at most, {end}'
-    if decides
-    else f'steps {step}–{end}'
-  )
-  logging.info(
-    f'Phase {segment.index}: batch {p.batch_size} = {plan.num_devices} devices × '
-    f'{plan.accumulation} accumulation × {plan.micro_batch_size} micro-batch, lr '
-    f'{p.learning_rate:g}, momentum {p.momentum:g}, {steps}.'
-  )
-
-
-class Head:
-  """The first `n` examples of a data source: a schedule's fixed training slice."""
-
-  def __init__(self, source: Any, n: int):
-    self.source, self.n = source, n
-
-  def __len__(self) -> int:
-    return self.n
-
-  def get(self, indices: Any) -> Any:
-    return self.source.get(indices)
 
 
 class Reporter:
@@ -130,7 +40,6 @@ class Reporter:
     self.run, self.config, self.wall_start = run, run.config, wall_start
     self.n = run.spec.num_train_examples
     self.fingerprint = checkpoint.config_fingerprint(run.config)
-    self.eval_step = step_lib.jit_eval_step(run.mesh)
     self.eval_results: dict[str, float] = {}
     self.saved_step: int | None = None  # the step of the last checkpoint saved
     self.preempted = False
@@ -214,44 +123,17 @@ class Reporter:
     return metrics
 
   def evaluate(self, state: step_lib.TrainState) -> None:
-    run = self.run
-    results = setup.evaluate(
-      state,
-      run.data.test,
-      run.data.preprocess,
-      eval_step=self.eval_step,
-      mesh=run.mesh,
-      batch_size=self.config.eval_batch_size,
-    )
-    self.eval_results = {f'test_{k}': v for k, v in results.items()}
-
-  def train_slice_loss(self, state: step_lib.TrainState, num_examples: int) -> float:
-    """Mean loss over the first `num_examples` training examples, in eval mode: the
-    same slice at every decision point, so its changes are the model's, not the
-    batches'."""
-    run = self.run
-    results = setup.evaluate(
-      state,
-      Head(run.data.train, num_examples),
-      run.data.preprocess,
-      eval_step=self.eval_step,
-      mesh=run.mesh,
-      batch_size=self.config.eval_batch_size,
-    )
-    return results['loss']
+    self.eval_results = {f'test_{k}': v for k, v in self.run.evaluate(state).items()}
 
   def train_time_s(self) -> float:
     return reporting.cumulative_time(self.run.previous_train_s, self.wall_start)
 
-  def finish(self, preempt: Any, step: int, segs: segments.Segments) -> None:
+  def finish(
+    self, preempt: preemption.PreemptionHandler, step: int, segs: segments.Segments
+  ) -> None:
     """Waits for the last save (a failure in one line); says if a signal stopped the
     run."""
-    manager = self.run.manager
-    try:
-      manager.wait_until_finished()
-    except Exception as e:  # a failed background save, in one line
-      raise checkpoint.save_error(manager, self.saved_step, e) from None
-    manager.close()
+    checkpoint.close(self.run.manager, self.saved_step)
     # A signal in the last dispatch: done, not preempted.
     self.preempted = preempt.signal_name is not None and step < segs.num_steps
     if self.preempted:
@@ -264,7 +146,11 @@ class Reporter:
 
 
 def summarize(
-  report: Reporter, state: Any, segs: segments.Segments, decisions: Any, step: int
+  report: Reporter,
+  state: step_lib.TrainState,
+  segs: segments.Segments,
+  decisions: Any,
+  step: int,
 ) -> dict[str, Any]:
   """The session's summary (see `train_and_evaluate`)."""
   examples_seen = segs.examples_at(step)
@@ -295,6 +181,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
   docs/RELIABILITY.md). One process owns a workdir (ibs/durability/lock.py).
   """
   checked = setup.check(config, workdir)  # A bad config fails before anything else.
+  reporting.import_writers_in_background()
   workdir_lock = (
     lock.WorkdirLock(workdir) if jax.process_index() == 0 else contextlib.nullcontext()
   )
@@ -305,7 +192,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
 
 
 def train(
-  run: setup.Run, workdir: str, preempt: Any, wall_start: float
+  run: setup.Run, workdir: str, preempt: preemption.PreemptionHandler, wall_start: float
 ) -> dict[str, Any]:
   """The loop over the run's segments and their dispatches (see the module docstring)."""
   config, manager, events = run.config, run.manager, run.cadence
@@ -315,11 +202,7 @@ def train(
   dispatch, preempted = 0, False  # dispatches: counted alike on every process
   # Across processes on XLA:CPU, each dispatch ends before the next (preemption.py).
   one_at_a_time = preemption.dispatch_one_at_a_time()
-  skips = None  # With 'skip': too many skipped updates between two events stop the run.
-  if config.nonfinite == 'skip':
-    skips = divergence.SkipWindow(
-      config.nonfinite_max_skipped, step, int(state.nonfinite_updates)
-    )
+  skips = divergence.skip_window(config, state)  # 'skip': too many stop the run
   preempt.training = True  # A signal from now on saves the step reached.
   with checkpoint.metric_writes_confirmed(report.writer, manager):  # a full disk
     while step < stop_step(config, segs) and not preempted:
@@ -329,7 +212,7 @@ def train(
       train_step = run.steps[phase.batch_size]
       state = segments.begin_phase(run.schedule, state, phase)  # ε, m if host-set
       decides = bool(run.schedule.decide_every_examples)
-      log_phase(segment, train_step.plan, step, end, decides)
+      reporting.log_phase(segment, train_step.plan, step, end, decides)
       batches = run.data.train_batches(
         config,
         examples,
@@ -363,9 +246,11 @@ def train(
             due.add('checkpoint')
           if not due:
             continue
-          check_finite(state, segs, manager, skips)
+          divergence.check(state, segs, manager, skips)
           if 'decide' in due:  # Before the checkpoint, which records the decision.
-            measured = measure(state, metrics, report)
+            measured = segments.measure(
+              run.schedule, state, metrics, run.train_slice_loss
+            )
             decision = run.schedule.decide(decisions, examples, measured)
             decisions, switched = decision.decisions, decision.switched
             if switched:  # The phases as known now: held until the next switch.

@@ -1,4 +1,4 @@
-"""The mistakes a researcher makes on the command line, in ibs.main and ibs.noise_scale.
+"""The mistakes a researcher makes on the command line, in ibs.main and ibs.calculator.
 
 Each ends in at most 3 lines of stderr, no traceback and exit status 2; with
 --verbosity=1 the traceback is back. The expected messages are written here by hand:
@@ -16,7 +16,7 @@ import pytest
 from ibs import reporting
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-COMMANDS = ('ibs.main', 'ibs.noise_scale')
+COMMANDS = ('ibs.main', 'ibs.calculator')
 
 
 def run(module, *args, cwd):
@@ -87,7 +87,7 @@ def test_each_mistake_is_one_line_and_exit_2(module, tmp_path):
   'module, args, message',
   [
     ('ibs.main', ['--config=configs/default.py'], 'missing --workdir: Directory for'),
-    ('ibs.noise_scale', [], 'missing --config: '),
+    ('ibs.calculator', [], 'missing --config: '),
   ],
 )
 def test_a_missing_flag_is_one_line_and_exit_2(module, args, message, tmp_path):
@@ -106,7 +106,7 @@ def test_verbosity_1_gives_the_traceback(tmp_path):
 def test_the_calculator_refuses_what_training_refuses():
   """One function: check_config refuses, so the calculator's report does too."""
   from configs import default
-  from ibs import config_checks, noise_scale
+  from ibs import calculator, config_checks
 
   for field, value, match in (
     ('batch_size', 48, 'not divisible by devices × ghost_batch_size'),
@@ -115,7 +115,7 @@ def test_the_calculator_refuses_what_training_refuses():
     config = default.get_config()
     config.schedule[field] = value
     with pytest.raises(config_checks.ConfigError, match=match):
-      noise_scale.report(config)
+      calculator.report(config)
 
 
 def test_path_flags_expand_home_and_variables(monkeypatch):

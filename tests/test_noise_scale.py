@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ibs import clock, noise_scale, schedules
+from ibs import calculator, clock, noise_scale, schedules
 from ibs.schedules import Phase, Schedule, StepDecay
 
 N = 50_000
@@ -153,7 +153,7 @@ def test_baseline_is_the_original_decaying_lr_schedule():
 
 def test_report_writes_the_figure(tmp_path):
   path = tmp_path / 'fig1.png'
-  text = noise_scale.report(_config('hybrid'), baseline=True, plot=str(path))
+  text = calculator.report(_config('hybrid'), baseline=True, plot=str(path))
   assert text.startswith('hybrid schedule on cifar10')
   assert 'baseline: decaying learning rate' in text
   assert '43,750.0 saved, 2.27× fewer' in text  # 78,125 − 34,375; 78,125 / 34,375
@@ -171,14 +171,14 @@ def test_curves_follow_the_phases_and_warmup():
   assert [batch[at[e]] for e in (30, 90, 130, 190)] == [128, 640, 640, 640]
 
 
-# Runs the CLI as `python -m ibs.noise_scale` would, then reports whether TensorFlow was
+# Runs the CLI as `python -m ibs.calculator` would, then reports whether TensorFlow was
 # imported on the way.
 CLI_WRAPPER = """
 import json, runpy, sys
-sys.argv = ['ibs.noise_scale', *sys.argv[1:]]
+sys.argv = ['ibs.calculator', *sys.argv[1:]]
 code = 0
 try:
-  runpy.run_module('ibs.noise_scale', run_name='__main__', alter_sys=True)
+  runpy.run_module('ibs.calculator', run_name='__main__', alter_sys=True)
 except SystemExit as e:  # absl's app.run always exits; None means success.
   code = e.code or 0
 print(json.dumps({

@@ -17,7 +17,7 @@ import optax
 import pytest
 
 from configs import default, mnist1d_study
-from ibs import config_checks, noise_scale, optim, schedules
+from ibs import calculator, config_checks, optim, schedules
 from ibs.schedules import Phase, Schedule, ScheduleError, StepDecay
 
 N = 50_000
@@ -203,7 +203,7 @@ def test_calculator_prints_the_rules_per_phase():
   config.optimizer, config.decoupled_weight_decay, config.weight_decay = 'adam', True, 0.1
   s = config.schedule
   s.learning_rate, s.scale_weight_decay = 1e-3, True
-  text = noise_scale.report(config, baseline=True)
+  text = calculator.report(config, baseline=True)
   lines = text.splitlines()
   assert lines[0] == 'increasing_batch schedule on mnist1d (adamw)'
   assert 'g SGD' in lines[1] and 'ε√(N/B)' in lines[1] and 'τ epochs' in lines[1]

@@ -99,7 +99,7 @@ def bash_commands() -> list[list[str]]:
 def test_every_bash_command_runs_or_parses(tmp_path):
   """How each command of the README's shell blocks is checked, by what it needs:
 
-  * ibs.noise_scale and ibs.tools.compare run as written (seconds), compare on two
+  * ibs.calculator and ibs.tools.compare run as written (seconds), compare on two
     workdirs made for it (tests/test_compare.py's fake runs) at the README's paths;
   * ibs.main (trains for minutes), ibs.tools.probe (needs a trained run) and
     ibs.data.prepare (downloads, or needs the archives) have their flags parsed by the
@@ -152,7 +152,7 @@ def test_every_bash_command_runs_or_parses(tmp_path):
           pathlib.Path(workdir), 'increasing_batch', [100, 200], [0.9, 0.95], 1.0 + i
         )
       run = [sys.executable, *command[1:]]
-    elif module == 'ibs.noise_scale':
+    elif module == 'ibs.calculator':
       run = [sys.executable, *command[1:]]
     else:
       run = [sys.executable, '-c', PARSE_ONLY, module, *command[3:]]
@@ -163,7 +163,7 @@ def test_every_bash_command_runs_or_parses(tmp_path):
     stdout, stderr = process.communicate(timeout=300)
     assert process.returncode == 0, (command, stderr[-2000:])
     # What each command prints when it has done its work.
-    done = {'ibs.tools.compare': 'wrote ', 'ibs.noise_scale': 'wrote '}
+    done = {'ibs.tools.compare': 'wrote ', 'ibs.calculator': 'wrote '}
     done = {
       **dict.fromkeys(('ibs.main', 'ibs.tools.probe', 'ibs.data.prepare'), 'parsed'),
       **done,
@@ -176,7 +176,7 @@ def test_every_bash_command_runs_or_parses(tmp_path):
     'pip',
     'jupyter',
     'ibs.main',
-    'ibs.noise_scale',
+    'ibs.calculator',
     'ibs.tools.compare',
     'ibs.tools.probe',
     'ibs.data.prepare',

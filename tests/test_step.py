@@ -236,8 +236,9 @@ def test_several_steps_per_dispatch_equal_single_steps(max_micro_batch_size):
 
 
 def test_one_micro_batch_measures_the_noise_scale_from_its_two_halves():
-  """One device, one micro-batch of 8 ghost batches: every update measures |G_b|² at
-  b = 16 from the halves (4 ghost batches each), back-propagated in one vmapped pass.
+  """One device, one micro-batch of 8 ghost batches: a measuring update (step 0 is
+  one) measures |G_b|² at b = 16 from the halves (4 ghost batches each),
+  back-propagated in one vmapped pass.
 
   Reference: each half's gradient is the mean of its ghost batches' gradients, applied
   one by one (`_one_ghost_batch`); the estimate folded in is ibs/gns.py's formula.
@@ -285,7 +286,7 @@ def test_one_ghost_batch_measures_every_nth_update_whatever_the_dispatches():
   mesh = sharding.make_mesh(jax.devices()[:1])
   plan = sharding.plan_micro_batches(GHOST, 1, GHOST, GHOST)
   options = step_lib.StepOptions(gns_horizon_examples=1000.0, gns_split_every=3)
-  assert step_lib.measures_sometimes(plan, options, GHOST)
+  assert step_lib.measure_every(plan, options) == 3
   example = {k: v[:1] for k, v in _data(1)[0].items()}
   data = [{k: v[:GHOST] for k, v in d.items()} for d in _data(7)]
   finals = []
@@ -438,13 +439,14 @@ def _counting(fn, counter):
 def test_one_compilation_per_distinct_phase_shape(
   tiny_config, tmp_path, monkeypatch, without_compilation_cache
 ):
-  """Four phases, three shapes: four compilations, each once, and the first phase's
+  """Four phases, three shapes: five compilations, each once, and the first phase's
   (B = 32 and its measuring executable) before the first step; the others compile
   beside training (their steps wait for them at their first call).
 
-  Phases 0 and 2 share B = 32 but not ε: they share the compiled step. B = 32 is one
-  ghost batch, so its noise-scale measurement (every `gns.split_every`-th update) has an
-  executable of its own: one more compilation. Traces of
+  Phases 0 and 2 share B = 32 but not ε: they share the compiled step. B = 32 and 64
+  are one micro-batch on one device, so their noise-scale measurement (every
+  `gns.split_every`-th update) has an executable of its own: two more compilations;
+  B = 128 (A = 2) measures in the step. Traces of
   train_step are counted directly; XLA compilations through jax.monitoring's backend
   compile event, which names the jitted function (the session's compilation cache is
   off here: a program found there would not be compiled). One convolution: the count
@@ -495,8 +497,8 @@ def test_one_compilation_per_distinct_phase_shape(
 
   assert summary['finished']
   assert compiles_done == [[(1, 32), (1, 64), (2, 64)]]
-  assert len(traces) == 4
+  assert len(traces) == 5
   train_step_compiles = [after for name, after in events if '_updates' in name]
-  assert len(train_step_compiles) == 4, events
+  assert len(train_step_compiles) == 5, events
   # B = 32's two programs (the plain and the measuring one) complete before training.
   assert train_step_compiles.count(False) >= 2, events

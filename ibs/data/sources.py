@@ -117,3 +117,19 @@ class FakeSource:
       'input': inputs.reshape((len(indices), *self.shape)),
       'label': labels.astype(np.int32),
     }
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Prefix:
+  """The first `size` examples of `source`, by index: a fixed slice of the training set,
+  the same at every measurement (a schedule's decision points, the probe's branches),
+  so that its loss changes with the model, not with the batches."""
+
+  source: Any
+  size: int
+
+  def __len__(self) -> int:
+    return self.size
+
+  def get(self, indices: np.ndarray) -> Batch:
+    return self.source.get(indices)

@@ -332,6 +332,16 @@ def check_save_errors(manager: ocp.CheckpointManager, wait: bool = False) -> Non
   del _unconfirmed[manager]
 
 
+def close(manager: ocp.CheckpointManager, saved_step: int | None) -> None:
+  """Waits for the last save, `saved_step` (its failure in one line, SaveError), and
+  closes `manager`: a session's end."""
+  try:
+    manager.wait_until_finished()
+  except Exception as e:  # a failed background save, in one line
+    raise save_error(manager, saved_step, e) from None
+  manager.close()
+
+
 @contextlib.contextmanager
 def metric_writes_confirmed(
   writer: Any, manager: ocp.CheckpointManager

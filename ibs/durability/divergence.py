@@ -20,6 +20,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from ibs.durability import checkpoint
+
 # config.nonfinite: what the step does at a non-finite update (ibs/step.py).
 POLICIES = ('stop', 'skip')
 
@@ -93,3 +95,49 @@ class SkipWindow:
     if updates > 0 and window[2] > self.max_fraction * updates:
       return window
     return None
+
+
+def skip_window(config: Any, state: Any) -> SkipWindow | None:
+  """With config.nonfinite 'skip', the window that begins at `state`: too many skipped
+  updates between two events stop the run. None with 'stop' (the first stops it)."""
+  if config.nonfinite != 'skip':
+    return None
+  return SkipWindow(
+    config.nonfinite_max_skipped, int(state.step), int(state.nonfinite_updates)
+  )
+
+
+def check(state: Any, segs: Any, manager: Any, skips: SkipWindow | None = None) -> None:
+  """Raises `Diverged` if the step halted on a non-finite update ('stop'), or if `skips`
+  ('skip') finds too many skipped since the last event; the loop calls it before every
+  event. `segs` is the run's ibs.segments.Segments (where the update was), `manager` its
+  checkpoint manager (the last good checkpoint, in the message).
+
+  The step itself never applies such an update and freezes the state at the first one
+  (ibs/step.py), so checking before every event is enough: no log, evaluation or
+  checkpoint ever sees a non-finite state.
+  """
+  halted = int(state.halted_at_step)
+  window = (
+    skips.exceeded(int(state.step), int(state.nonfinite_updates)) if skips else None
+  )
+  if halted < 0 and window is None:
+    return
+  manager.wait_until_finished()
+  first, last, count = (halted, halted, 1) if window is None else window
+  segment = segs.at(last)
+  examples = segment.examples_at(last)
+  raise Diverged(
+    message(
+      first_step=first,
+      last_step=last,
+      count=count,
+      max_skipped=None if window is None else skips.max_fraction,
+      phase_index=segment.index,
+      examples_seen=examples,
+      epoch=examples / segs.schedule.num_train_examples,
+      learning_rate=float(state.opt_state.hyperparams['learning_rate']),
+      batch_size=segment.phase.batch_size,
+      last_good=checkpoint.last_good(manager),
+    )
+  )

@@ -50,8 +50,7 @@ class MeasuredSchedule:
     self.decide_every_examples = rule.check_every_examples
     # The plateau kind judges the training loss on a fixed slice of the training set,
     # which the loop evaluates at a decision point only when it is asked for.
-    self.needs_train_slice_loss = rule.needs_loss
-    self.loss_examples = getattr(rule, 'loss_examples', 0)
+    self.train_slice_examples = rule.loss_examples if rule.needs_loss else 0
 
   def initial(self) -> Any:
     return self.rule.initial()

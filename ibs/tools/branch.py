@@ -37,7 +37,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import orbax.checkpoint as ocp
 
 from ibs import clock, reporting, schedules, setup, sharding
@@ -206,14 +205,14 @@ class Prober:
   """
 
   run: setup.Run
-  eval_step: Any
 
   @classmethod
   def create(cls, config: Any, batch_sizes: list[int]) -> Prober:
     """Validates the run's config, loads its data and compiles every B's step before
     any branch runs, so that a B that cannot be split or compiled fails first."""
-    run = setup.build(config, None, setup.Mode.BRANCH, batch_sizes=list(batch_sizes))
-    return cls(run, step_lib.jit_eval_step(run.mesh))
+    return cls(
+      setup.build(config, None, setup.Mode.BRANCH, batch_sizes=list(batch_sizes))
+    )
 
   @property
   def config(self) -> Any:
@@ -306,15 +305,8 @@ class Prober:
 
   def mean_metrics(self, state: Any, source: Any) -> dict[str, float]:
     """Loss and accuracy over `source`, each example once, in eval mode: the loop's
-    evaluation (setup.evaluate) with any source."""
-    return setup.evaluate(
-      state,
-      source,
-      self.run.data.preprocess,
-      eval_step=self.eval_step,
-      mesh=self.mesh,
-      batch_size=self.config.eval_batch_size,
-    )
+    evaluation (setup.Run.evaluate) with any source."""
+    return self.run.evaluate(state, source)
 
 
 @dataclasses.dataclass
@@ -324,18 +316,3 @@ class Branch:
   measured: list[float]  # measure(state) after each update of measure_after
   train_loss: float  # running train loss after `window_start` updates
   seconds: float
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class Prefix:
-  """The first `size` examples of a source, by index: a fixed slice of the training set
-  that every branch is measured on."""
-
-  source: Any
-  size: int
-
-  def __len__(self) -> int:
-    return self.size
-
-  def get(self, indices: np.ndarray) -> dict[str, np.ndarray]:
-    return self.source.get(indices)

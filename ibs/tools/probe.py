@@ -323,6 +323,7 @@ def probe(args: Arguments, log=print, prober=None) -> dict[str, Any]:
   """
   import jax  # here: the argument checks above run without JAX
 
+  from ibs.data import sources
   from ibs.durability import checkpoint
   from ibs.tools import branch, curves
 
@@ -351,7 +352,7 @@ def probe(args: Arguments, log=print, prober=None) -> dict[str, Any]:
       f'compiled {len(prober.steps)} batch size(s) in {prober.compile_s:.1f} s '
       f'for B = {", ".join(map(str, args.batch_sizes))}'
     )
-    slice_ = branch.Prefix(prober.train_source, args.loss_examples or n)
+    slice_ = sources.Prefix(prober.train_source, args.loss_examples or n)
     scalars = curves.read_scalars(args.workdir)
     results = []
     for step, points in chosen.items():
