@@ -477,21 +477,31 @@ def hparams_line(hparams: Mapping[str, Any]) -> str:
   return f'hyperparameters: {shown} (all {len(hparams)} in config.json, HParams)'
 
 
-def import_writers_in_background() -> threading.Thread:
-  """Imports clu's metric writers in a thread: their TensorBoard writer imports
-  TensorFlow, the largest import of a run, which then overlaps the run's build and
-  compilation (XLA compiles outside the GIL) instead of preceding them.
-  `create_writer`'s import waits for it, and raises its error if it failed."""
+@contextlib.contextmanager
+def importing_writers() -> Iterator[None]:
+  """Imports clu's metric writers in a thread for the duration of the block, and waits
+  for the import at its end.
+
+  Their TensorBoard writer imports TensorFlow, the largest import of a run. setup.py
+  wraps the wait for the first phase's compile in this block: XLA compiles outside the
+  GIL, so the import takes the time of neither. The thread that waits imports nothing
+  meanwhile (two threads importing the same modules can see them half-initialised).
+  An import that fails here is raised again, in the loop's thread, by
+  `create_writer`'s import.
+  """
 
   def load():
     try:
       import clu.metric_writers  # noqa: F401
-    except Exception:  # raised again, in the loop's thread, by create_writer's import
+    except Exception:
       return
 
   thread = threading.Thread(target=load, name='ibs_import_writers', daemon=True)
   thread.start()
-  return thread
+  try:
+    yield
+  finally:
+    thread.join()
 
 
 def create_writer(workdir: str, just_logging: bool = False):

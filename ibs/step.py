@@ -49,6 +49,7 @@ once, in `_loop_structure`; the programs compile side by side, one per core.
 """
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import functools
 import os
@@ -859,6 +860,7 @@ def compile_train_steps(
   options: StepOptions = StepOptions(),
   host_loop: bool | None = None,
   wait_for: int | None = None,
+  while_waiting: contextlib.AbstractContextManager | None = None,
   resident: Any = None,
 ) -> dict[tuple[int, int], TrainStep]:
   """One ahead-of-time compiled TrainStep per distinct (A, devices·b) (decision 4).
@@ -875,7 +877,8 @@ def compile_train_steps(
   returns once those of the first `wait_for` plans are compiled (all when None); the
   others go on compiling beside training, and each step waits for its own programs at
   its first call (`TrainStep.result`). XLA compiles outside the GIL, so on the host
-  whose device trains they cost a core, not the training's time.
+  whose device trains they cost a core, not the training's time. `while_waiting` is
+  entered for the wait (setup.py imports TensorFlow in it).
   """
   rep = sharding.replicated(mesh)
   data = resident.arrays if resident is not None else {}
@@ -961,8 +964,9 @@ def compile_train_steps(
     )
   now.shutdown(wait=False)
   later.shutdown(wait=False)
-  for shape in waited:
-    compiled[shape].result()
+  with while_waiting or contextlib.nullcontext():
+    for shape in waited:
+      compiled[shape].result()
   return {plan.shape: compiled[plan.shape] for plan in plans}
 
 

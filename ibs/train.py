@@ -181,7 +181,6 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
   docs/RELIABILITY.md). One process owns a workdir (ibs/durability/lock.py).
   """
   checked = setup.check(config, workdir)  # A bad config fails before anything else.
-  reporting.import_writers_in_background()
   workdir_lock = (
     lock.WorkdirLock(workdir) if jax.process_index() == 0 else contextlib.nullcontext()
   )

@@ -2,8 +2,11 @@
 
 How much a step sends between devices is a property of its compiled program, so
 tests/test_multidevice.py and experiments/bench_collectives.py count it there rather than
-trusting the Python that produced it: every all-reduce, its payload in bytes, and whether
-it sits inside a while loop (where it runs once per iteration).
+trusting the Python that produced it: every all-reduce, its payload in bytes, whether it
+sits inside a while loop, and how many times it runs per call of the program. That count
+is the product of the trip counts of the loops around it, as XLA records them on each
+`while` (`known_trip_count`): the step's micro-batch loop runs A − 1 times, not A (the
+first micro-batch starts the sums before it), and a loop XLA removed is no loop.
 """
 
 from __future__ import annotations
@@ -28,21 +31,25 @@ _BYTES = {
   'f64': 8,
 }
 _SHAPE = re.compile(r'\b(' + '|'.join(_BYTES) + r')\[([\d,]*)\]')
-_HEADER = re.compile(r'^(?:ENTRY\s+)?%([\w.\-]+)\s*\(.*\{\s*$')
+_HEADER = re.compile(r'^(ENTRY\s+)?%([\w.\-]+)\s*\(.*\{\s*$')
 _INSTRUCTION = re.compile(r'^\s*(?:ROOT\s+)?%[\w.\-]+\s*=\s*(.*?)\s+([\w\-]+)\(')
 _CALLED = re.compile(
-  r'(?:to_apply|calls|body|condition|branch_computations)=\{?([^,}]+(?:,\s*%[\w.\-]+)*)\}?'
+  r'(to_apply|calls|body|condition|branch_computations)=\{?([^,}]+(?:,\s*%[\w.\-]+)*)\}?'
 )
+_TRIPS = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
 
 
 @dataclasses.dataclass(frozen=True)
 class Collective:
-  """One collective instruction: its opcode, payload bytes, and whether in a loop."""
+  """One collective instruction: its opcode, payload bytes, whether it is in a loop,
+  and how many times it runs per call of the program (None: a loop around it has no
+  trip count known at compile time, such as K updates per dispatch)."""
 
   opcode: str
   bytes: int
   in_loop: bool
   computation: str
+  runs: int | None = 1
 
 
 def payload_bytes(result_type: str) -> int:
@@ -53,38 +60,68 @@ def payload_bytes(result_type: str) -> int:
   return total
 
 
+def _calls(line: str) -> list[tuple[str, int | None, bool]]:
+  """(computation, times per execution of `line`, inside a loop) for what `line` calls:
+  a while's body runs its known trip count n, its condition n + 1."""
+  trips = _TRIPS.search(line)
+  n = int(trips.group(1)) if trips else None
+  looping = ' while(' in line
+  found = []
+  for match in _CALLED.finditer(line):
+    key = match.group(1)
+    times = 1
+    if looping and key in ('body', 'condition'):
+      times = None if n is None else n + (key == 'condition')
+    for name in match.group(2).split(','):
+      found.append((name.strip().lstrip('%'), times, looping))
+  return found
+
+
 def collectives(hlo_text: str, opcodes=('all-reduce', 'all-reduce-start')) -> list:
-  """Every instruction with one of `opcodes`, with whether a while loop runs it."""
+  """Every instruction with one of `opcodes`: its bytes, whether a while loop runs it,
+  and how many times it runs per call of the program."""
   computations: dict[str, list[str]] = {}
-  current = None
+  entry, current = None, None
   for line in hlo_text.splitlines():
     header = _HEADER.match(line)
     if header:
-      current = header.group(1)
+      current = header.group(2)
       computations[current] = []
+      if header.group(1):
+        entry = current
     elif current is not None:
       computations[current].append(line)
+  edges = {
+    name: [call for line in lines for call in _calls(line) if call[0] in computations]
+    for name, lines in computations.items()
+  }
 
-  def called(lines, keys=None):
-    names = set()
-    for line in lines:
-      for match in _CALLED.finditer(line):
-        if keys and not match.group(0).startswith(keys):
-          continue
-        names.update(n.strip().lstrip('%') for n in match.group(1).split(','))
-    return names
+  # Callers before callees (HLO's call graph has no cycles), then runs summed over the
+  # call sites: runs(callee) = Σ runs(caller) × times.
+  order, seen = [], set()
 
-  # Computations reachable from a while body or condition run inside the loop.
+  def visit(name):
+    seen.add(name)
+    for callee, _, _ in edges[name]:
+      if callee not in seen:
+        visit(callee)
+    order.append(name)
+
+  for name in [entry] if entry else list(computations):
+    if name not in seen:
+      visit(name)
+  runs: dict[str, int | None] = dict.fromkeys(computations, 0)
   in_loop = set()
-  frontier = set()
-  for lines in computations.values():
-    frontier |= called([ln for ln in lines if ' while(' in ln], ('body', 'condition'))
-  while frontier:
-    name = frontier.pop()
-    if name in in_loop or name not in computations:
-      continue
-    in_loop.add(name)
-    frontier |= called(computations[name])
+  for name in [entry] if entry else []:
+    runs[name] = 1
+  for name in reversed(order):
+    for callee, times, looping in edges[name]:
+      if runs[name] is None or times is None or runs[callee] is None:
+        runs[callee] = None
+      else:
+        runs[callee] += runs[name] * times
+      if looping or name in in_loop:
+        in_loop.add(callee)
 
   found = []
   for name, lines in computations.items():
@@ -97,15 +134,34 @@ def collectives(hlo_text: str, opcodes=('all-reduce', 'all-reduce-start')) -> li
             payload_bytes(instruction.group(1)),
             name in in_loop,
             name,
+            runs[name],
           )
         )
   return found
 
 
-def all_reduce_bytes_per_update(hlo_text: str, loop_trips: int) -> int:
-  """Bytes all-reduced per update, counting a collective in a loop `loop_trips` times.
+def bytes_per_call(
+  hlo_text: str,
+  opcodes=('all-reduce', 'all-reduce-start'),
+  unknown_trips: int | None = None,
+) -> int:
+  """Bytes the collectives `opcodes` send per call of the program, each counted as
+  many times as it runs; `unknown_trips` stands for a loop's trip count that XLA does
+  not know (None: such a loop raises ValueError)."""
+  total = 0
+  for c in collectives(hlo_text, opcodes):
+    runs = c.runs
+    if runs is None:
+      if unknown_trips is None:
+        raise ValueError(
+          f'A {c.opcode} in {c.computation} runs in a loop whose trip count XLA does '
+          'not know; pass unknown_trips.'
+        )
+      runs = unknown_trips
+    total += c.bytes * runs
+  return total
 
-  `loop_trips` is the trip count of the loop that holds them (the accumulation count A
-  for a step whose micro-batch loop is the only loop).
-  """
-  return sum(c.bytes * (loop_trips if c.in_loop else 1) for c in collectives(hlo_text))
+
+def all_reduce_bytes_per_update(hlo_text: str) -> int:
+  """Bytes all-reduced per call of a program that runs one update (K = 1)."""
+  return bytes_per_call(hlo_text)
