@@ -478,7 +478,7 @@ def _one_micro_batch(state, micro, running, plan, options, ghost_batch_size, mea
 
 
 # At least this many measurements per horizon of the moving averages, whatever
-# config.gns.split_every says: at B = 800 and H = 20,000 examples, every 6th update.
+# config.gns.split_every says (at B = 800 and H = 20,000 examples: every 6th update).
 MEASUREMENTS_PER_HORIZON = 4
 
 
@@ -488,8 +488,8 @@ def measure_every(plan: sharding.MicroBatchPlan, options: StepOptions) -> int:
 
   Devices or micro-batches give the two batch sizes of the estimate for free: every
   update. One device with one micro-batch must split its batch (`_one_micro_batch`),
-  which costs more than a plain update: ~1.6× on XLA:CPU for the default model at
-  B = 160 as five vmapped groups of 32 (docs/BENCHMARKS.md, "Noise scale"). It measures
+  which costs more than a plain update (on XLA:CPU the default model's B = 160 as five
+  vmapped groups of 32: docs/BENCHMARKS.md, "End to end"). It measures
   on every `gns_split_every`-th update, and at least `MEASUREMENTS_PER_HORIZON` times per
   horizon of H examples.
   """

@@ -332,6 +332,7 @@ def _assert_same_parameters(workdir_a, workdir_b):
     np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 def test_a_measured_batch_run_the_noise_never_lets_grow_is_decaying_lr(
   decaying_run, tmp_path
 ):
@@ -363,6 +364,7 @@ def _climbing_plateau(config, divisor):
   return config
 
 
+@pytest.mark.slow
 def test_a_plateau_run_that_climbs_by_batch_is_the_fixed_increasing_batch_run(
   tiny_run, tmp_path
 ):
@@ -386,6 +388,7 @@ def test_a_plateau_run_that_climbs_by_batch_is_the_fixed_increasing_batch_run(
   assert sum(tags['decide/plateau']) == 3
 
 
+@pytest.mark.slow
 def test_a_plateau_run_that_climbs_by_epsilon_is_the_decaying_lr_run(
   decaying_run, tmp_path
 ):

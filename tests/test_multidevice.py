@@ -199,6 +199,7 @@ def _assert_runs_equal(parallel, reference, prefix):
   np.testing.assert_allclose(parallel[f'{prefix}/loss'], reference['loss'], rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_sharded_step_equals_single_device_step(tmp_path):
   assert jax.device_count() == 1, (
     'The single-device reference runs in the pytest process itself: run pytest without '

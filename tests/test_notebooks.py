@@ -65,6 +65,7 @@ def _workdir(root, arg, seed=0):
   return reproduce.run_workdir(root, 'configs/mnist1d_study.py', arg, seed)
 
 
+@pytest.mark.slow
 def test_read_scalars_of_a_real_run(grid):
   root, summaries = grid
   scalars = plots.read_scalars(_workdir(root, INCREASING))

@@ -261,6 +261,7 @@ def _tree_digest(directory):
   return digests
 
 
+@pytest.mark.slow
 def test_probe_writes_its_outputs_and_leaves_the_source_untouched(
   probe_source, tiny_prober
 ):

@@ -126,6 +126,7 @@ def _sigterm_trial(config, tmp_path, name, sig=signal.SIGTERM, delay=None, twice
   return rc, saved and int(saved.group(1)), str(workdir)
 
 
+@pytest.mark.slow
 def test_sigterm_saves_the_step_reached_and_the_rerun_ends_identical(reference, tmp_path):
   config, expected = reference
   # Signalled as soon as training starts: on an idle machine all of it takes under a

@@ -143,6 +143,7 @@ def test_cpu_memory_is_the_hosts_shared_by_its_devices():
   assert resident.device_memory_bytes() == physical // jax.local_device_count()
 
 
+@pytest.mark.slow
 def test_resident_run_ends_with_the_host_runs_parameters(
   tiny_run, tiny_config, tmp_path, caplog
 ):
