@@ -489,9 +489,9 @@ def measure_every(plan: sharding.MicroBatchPlan, options: StepOptions) -> int:
   Devices or micro-batches give the two batch sizes of the estimate for free: every
   update. One device with one micro-batch must split its batch (`_one_micro_batch`),
   which costs more than a plain update (on XLA:CPU the default model's B = 160 as five
-  vmapped groups of 32: docs/BENCHMARKS.md, "End to end"). It measures
-  on every `gns_split_every`-th update, and at least `MEASUREMENTS_PER_HORIZON` times per
-  horizon of H examples.
+  vmapped groups of 32: docs/BENCHMARKS.md, "End to end"). It measures on every
+  `gns_split_every`-th update, and at least `MEASUREMENTS_PER_HORIZON` times per horizon
+  of H examples.
   """
   if not options.gns_horizon_examples or plan.num_devices * plan.accumulation > 1:
     return 1
