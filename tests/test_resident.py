@@ -135,12 +135,26 @@ def test_a_split_too_large_for_the_device_fails_the_config_check(monkeypatch):
     config_checks.check_config(config, 1)
 
 
-def test_cpu_memory_is_the_hosts_shared_by_its_devices():
-  """XLA:CPU reports no bytes_limit: the host's physical memory over its devices."""
-  if (jax.local_devices()[0].memory_stats() or {}).get('bytes_limit'):
-    pytest.skip('this backend reports its memory')
+class _Device:
+  def __init__(self, stats):
+    self._stats = stats
+
+  def memory_stats(self):
+    return self._stats
+
+
+def test_device_memory_is_the_reported_limit_or_the_hosts_shared_by_its_devices(
+  monkeypatch,
+):
+  """A backend that reports `bytes_limit` (GPU, TPU) is taken at its word; XLA:CPU
+  reports none: the host's physical memory over its local devices."""
+  monkeypatch.setattr(
+    resident.jax, 'local_devices', lambda: [_Device({'bytes_limit': 16 * 2**30})]
+  )
+  assert resident.device_memory_bytes() == 16 * 2**30
+  monkeypatch.setattr(resident.jax, 'local_devices', lambda: [_Device(None)] * 2)
   physical = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
-  assert resident.device_memory_bytes() == physical // jax.local_device_count()
+  assert resident.device_memory_bytes() == physical // 2
 
 
 @pytest.mark.slow
