@@ -503,11 +503,6 @@ def measure_every(plan: sharding.MicroBatchPlan, options: StepOptions) -> int:
   return max(1, min(options.gns_split_every, int(per_horizon)))
 
 
-def measures_sometimes(plan: sharding.MicroBatchPlan, options: StepOptions) -> bool:
-  """Whether `plan` measures in a program of its own (`measure_every` > 1)."""
-  return measure_every(plan, options) > 1
-
-
 def materialise(batch: dict, data: dict, resident: Any) -> dict:
   """The update's batch: `batch` itself, or with device-resident data
   (ibs/data/resident.py) the examples its keys name, gathered and augmented here."""
@@ -575,7 +570,7 @@ class TrainStep:
   device, so a call transfers nothing but the batches. `memory_analysis()` is that of
   the executable that runs per micro-batch or per dispatch.
 
-  Where the noise scale is measured on every n-th update only (`measures_sometimes`),
+  Where the noise scale is measured on every n-th update only (`measure_every` > 1),
   those updates run alone in a second executable, `measuring`, compiled for one update:
   the call splits its batches around them, so no executable holds a conditional. The
   caller passes `first_step`, the step of the first batch (read from the state if not:
@@ -921,7 +916,7 @@ def compile_train_steps(
         data_shapes,
       )
 
-    sometimes = measures_sometimes(plan, options)
+    sometimes = measure_every(plan, options) > 1
     lowered[plan.shape] = (
       plan,
       lower_updates(not sometimes, k),

@@ -197,3 +197,19 @@ def tiny_run(data_dir, tmp_path_factory):
     summary = json.load(f)
   assert summary['finished'] and not summary['preempted']
   return config, workdir, summary
+
+
+def fake_explicit_config(base, phases, num_epochs):
+  """`base` (a tiny config) on 256 fake examples with one convolution and an explicit
+  schedule of `phases` ((epoch, batch, ε, m), ...): runs whose compilations and phase
+  switches a test counts, in seconds."""
+  config = base.copy_and_resolve_references()
+  config.model_kwargs.depth = 1
+  config.dataset = 'fake'
+  config.fake.num_train = 256
+  config.fake.num_test = 64
+  config.eval_batch_size = 64
+  config.schedule.kind = 'explicit'
+  config.schedule.num_epochs = num_epochs
+  config.schedule.phases = phases
+  return config

@@ -453,21 +453,15 @@ def test_one_compilation_per_distinct_phase_shape(
   does not depend on the model's depth, the compilation time does.
   """
   from ibs import train
+  from tests.conftest import fake_explicit_config
 
-  config = tiny_config.copy_and_resolve_references()
-  config.model_kwargs.depth = 1
-  config.dataset = 'fake'
-  config.fake.num_train = 256
-  config.fake.num_test = 64
-  config.eval_batch_size = 64
-  config.schedule.kind = 'explicit'
-  config.schedule.num_epochs = 4.0
-  config.schedule.phases = (
+  phases = (
     (0.0, 32, 0.1, 0.9),
     (1.0, 64, 0.1, 0.9),
     (2.0, 32, 0.05, 0.9),
     (3.0, 128, 0.02, 0.9),  # cap 64: A = 2
   )
+  config = fake_explicit_config(tiny_config, phases, num_epochs=4.0)
   config.max_micro_batch_size = 64
 
   traces = []

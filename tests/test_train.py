@@ -213,16 +213,10 @@ def test_a_later_phase_that_cannot_fit_stops_the_run_before_its_first_update(
   fails there stops the run at its next dispatch with the check's error, never running
   an update of that batch. Here B = 64's check fails (a device too small for it)."""
   from ibs import setup
+  from tests.conftest import fake_explicit_config
 
-  config = tiny_config.copy_and_resolve_references()
-  config.model_kwargs.depth = 1
-  config.dataset = 'fake'
-  config.fake.num_train = 256
-  config.fake.num_test = 64
-  config.eval_batch_size = 64
-  config.schedule.kind = 'explicit'
-  config.schedule.num_epochs = 2.0
-  config.schedule.phases = ((0.0, 32, 0.1, 0.9), (1.0, 64, 0.1, 0.9))
+  phases = ((0.0, 32, 0.1, 0.9), (1.0, 64, 0.1, 0.9))
+  config = fake_explicit_config(tiny_config, phases, num_epochs=2.0)
   check_memory = setup.check_memory
   checked = []
 
