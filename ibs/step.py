@@ -611,10 +611,6 @@ class TrainStep:
       for n in range(steps_per_dispatch + 1)
     ]
 
-  def done(self) -> bool:
-    """Whether its programs are compiled (or failed to)."""
-    return all(f is None or f.done() for f in self._pending)
-
   def result(self) -> 'TrainStep':
     """This step, its programs compiled: waits for them, raises their compile error."""
     if self._pending:
