@@ -386,7 +386,13 @@ def _finish(
   ):
     opt_state = opt_state._replace(count=opt_state.count + 1)
   dropped = state.replace(step=state.step + 1, opt_state=opt_state)
-  new_state = jax.tree.map(lambda new, old: jnp.where(apply, new, old), updated, dropped)
+  # One conditional, not a select per leaf: XLA:CPU fuses the scalar `apply` (one
+  # reduction per leaf and a chain of adds) into every leaf's select, which doubled the
+  # optimised program and its compile time (docs/BENCHMARKS.md, "Compilation"). The
+  # same values either way.
+  new_state = jax.lax.cond(
+    apply, lambda new, _: new, lambda _, old: old, updated, dropped
+  )
   new_state = new_state.replace(
     nonfinite_updates=state.nonfinite_updates + (~finite).astype(jnp.int32),
     halted_at_step=jnp.where(healthy & ~finite, state.step, state.halted_at_step)

@@ -172,6 +172,7 @@ def _climbing_config(config):
   return config
 
 
+@pytest.mark.slow
 def test_an_adaptive_run_that_climbs_at_the_milestones_is_the_fixed_schedule(
   tiny_run, tmp_path
 ):

@@ -159,6 +159,7 @@ def test_experiment_groups_split_optimizers_and_label_schedules():
   ]
 
 
+@pytest.mark.slow
 def test_plots_writes_the_figures_of_a_grid(grid, tiny_experiment, tmp_path):
   root, _ = grid
   out = tmp_path / 'figures'
@@ -209,6 +210,7 @@ def _write_summary(root, arg, seed, accuracy, updates, wall_clock):
     json.dump(summary, f)
 
 
+@pytest.mark.slow
 def test_results_tables_of_a_grid(grid, tiny_experiment, tmp_path):
   root, summaries = grid
   runs = results.load_runs(TINY, root, [0])

@@ -328,6 +328,7 @@ def _continue_the_run(workdir, prober):
   return result.state, later
 
 
+@pytest.mark.slow
 def test_a_branch_at_the_runs_own_batch_and_rate_is_the_runs_continuation(
   probe_source, tiny_prober
 ):

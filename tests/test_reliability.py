@@ -184,6 +184,7 @@ def test_a_second_run_on_the_workdir_is_refused(tiny_config, tmp_path):
     train.train_and_evaluate(tiny_config, str(tmp_path))
 
 
+@pytest.mark.slow
 def test_a_failed_background_save_is_reported_at_once_in_one_line(
   tiny_config, tmp_path, monkeypatch
 ):
@@ -214,6 +215,7 @@ def test_a_failed_background_save_is_reported_at_once_in_one_line(
   assert 'last good checkpoint is none' in message
 
 
+@pytest.mark.slow
 def test_sigterm_during_compilation_exits_75_at_once(tiny_config, tmp_path):
   """Before, the signal was honoured only after the compile and one dispatch (27 s
   seen): now at once, with nothing new to save."""
@@ -299,6 +301,7 @@ def _poisoned_batches(monkeypatch, config, first, last):
   monkeypatch.setattr(pipeline, 'train_batches', batches)
 
 
+@pytest.mark.slow
 def test_divergence_stops_before_checkpointing_nan_and_keeps_the_good_ones(
   tiny_config, tmp_path, monkeypatch
 ):
@@ -330,6 +333,7 @@ def _skip_config(tiny_config):
   return config
 
 
+@pytest.mark.slow
 def test_skip_mode_keeps_the_params_and_counts_the_skips(
   tiny_config, tmp_path, monkeypatch
 ):
@@ -347,6 +351,7 @@ def test_skip_mode_keeps_the_params_and_counts_the_skips(
   assert record['skipped_updates'] == 3
 
 
+@pytest.mark.slow
 def test_skip_mode_at_a_huge_learning_rate_saves_nothing_non_finite_and_stops(
   tiny_config, tmp_path
 ):

@@ -436,6 +436,7 @@ def _counting(fn, counter):
   return wrapper
 
 
+@pytest.mark.slow
 def test_one_compilation_per_distinct_phase_shape(
   tiny_config, tmp_path, monkeypatch, without_compilation_cache
 ):
