@@ -22,7 +22,7 @@ such split: its halves, which share BN statistics (a slight bias of tr(Σ)), are
 back-propagated apart, a second backward pass. Either costs more than a plain update,
 so such steps measure on every `config.gns.split_every`-th update only (and a few times
 per horizon at least, `measure_every`), in an executable of its own that `TrainStep`
-dispatches those updates to; no compiled step holds a conditional.
+dispatches those updates to; no compiled step branches on whether to measure.
 `config.gns.enabled=False` turns the measurement off everywhere.
 
 With ghost batch norm the loss of a batch is the mean of its ghost-batch losses, so the
@@ -532,7 +532,7 @@ def _updates(
 
   The trip count is a value, not a shape: one executable serves every count (the
   layout pads the unused slots). K = 1 runs its one update without a loop. No update
-  holds a conditional: what an update measures is fixed when it is compiled
+  branches on whether to measure: what an update measures is fixed when it is compiled
   (`measure_now`; `TrainStep` sends the updates that measure apart). With `resident`
   data the batches are keys, materialised one update at a time (`materialise`).
   """
@@ -578,7 +578,7 @@ class TrainStep:
 
   Where the noise scale is measured on every n-th update only (`measure_every` > 1),
   those updates run alone in a second executable, `measuring`, compiled for one update:
-  the call splits its batches around them, so no executable holds a conditional. The
+  the call splits its batches around them, so no executable branches on measuring. The
   caller passes `first_step`, the step of the first batch (read from the state if not:
   a wait for the device).
 
