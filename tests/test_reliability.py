@@ -493,6 +493,7 @@ def test_a_lost_peer_ends_the_survivor_with_one_line(one_device_run, tmp_path, v
   assert 'Traceback' not in output and 'Fatal Python error' not in output, output[-4000:]
 
 
+@pytest.mark.slow
 def test_checkpoints_of_the_reference_are_verified(reference):
   _, workdir = reference
   steps = sorted(int(os.path.basename(d)) for d in glob.glob(f'{workdir}/checkpoints/*'))

@@ -32,6 +32,7 @@ def _final_params(workdir):
   return step, state['params']
 
 
+@pytest.mark.slow
 def test_default_config_trains_end_to_end(tiny_run):
   _, workdir, summary = tiny_run  # tiny_config, checkpointed every 1.5 epochs
 
@@ -192,6 +193,7 @@ def test_resume_ends_with_the_same_parameters(
   jax.tree.map(np.testing.assert_array_equal, params_a, params_b)
 
 
+@pytest.mark.slow
 def test_a_different_config_does_not_resume_someone_elses_checkpoint(
   tiny_config, tiny_run, tmp_path
 ):
