@@ -4,8 +4,8 @@ For every phase batch of configs/default.py (32, 160, 800, 4000), with the noise
 on and off: builds the run's step for that batch alone (`setup.build`, `Mode.BENCH`,
 as training compiles it: the plain program and, where the noise scale is measured in a
 program of its own, the measuring one, side by side), and records XLA's backend
-compile time of each program (jax.monitoring's `backend_compile_duration`, the event
-of `fun_name` `_updates`) and the number of instructions in the plain program's
+compile time of each program (jax.monitoring's `backend_compile_duration`, the events
+of `fun_name` `jit(_updates)`) and the number of instructions in the plain program's
 optimised HLO. Compilation is the part of a run a user waits for before the first step
 and the part that later phases' programs take from training's cores
 (docs/BENCHMARKS.md, "End to end").
