@@ -29,6 +29,7 @@ from jax import monitoring
 
 from configs import default
 from ibs import setup
+from ibs.tools import hlo
 
 _EVENT = '/jax/core/compile/backend_compile_duration'
 _compiles: list[float] = []
@@ -37,11 +38,6 @@ _compiles: list[float] = []
 def _record(name: str, duration: float, **kwargs) -> None:
   if name == _EVENT and kwargs.get('fun_name') == 'jit(_updates)':
     _compiles.append(duration)
-
-
-def _instructions(hlo_text: str) -> int:
-  """Instructions of an HLO module's text: its lines that define a value."""
-  return sum(1 for line in hlo_text.splitlines() if ' = ' in line)
 
 
 def measure(batch_size: int, gns: bool) -> dict:
@@ -53,7 +49,7 @@ def measure(batch_size: int, gns: bool) -> dict:
   train_step = run.steps[batch_size].result()
   return {
     'compile_s': sorted(_compiles),
-    'instructions': _instructions(train_step.as_text()),
+    'instructions': hlo.instruction_count(train_step.as_text()),
   }
 
 

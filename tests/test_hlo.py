@@ -80,3 +80,9 @@ def test_a_loop_without_a_known_trip_count_needs_one():
   with pytest.raises(ValueError, match='unknown_trips'):
     hlo.bytes_per_call(MODULE, ('all-gather',))
   assert hlo.bytes_per_call(MODULE, ('all-gather',), unknown_trips=5) == 5 * 64
+
+
+def test_instruction_count_is_every_instruction_of_every_computation():
+  # By reading: add 3, inner_body 5, inner_cond 2, outer_body 2 (its `while` one
+  # instruction over three lines), outer_cond 2, dynamic_body 4, the entry 5.
+  assert hlo.instruction_count(MODULE) == 23

@@ -1,4 +1,5 @@
-"""Collectives read off a compiled executable's HLO text: how many, how large, where.
+"""Collectives read off a compiled executable's HLO text: how many, how large, where;
+and the program's size (`instruction_count`).
 
 How much a step sends between devices is a property of its compiled program, so
 tests/test_multidevice.py and experiments/bench_collectives.py count it there rather than
@@ -165,3 +166,9 @@ def bytes_per_call(
 def all_reduce_bytes_per_update(hlo_text: str) -> int:
   """Bytes all-reduced per call of a program that runs one update (K = 1)."""
   return bytes_per_call(hlo_text)
+
+
+def instruction_count(hlo_text: str) -> int:
+  """Instructions of an HLO module's text, over all its computations (fused ones too):
+  the size experiments/bench_compile.py compares, which tracks compile time."""
+  return sum(1 for line in hlo_text.splitlines() if _INSTRUCTION.match(line))
