@@ -132,6 +132,10 @@ def create_model(config: Any, num_classes: int) -> Any:
   )
 
 
+# XLA options of a program that runs once: its compile time is all it costs.
+RUN_ONCE = {'xla_backend_optimization_level': 0}
+
+
 def create_train_state(
   config: Any,
   model: Any,
@@ -153,7 +157,15 @@ def create_train_state(
   )
 
   # Built on the mesh, every array replicated (sharding.replicate says why not moved).
-  @functools.partial(jax.jit, out_shardings=sharding.replicated(mesh))
+  # It runs once: on XLA:CPU compiled without backend optimisation, 0.4 s instead of
+  # 1.1 s before the first step (docs/BENCHMARKS.md, "Start-up and updates per
+  # dispatch"); the initializers' float arithmetic then rounds differently in the last
+  # bit of a few weights, the same on every run.
+  @functools.partial(
+    jax.jit,
+    out_shardings=sharding.replicated(mesh),
+    compiler_options=RUN_ONCE if jax.default_backend() == 'cpu' else None,
+  )
   def init(rng):
     dummy = jnp.zeros((config.ghost_batch_size, *input_shape), jnp.float32)
     variables = model.init(rng, dummy, train=False)
