@@ -158,9 +158,10 @@ def create_train_state(
 
   # Built on the mesh, every array replicated (sharding.replicate says why not moved).
   # It runs once: on XLA:CPU compiled without backend optimisation, 0.4 s instead of
-  # 1.1 s before the first step (docs/BENCHMARKS.md, "Start-up and updates per
-  # dispatch"); the initializers' float arithmetic then rounds differently in the last
-  # bit of a few weights, the same on every run.
+  # 1.1 s before the first step (docs/BENCHMARKS.md, "Start-up: what the first step
+  # waits for"); the initializers' float arithmetic then rounds differently in the last
+  # bit of a few weights, the same on every run. Accelerators keep their default: there
+  # it is unmeasured.
   @functools.partial(
     jax.jit,
     out_shardings=sharding.replicated(mesh),
