@@ -132,10 +132,6 @@ def create_model(config: Any, num_classes: int) -> Any:
   )
 
 
-# XLA options of a program that runs once: its compile time is all it costs.
-RUN_ONCE = {'xla_backend_optimization_level': 0}
-
-
 def create_train_state(
   config: Any,
   model: Any,
@@ -157,16 +153,7 @@ def create_train_state(
   )
 
   # Built on the mesh, every array replicated (sharding.replicate says why not moved).
-  # It runs once: on XLA:CPU compiled without backend optimisation, 0.4 s instead of
-  # 1.1 s before the first step (docs/BENCHMARKS.md, "Start-up: what the first step
-  # waits for"); the initializers' float arithmetic then rounds differently in the last
-  # bit of a few weights, the same on every run. Accelerators keep their default: there
-  # it is unmeasured.
-  @functools.partial(
-    jax.jit,
-    out_shardings=sharding.replicated(mesh),
-    compiler_options=RUN_ONCE if jax.default_backend() == 'cpu' else None,
-  )
+  @functools.partial(jax.jit, out_shardings=sharding.replicated(mesh))
   def init(rng):
     dummy = jnp.zeros((config.ghost_batch_size, *input_shape), jnp.float32)
     variables = model.init(rng, dummy, train=False)
