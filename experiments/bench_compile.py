@@ -4,8 +4,9 @@ For every phase batch of configs/default.py (32, 160, 800, 4000), with the noise
 on and off: builds the run's step for that batch alone (`setup.build`, `Mode.BENCH`,
 as training compiles it: the plain program and, where the noise scale is measured in a
 program of its own, the measuring one, side by side), and records XLA's backend
-compile time of each program (jax.monitoring's `backend_compile_duration`, the events
-of `fun_name` `jit(_updates)`) and the number of instructions in the plain program's
+compile time of each program (the `compile` spans of `jit(_updates)` that
+experiments/trace_startup.py reads off jax.monitoring) and the number of instructions in
+the plain program's
 optimised HLO. Compilation is the part of a run a user waits for before the first step
 and the part that later phases' programs take from training's cores
 (docs/BENCHMARKS.md, "End to end").
@@ -25,31 +26,21 @@ import statistics
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 import jax
-from jax import monitoring
 
-from configs import default
-from ibs import setup
+from experiments import trace_startup
 from ibs.tools import hlo
-
-_EVENT = '/jax/core/compile/backend_compile_duration'
-_compiles: list[float] = []
-
-
-def _record(name: str, duration: float, **kwargs) -> None:
-  if name == _EVENT and kwargs.get('fun_name') == 'jit(_updates)':
-    _compiles.append(duration)
 
 
 def measure(batch_size: int, gns: bool) -> dict:
   """One build of `batch_size`'s step: per-program compile seconds, HLO size."""
-  config = default.get_config()
-  config.gns.enabled = gns
-  _compiles.clear()
-  run = setup.build(config, None, setup.Mode.BENCH, batch_sizes=[batch_size])
-  train_step = run.steps[batch_size].result()
+  spans, _, run = trace_startup.timeline(gns, [batch_size])
   return {
-    'compile_s': sorted(_compiles),
-    'instructions': hlo.instruction_count(train_step.as_text()),
+    'compile_s': sorted(
+      end - start
+      for start, end, _, stage, program in spans
+      if stage == 'compile' and program == 'jit(_updates)'
+    ),
+    'instructions': hlo.instruction_count(run.steps[batch_size].as_text()),
   }
 
 
@@ -59,7 +50,6 @@ def main(argv=None) -> list[dict]:
   parser.add_argument('--batch_sizes', default='32,160,800,4000')
   parser.add_argument('--gns', default='on,off', help='noise scale: on, off or both')
   args = parser.parse_args(argv)
-  monitoring.register_event_duration_secs_listener(_record)
   rows = []
   print(f'jax {jax.__version__}, {os.cpu_count()} CPUs')
   print('gns  batch  programs  compile s each (median)   total s  HLO instructions')

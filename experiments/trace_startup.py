@@ -46,25 +46,22 @@ def _record(event: str, start: float, end: float, **kwargs) -> None:
     _spans.append((start, end, name, STAGES[event], str(kwargs.get('fun_name', ''))))
 
 
-def timeline(gns: bool) -> tuple[list[tuple[float, float, str, str, str]], float]:
-  """The compile-pipeline spans of one build (seconds from its start) and when the
-  build returned; only programs of at least 50 ms are kept."""
+def timeline(gns: bool, batch_sizes: list[int] | None = None):
+  """One build of the default run's steps (every phase's, or `batch_sizes`'), waited
+  for: (its compile-pipeline spans, seconds from its start, as (start, end, thread,
+  stage, program); when the build returned; the run)."""
   config = default.get_config()
   config.gns.enabled = gns
   _spans.clear()
   monitoring.register_event_time_span_listener(_record)
   start = time.time()  # the events' clock
-  run = setup.build(config, None, setup.Mode.BENCH)
+  run = setup.build(config, None, setup.Mode.BENCH, batch_sizes=batch_sizes)
   returned = time.time() - start
   for train_step in run.steps.values():
     train_step.result()
   monitoring.unregister_event_time_span_listener(_record)
-  spans = [
-    (s - start, e - start, thread, stage, fun)
-    for s, e, thread, stage, fun in sorted(_spans)
-    if e - s >= 0.05
-  ]
-  return spans, returned
+  spans = [(s - start, e - start, *rest) for s, e, *rest in sorted(_spans)]
+  return spans, returned, run
 
 
 def tensorflow_import_s() -> float:
@@ -89,10 +86,11 @@ def main(argv=None) -> None:
   if args.tensorflow:
     print(f'import clu.metric_writers (TensorFlow): {tensorflow_import_s():.2f} s')
     return
-  spans, returned = timeline(args.gns == 'on')
+  spans, returned, _ = timeline(args.gns == 'on')
   print(f'{"start":>6} {"end":>6}  {"thread":<20} {"stage":<8} program')
   for start, end, thread, stage, fun in spans:
-    print(f'{start:6.2f} {end:6.2f}  {thread:<20} {stage:<8} {fun}')
+    if end - start >= 0.05:  # the stages worth reading
+      print(f'{start:6.2f} {end:6.2f}  {thread:<20} {stage:<8} {fun}')
   print(f'{returned:6.2f}         the build returns: training could start')
 
 

@@ -77,33 +77,21 @@ def _truncate_data(d):
 _BTREE_NODE = bytes.fromhex('0cdb20de')  # the magic opening an OCDBT b-tree node file
 
 
-def _flip_bytes(d):
-  """Inverts 64 bytes in the middle of every file of array values (not the b-tree nodes,
-  whose damage is an unreadable checkpoint, not a silent one). Every such file, because
-  OCDBT can leave a file of values that the manifest no longer references (seen: the
-  largest file of a run's final checkpoint), and damage there changes nothing read."""
+def _flip_bytes(d, count: int | None = 64):
+  """Inverts `count` bytes in the middle of every file of array values (None: the whole
+  file), not the b-tree nodes, whose damage is an unreadable checkpoint, not a silent
+  one. Every such file, because OCDBT can leave a file of values that the manifest no
+  longer references (seen: the largest file of a run's final checkpoint), and damage
+  there changes nothing read."""
   for path in _data_files(d):
     with open(path, 'r+b') as f:
       if f.read(4) == _BTREE_NODE:
         continue
-      middle = os.path.getsize(path) // 2
-      f.seek(middle)
-      chunk = f.read(64)
-      f.seek(middle)
+      start = 0 if count is None else os.path.getsize(path) // 2
+      f.seek(start)
+      chunk = f.read(-1 if count is None else count)
+      f.seek(start)
       f.write(bytes(b ^ 0xFF for b in chunk))
-
-
-def _invert_values(d):
-  """Inverts every byte of every file of array values: unreadable, whatever part of a
-  file the manifest references."""
-  for path in _data_files(d):
-    with open(path, 'r+b') as f:
-      if f.read(4) == _BTREE_NODE:
-        continue
-      f.seek(0)
-      data = f.read()
-      f.seek(0)
-      f.write(bytes(b ^ 0xFF for b in data))
 
 
 def _delete(*parts):
@@ -189,10 +177,10 @@ def test_half_copied_higher_step_dir_is_skipped(workdir):
 
 
 def test_nothing_intact_says_so_in_one_line(workdir):
-  # Not _flip_bytes: 64 flipped bytes once left step 10 restoring (under the load of a
+  # Whole files: 64 flipped bytes once left step 10 restoring (under the load of a
   # parallel test session); this test is about the message, not about finding damage.
   for step in (10, 20, 30):
-    _invert_values(_step_dir(workdir, step))
+    _flip_bytes(_step_dir(workdir, step), count=None)
   with pytest.raises(checkpoint.CheckpointError) as info:
     _restore(workdir)
   message = str(info.value)
