@@ -21,8 +21,8 @@ as one `jax.vmap`ped pass (`grouped_gradients`). A batch of a single ghost batch
 such split: its halves, which share BN statistics (a slight bias of tr(Σ)), are
 back-propagated apart, a second backward pass. Either costs more than a plain update,
 so such steps measure on every `config.gns.split_every`-th update only (and a few times
-per horizon at least, `measure_every`), in an executable of its own that `TrainStep`
-dispatches those updates to; no compiled step branches on whether to measure.
+per horizon at least, `measure_every`): one `lax.cond` on the step picks the
+gradient's computation, in the same program as the plain update.
 `config.gns.enabled=False` turns the measurement off everywhere.
 
 With ghost batch norm the loss of a batch is the mean of its ghost-batch losses, so the
@@ -124,11 +124,10 @@ class StepOptions:
   gns_horizon_examples: horizon H of the noise-scale averages; 0 turns the measurement
     off (config.gns.enabled=False).
   gns_split_every: on one device with one micro-batch, measure on every this-many-th
-    update only (config.gns.split_every, at most `measure_every`'s cap), in a program
-    of its own: a split of the batch costs more than a plain update (see
-    `measure_every`). 1: every update, in the step itself. 0: no split measurement on
-    one device with one micro-batch (chosen for convolutional models on XLA:CPU, see
-    `_loop_structure`).
+    update only (config.gns.split_every, at most `measure_every`'s cap): a split of
+    the batch costs more than a plain update (see `measure_every`). 1: every update.
+    0: no split measurement on one device with one micro-batch (chosen for
+    convolutional models on XLA:CPU, see `_loop_structure`).
   nonfinite: 'stop' or 'skip' (see the module docstring).
   per_example_loss: (model output, labels) → per-example losses; cross-entropy with
     integer labels for every ibs model (experiments/validate_gns.py passes a squared
@@ -420,19 +419,19 @@ def _update(
   plan: sharding.MicroBatchPlan,
   options: StepOptions,
   ghost_batch_size: int,
-  measure_now: bool = True,
+  every: int = 1,
 ) -> tuple[TrainState, Metrics]:
   """One update on this device's (A, b, ...) share of a global batch.
 
-  `measure_now` matters only to one device with one micro-batch of one ghost batch,
-  where measuring the noise scale costs a second backward pass (`_one_micro_batch`).
+  `every` (`measure_every`) matters only to one device with one micro-batch, where
+  measuring the noise scale costs more than a plain update (`_one_micro_batch`).
   """
   start = device_share(state.batch_stats)
   if plan.accumulation == 1:
     micro = jax.tree.map(lambda x: x[0], batch)
     if options.gns_horizon_examples and plan.num_devices == 1:
       return _one_micro_batch(
-        state, micro, running, plan, options, ghost_batch_size, measure_now
+        state, micro, running, plan, options, ghost_batch_size, every
       )
     # No loop for a batch that fits: the step is then a plain step.
     acc = _accumulate(state, start, None, micro, options)
@@ -451,34 +450,49 @@ def _update(
   return _finish(state, acc, running, plan, options)
 
 
-def _one_micro_batch(state, micro, running, plan, options, ghost_batch_size, measure_now):
-  """One update of one device with one micro-batch, the noise scale measured in it
-  (`measure_now`) or not.
+def _one_micro_batch(state, micro, running, plan, options, ghost_batch_size, every):
+  """One update of one device with one micro-batch, the noise scale measured in it on
+  the steps that are multiples of `every`.
 
   A measuring update back-propagates equal groups of whole ghost batches in one
   vmapped pass (`grouped_gradients`) where the batch holds two or more; a batch of one
   ghost batch has no exact split, and its halves are back-propagated apart
   (`split_batch_gradients`, a second backward pass). The other updates are plain ones
-  and the moving averages decay over the examples in between (ibs/gns.py).
-  `options.gns_split_every == 0` (a convolutional model on XLA:CPU, `_loop_structure`)
-  measures neither way.
+  and the moving averages decay over the examples in between (ibs/gns.py). With
+  `every` > 1 one `lax.cond` on the step picks the gradient's computation, measured or
+  plain; the rest of the update is shared, so the program holds one update and one
+  extra gradient, not a second executable. `options.gns_split_every == 0` (a
+  convolutional model on XLA:CPU, `_loop_structure`) measures neither way.
   """
   start = device_share(state.batch_stats)
   groups = measuring_groups(plan.micro_batch_size, ghost_batch_size)
   loss_fn = options.per_example_loss
-  small_b = plan.batch_size / 2
-  if options.gns_split_every and measure_now and groups > 1:
-    grads, small_sq, small_b, stats, losses, correct = grouped_gradients(
-      state, start, micro, groups, loss_fn
-    )
-  elif options.gns_split_every and measure_now:
-    split = split_point(plan.micro_batch_size, ghost_batch_size)
-    grads, small_sq, _, stats, losses, correct = split_batch_gradients(
-      state, start, micro, split, loss_fn
-    )
-  else:  # NaN: an update that did not measure.
+
+  def measured():
+    if groups > 1:
+      grads, small_sq, _, stats, losses, correct = grouped_gradients(
+        state, start, micro, groups, loss_fn
+      )
+    else:
+      split = split_point(plan.micro_batch_size, ghost_batch_size)
+      grads, small_sq, _, stats, losses, correct = split_batch_gradients(
+        state, start, micro, split, loss_fn
+      )
+    return grads, small_sq, stats, losses, correct
+
+  def plain():  # NaN: an update that did not measure.
     grads, stats, losses, correct = micro_batch_gradients(state, start, micro, loss_fn)
-    small_sq = jnp.full((), jnp.nan, jnp.float32)
+    return grads, jnp.full((), jnp.nan, jnp.float32), stats, losses, correct
+
+  if not options.gns_split_every:
+    grads, small_sq, stats, losses, correct = plain()
+  elif every == 1:
+    grads, small_sq, stats, losses, correct = measured()
+  else:
+    grads, small_sq, stats, losses, correct = jax.lax.cond(
+      state.step % every == 0, measured, plain
+    )
+  small_b = plan.micro_batch_size / (groups if groups > 1 else 2)
   acc = _Accumulated(grads, small_sq, _local_metrics(losses, correct), stats)
   return _finish(state, acc, running, plan, options, split=(small_sq, small_b))
 
@@ -489,8 +503,8 @@ MEASUREMENTS_PER_HORIZON = 4
 
 
 def measure_every(plan: sharding.MicroBatchPlan, options: StepOptions) -> int:
-  """Every how many updates a step of `plan` measures the noise scale: 1 (every update,
-  in the step itself) or n > 1 (in a program of its own, `TrainStep`).
+  """Every how many updates a step of `plan` measures the noise scale: 1 (every update)
+  or n > 1 (the updates whose step is a multiple of n, `_one_micro_batch`).
 
   Devices or micro-batches give the two batch sizes of the estimate for free: every
   update. One device with one micro-batch must split its batch (`_one_micro_batch`),
@@ -525,23 +539,23 @@ def _updates(
   plan,
   options,
   ghost_batch_size,
-  measure_now,
+  every,
   resident=None,
 ):
   """`num_steps` ≤ K updates on this device's (K, A, b, ...) batches, in order.
 
   The trip count is a value, not a shape: one executable serves every count (the
-  layout pads the unused slots). K = 1 runs its one update without a loop. No update
-  branches on whether to measure: what an update measures is fixed when it is compiled
-  (`measure_now`; `TrainStep` sends the updates that measure apart). With `resident`
-  data the batches are keys, materialised one update at a time (`materialise`).
+  layout pads the unused slots). K = 1 runs its one update without a loop. Whether an
+  update measures the noise scale is read off its step (`every`, `_one_micro_batch`),
+  so dispatches need not be cut around the measuring updates. With `resident` data the
+  batches are keys, materialised one update at a time (`materialise`).
   """
   _update_of = functools.partial(
     _update,
     plan=plan,
     options=options,
     ghost_batch_size=ghost_batch_size,
-    measure_now=measure_now,
+    every=every,
   )
 
   def update(state, batch, running):
@@ -576,12 +590,6 @@ class TrainStep:
   device, so a call transfers nothing but the batches. `memory_analysis()` is that of
   the executable that runs per micro-batch or per dispatch.
 
-  Where the noise scale is measured on every n-th update only (`measure_every` > 1),
-  those updates run alone in a second executable, `measuring`, compiled for one update:
-  the call splits its batches around them, so no executable branches on measuring. The
-  caller passes `first_step`, the step of the first batch (read from the state if not:
-  a wait for the device).
-
   A step may still be compiling (`compile_train_steps(..., wait_for=...)`): its first
   call, `result()` or `memory_analysis()` waits for it. Every call first raises the
   error of any program of its run that failed to compile beside training (`Background`).
@@ -594,10 +602,8 @@ class TrainStep:
     mesh,
     steps_per_dispatch: int,
     analysed,
-    measuring=None,
-    every=0,
     *,
-    pending: tuple[concurrent.futures.Future, ...] = (),
+    pending: concurrent.futures.Future | None = None,
     background: 'Background | None' = None,
     data=None,
   ):
@@ -608,8 +614,7 @@ class TrainStep:
     self.mesh = mesh
     self.steps_per_dispatch = steps_per_dispatch
     self._analysed = analysed
-    self._measuring, self._every = measuring, every
-    self._pending = pending  # futures of (run, measuring) while they compile
+    self._pending = pending  # the future of the program while it compiles
     self._callbacks_done: list[threading.Event] = []
     self.background = background
     self._counts = [
@@ -618,77 +623,43 @@ class TrainStep:
     ]
 
   def result(self) -> 'TrainStep':
-    """This step, its programs compiled: waits for them, raises their compile error."""
-    if self._pending:
-      run, measuring = (f.result() if f else None for f in self._pending)
-      self._run = self._analysed = run
-      self._measuring = measuring
-      self._pending = ()
+    """This step, its program compiled: waits for it, raises its compile error."""
+    if self._pending is not None:
+      self._run = self._analysed = self._pending.result()
+      self._pending = None
     return self
 
   def add_done_callback(self, fn: Callable[['TrainStep'], None]) -> None:
-    """Calls `fn(self)` once its programs are compiled (at once if they are), in the
+    """Calls `fn(self)` once its program is compiled (at once if it is), in the
     compiling thread; the step's first call waits for it to return."""
-    futures = [f for f in self._pending if f is not None]
-    if not futures:
+    if self._pending is None:
       fn(self)
       return
-    done, left, lock = threading.Event(), [len(futures)], threading.Lock()
+    done = threading.Event()
     self._callbacks_done.append(done)
 
-    def one_done(_):
-      with lock:  # the futures may finish in two threads at once
-        left[0] -= 1
-        last = not left[0]
-      if last:
-        try:
-          fn(self)
-        finally:
-          done.set()
+    def when_compiled(_):
+      try:
+        fn(self)
+      finally:
+        done.set()
 
-    for future in futures:
-      future.add_done_callback(one_done)
+    self._pending.add_done_callback(when_compiled)
 
   def __call__(
-    self,
-    state: TrainState,
-    local_batches: list[Any],
-    running_metrics: Metrics,
-    first_step: int | None = None,
+    self, state: TrainState, local_batches: list[Any], running_metrics: Metrics
   ) -> tuple[TrainState, Metrics]:
-    """Runs the updates of `local_batches` from step `first_step` (read from the state
-    when not given, which waits for the device); measuring updates go to their own
-    program."""
+    """Runs the updates of `local_batches` in one dispatch."""
     self.result()
     while self._callbacks_done:
       self._callbacks_done.pop().wait()
     if self.background is not None:
       self.background.raise_error()
-    if self._measuring is None:
-      return self._dispatch(self._run, state, local_batches, running_metrics)
-    step = int(state.step) if first_step is None else first_step
-    measured = [i for i in range(len(local_batches)) if (step + i) % self._every == 0]
-    done = 0
-    for i in measured:
-      if i > done:
-        state, running_metrics = self._dispatch(
-          self._run, state, local_batches[done:i], running_metrics
-        )
-      state, running_metrics = self._dispatch(
-        self._measuring, state, local_batches[i : i + 1], running_metrics, 1
-      )
-      done = i + 1
-    if done < len(local_batches):
-      state, running_metrics = self._dispatch(
-        self._run, state, local_batches[done:], running_metrics
-      )
-    return state, running_metrics
-
-  def _dispatch(self, run, state, local_batches, running_metrics, k=None):
-    k = k or self.steps_per_dispatch
-    batches = sharding.train_batches_to_device(local_batches, self.plan, self.mesh, k)
+    batches = sharding.train_batches_to_device(
+      local_batches, self.plan, self.mesh, self.steps_per_dispatch
+    )
     count = self._counts[len(local_batches)]
-    return run(state, batches, running_metrics, count, self._data)
+    return self._run(state, batches, running_metrics, count, self._data)
 
   def memory_analysis(self) -> Any:
     return self.result()._analysed.memory_analysis()
@@ -899,30 +870,21 @@ def compile_train_steps(
       )
       continue
 
-    def lower_updates(measure_now: bool, num_updates: int, plan=plan):
-      updates = functools.partial(
-        _updates,
-        plan=plan,
-        options=options,
-        ghost_batch_size=ghost_batch_size,
-        measure_now=measure_now,
-        resident=resident,
-      )
-      in_specs = (P(), batch_spec, P(), P(), P())
-      per_device = _per_device(updates, mesh, in_specs, (P(), P()))
-      return jax.jit(per_device, donate_argnums=(0, 2)).lower(
-        state_shapes,
-        batch_shapes(plan, sent, num_updates),
-        metric_shapes,
-        count_shape,
-        data_shapes,
-      )
-
-    sometimes = measure_every(plan, options) > 1
+    updates = functools.partial(
+      _updates,
+      plan=plan,
+      options=options,
+      ghost_batch_size=ghost_batch_size,
+      every=measure_every(plan, options),
+      resident=resident,
+    )
+    in_specs = (P(), batch_spec, P(), P(), P())
+    per_device = _per_device(updates, mesh, in_specs, (P(), P()))
     lowered[plan.shape] = (
       plan,
-      lower_updates(not sometimes, k),
-      lower_updates(True, 1) if sometimes else None,
+      jax.jit(per_device, donate_argnums=(0, 2)).lower(
+        state_shapes, batch, metric_shapes, count_shape, data_shapes
+      ),
     )
   # XLA compiles one program on one core: the programs compile side by side, first
   # those waited for on every core, then the others on all cores but one, which the
@@ -942,22 +904,14 @@ def compile_train_steps(
     return program.compile()
 
   background = Background()
-  for shape, (plan, *programs) in lowered.items():
+  for shape, (plan, program) in lowered.items():
     if shape in waited:
-      pending = tuple(now.submit(p.compile) if p else None for p in programs)
-      first.extend(f for f in pending if f)
+      pending = now.submit(program.compile)
+      first.append(pending)
     else:
-      pending = tuple(later.submit(after_first, p) if p else None for p in programs)
+      pending = later.submit(after_first, program)
     compiled[shape] = TrainStep(
-      None,
-      plan,
-      mesh,
-      k,
-      None,
-      every=measure_every(plan, options) if programs[1] else 0,
-      pending=pending,
-      background=background,
-      data=data,
+      None, plan, mesh, k, None, pending=pending, background=background, data=data
     )
   now.shutdown(wait=False)
   later.shutdown(wait=False)

@@ -230,7 +230,7 @@ def train(
             events.steps_until_next(examples, phase.batch_size),
           )
           chunk = [next(batches) for _ in range(num_steps)]
-          state, metrics = train_step(state, chunk, metrics, step)
+          state, metrics = train_step(state, chunk, metrics)
           if one_at_a_time:  # A lost peer must not leave a collective behind.
             jax.block_until_ready((state, metrics))
           before, examples = examples, examples + num_steps * phase.batch_size

@@ -280,7 +280,7 @@ def test_one_micro_batch_measures_the_noise_scale_from_its_two_halves():
 
 def test_one_ghost_batch_measures_every_nth_update_whatever_the_dispatches():
   """A batch of one ghost batch measures on the updates whose step is a multiple of
-  gns_split_every only, in an executable of its own: dispatches of 3 + 4 updates (K =
+  gns_split_every only, whatever the dispatch it is in: dispatches of 3 + 4 updates (K =
   4) end bit-identical to 7 single updates (K = 1), and the last measurement folded in
   is step 6's (no examples pending after it)."""
   mesh = sharding.make_mesh(jax.devices()[:1])
@@ -301,10 +301,9 @@ def test_one_ghost_batch_measures_every_nth_update_whatever_the_dispatches():
       steps_per_dispatch=k,
       options=options,
     ).values()
-    running, at = step_lib.empty_metrics(mesh), 0
+    running = step_lib.empty_metrics(mesh)
     for chunk in chunks:
-      state, running = step(state, chunk, running, at)
-      at += len(chunk)
+      state, running = step(state, chunk, running)
     finals.append(state)
   jax.tree.map(np.testing.assert_array_equal, finals[0].params, finals[1].params)
   jax.tree.map(np.testing.assert_array_equal, finals[0].gns, finals[1].gns)
@@ -440,18 +439,18 @@ def _counting(fn, counter):
 def test_one_compilation_per_distinct_phase_shape(
   tiny_config, tmp_path, monkeypatch, without_compilation_cache
 ):
-  """Four phases, three shapes: five compilations, each once, and the first phase's
-  (B = 32 and its measuring executable) before the first step; the others compile
-  beside training (their steps wait for them at their first call).
+  """Four phases, three shapes: three compilations, each once, and the first phase's
+  before the first step; the others compile beside training (their steps wait for them
+  at their first call).
 
   Phases 0 and 2 share B = 32 but not ε: they share the compiled step. B = 32 and 64
-  are one micro-batch on one device, so their noise-scale measurement (every
-  `gns.split_every`-th update) has an executable of its own: two more compilations;
-  B = 128 (A = 2) measures in the step. Traces of
-  train_step are counted directly; XLA compilations through jax.monitoring's backend
-  compile event, which names the jitted function (the session's compilation cache is
-  off here: a program found there would not be compiled). One convolution: the count
-  does not depend on the model's depth, the compilation time does.
+  are one micro-batch on one device, so they measure the noise scale on every
+  `gns.split_every`-th update only, inside the same program (a `lax.cond` on the step);
+  B = 128 (A = 2) measures in every update. Traces of train_step are counted directly;
+  XLA compilations through jax.monitoring's backend compile event, which names the
+  jitted function (the session's compilation cache is off here: a program found there
+  would not be compiled). One convolution: the count does not depend on the model's
+  depth, the compilation time does.
   """
   from ibs import train
   from tests.conftest import fake_explicit_config
@@ -492,8 +491,8 @@ def test_one_compilation_per_distinct_phase_shape(
 
   assert summary['finished']
   assert compiles_done == [[(1, 32), (1, 64), (2, 64)]]
-  assert len(traces) == 5
+  assert len(traces) == 3
   train_step_compiles = [after for name, after in events if '_updates' in name]
-  assert len(train_step_compiles) == 5, events
-  # B = 32's two programs (the plain and the measuring one) complete before training.
-  assert train_step_compiles.count(False) >= 2, events
+  assert len(train_step_compiles) == 3, events
+  # B = 32's program completes before training.
+  assert train_step_compiles.count(False) >= 1, events
