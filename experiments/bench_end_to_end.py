@@ -20,8 +20,15 @@ gives medians and, for ibs, the median over repetitions of the paired ratio
 lean / ibs (≥ 1: ibs faster) and no_gns / ibs (the noise scale's end-to-end cost).
 MNIST-1D must be generated first (any earlier run does it).
 
+  ibs_baseline  ibs as another checkout of the repository has it (`--baseline_checkout`,
+              e.g. a `git worktree` of an earlier commit): its own code, the same
+              command, for the speed of a change end to end
+
   python -m experiments.bench_end_to_end                   # 3 repetitions
   python -m experiments.bench_end_to_end --repetitions=5 --variants=ibs,ibs_no_gns
+  git worktree add /tmp/ibs_before HEAD~1
+  python -m experiments.bench_end_to_end --variants=ibs,ibs_baseline \
+    --baseline_checkout=/tmp/ibs_before
 """
 
 from __future__ import annotations
@@ -52,18 +59,22 @@ COMMANDS = {
     '--config=configs/default.py',
     '--config.resident_data=off',
   ],
+  'ibs_baseline': ['-m', 'ibs.main', '--config=configs/default.py'],
 }
 FIELDS = ('train_s', 'compile_s', 'whole_s', 'cpu_s', 'test_accuracy')
 
 
-def run_once(name: str, scratch: str, extra: list[str]) -> dict[str, float]:
-  """One run of variant `name` in a subprocess: its times and test accuracy."""
+def run_once(
+  name: str, scratch: str, extra: list[str], cwd: str | None = None
+) -> dict[str, float]:
+  """One run of variant `name` in a subprocess (in `cwd`, whose `ibs` it imports):
+  its times and test accuracy."""
   out = os.path.join(scratch, f'{name}.json')
   workdir = os.path.join(scratch, f'{name}_workdir')
   args = [sys.executable, *COMMANDS[name], *extra]
   args += [f'--out={out}'] if name == 'lean' else [f'--workdir={workdir}']
   start, cpu = time.perf_counter(), _children_cpu_s()
-  done = subprocess.run(args, capture_output=True, text=True, check=False)
+  done = subprocess.run(args, capture_output=True, text=True, check=False, cwd=cwd)
   whole, cpu = time.perf_counter() - start, _children_cpu_s() - cpu
   if done.returncode:
     raise RuntimeError(f'{" ".join(args)} failed:\n{done.stderr[-3000:]}')
@@ -120,6 +131,7 @@ def table(runs: dict[str, list[dict]]) -> str:
     ('lean', 'ibs_no_gns'),
     ('ibs_no_gns', 'ibs'),
     ('ibs_host_data', 'ibs'),
+    ('ibs_baseline', 'ibs'),
   ]
   for base, name in pairs:
     if base in runs and name in runs:
@@ -134,14 +146,26 @@ def table(runs: dict[str, list[dict]]) -> str:
 def main(argv=None) -> dict[str, list[dict]]:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--repetitions', type=int, default=3)
-  parser.add_argument('--variants', default=','.join(COMMANDS))
+  parser.add_argument(
+    '--variants', default=','.join(n for n in COMMANDS if n != 'ibs_baseline')
+  )
   parser.add_argument('--seed', type=int, default=0, help='of the shuffled order')
   parser.add_argument('--json', default='', help='write every run here')
+  parser.add_argument(
+    '--baseline_checkout',
+    default='',
+    help='another checkout of the repository, for the variant ibs_baseline',
+  )
   args = parser.parse_args(argv)
   names = args.variants.split(',')
   unknown = sorted(set(names) - set(COMMANDS))
   if unknown:
     parser.error(f'unknown variants {unknown}; choose from {list(COMMANDS)}')
+  baseline = os.path.abspath(args.baseline_checkout) if args.baseline_checkout else ''
+  if ('ibs_baseline' in names) != bool(baseline):
+    parser.error('the variant ibs_baseline and --baseline_checkout=DIR go together')
+  if baseline and not os.path.isfile(os.path.join(baseline, 'ibs', 'main.py')):
+    parser.error(f'--baseline_checkout={baseline} holds no ibs/main.py')
   rng = random.Random(args.seed)
   runs: dict[str, list[dict]] = {name: [] for name in names}
   loads = [os.getloadavg()[0]]
@@ -149,7 +173,8 @@ def main(argv=None) -> dict[str, list[dict]]:
     for repetition in range(args.repetitions):
       order = rng.sample(names, len(names))
       for name in order:
-        result = run_once(name, os.path.join(scratch, str(repetition)), [])
+        cwd = baseline if name == 'ibs_baseline' else None
+        result = run_once(name, os.path.join(scratch, str(repetition)), [], cwd)
         runs[name].append(result)
         loads.append(os.getloadavg()[0])
         print(f'repetition {repetition} {name}: {json.dumps(result)}', flush=True)
