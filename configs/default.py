@@ -92,7 +92,8 @@ def get_config() -> ml_collections.ConfigDict:
   # fastest near 800 examples per micro-batch for this model)
   config.steps_per_dispatch = 32  # updates per call of the compiled step: at B = 32 a
   # step is short on CPU and the host's work per call a visible share of it (32 against
-  # 8: 0.91x the time per update; docs/BENCHMARKS.md, "Updates per dispatch")
+  # 8: 0.92x the time per update; docs/BENCHMARKS.md, "One program per shape, 32 updates
+  # per dispatch")
   # The gradient noise scale B_simple = tr(Σ)/|G|², measured in the step (ibs/gns.py):
   # moving averages over a horizon of this many examples (here one epoch). Every update
   # measures, except where one device trains one micro-batch (here B = 32, 160, 800):
