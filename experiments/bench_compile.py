@@ -2,14 +2,12 @@ r"""What the default run's train steps cost to compile, program by program.
 
 For every phase batch of configs/default.py (32, 160, 800, 4000), with the noise scale
 on and off: builds the run's step for that batch alone (`setup.build`, `Mode.BENCH`,
-as training compiles it: the plain program and, where the noise scale is measured in a
-program of its own, the measuring one, side by side), and records XLA's backend
-compile time of each program (the `compile` spans of `jit(_updates)` that
-experiments/trace_startup.py reads off jax.monitoring) and the number of instructions in
-the plain program's
-optimised HLO. Compilation is the part of a run a user waits for before the first step
-and the part that later phases' programs take from training's cores
-(docs/BENCHMARKS.md, "End to end").
+as training compiles it), and records XLA's backend compile time of each of its
+programs (the `compile` spans of `jit(_updates)` that experiments/trace_startup.py reads
+off jax.monitoring; one per batch shape, since the measuring update is a conditional
+inside the step) and the number of instructions in its optimised HLO. Compilation is
+the part of a run a user waits for before the first step and the part that later
+phases' programs take from training's cores (docs/BENCHMARKS.md, "End to end").
 
   python -m experiments.bench_compile --repetitions=3
   python -m experiments.bench_compile --repetitions=1 --gns=on --batch_sizes=160

@@ -59,8 +59,8 @@ COMMANDS = {
     '--config=configs/default.py',
     '--config.resident_data=off',
   ],
-  'ibs_baseline': ['-m', 'ibs.main', '--config=configs/default.py'],
 }
+COMMANDS['ibs_baseline'] = COMMANDS['ibs']  # run in another checkout (`cwd`)
 FIELDS = ('train_s', 'compile_s', 'whole_s', 'cpu_s', 'test_accuracy')
 
 

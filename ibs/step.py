@@ -843,7 +843,7 @@ def compile_train_steps(
 
   The programs compile side by side, one per core, in the order of `plans`. This
   returns once those of the first `wait_for` plans are compiled (all when None); the
-  others go on compiling beside training, and each step waits for its own programs at
+  others go on compiling beside training, and each step waits for its own program at
   its first call (`TrainStep.result`). XLA compiles outside the GIL, so on the host
   whose device trains they cost a core, not the training's time. `while_waiting` is
   entered for the wait (setup.py imports TensorFlow in it).
