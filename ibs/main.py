@@ -88,13 +88,14 @@ def _is_user_error(e: BaseException) -> bool:
   return isinstance(e, _user_errors())
 
 
-def check_before_importing_tensorflow(config, workdir: str) -> None:
+def check_before_building(config, workdir: str) -> None:
   """The config, a catalog dataset's files and the workdir, checked in about a second.
 
-  ibs.train imports TensorFlow for clu's TensorBoard writer, most of its import time
-  (`python -X importtime -m ibs.main ...` shows it); a mistake found here needs neither.
-  The workdir comes last, so a config or a dataset that fails leaves no directory behind.
-  train_and_evaluate checks the config again: it is also called from notebooks and tests.
+  Before the data is read, the model initialised and the steps compiled (and before
+  TensorFlow, which ibs/tf_setup.py imports while the first program compiles): a mistake
+  found here needs none of them. The workdir comes last, so a config or a dataset that
+  fails leaves no directory behind. train_and_evaluate checks the config again: it is
+  also called from notebooks and tests.
   """
   import jax
 
@@ -108,8 +109,8 @@ def check_before_importing_tensorflow(config, workdir: str) -> None:
 
 
 def run(config, workdir: str) -> None:
-  # Imported only now: XLA's C++ logging, like TensorFlow's (which ibs.train imports),
-  # reads TF_CPP_MIN_LOG_LEVEL once (set by reporting.quiet_logging).
+  # Imported only now: XLA's C++ logging, like TensorFlow's (ibs/tf_setup.py), reads
+  # TF_CPP_MIN_LOG_LEVEL once (set by reporting.quiet_logging).
   import jax
 
   from ibs.durability import coordinator
@@ -126,13 +127,7 @@ def run(config, workdir: str) -> None:
   elif _is_multihost_tpu() or _is_slurm_step():
     coordinator.initialize()  # jax.distributed reads the cluster from the environment
 
-  check_before_importing_tensorflow(config, workdir)
-  import tensorflow as tf
-
-  # TFDS may use TensorFlow; keep it off the accelerators JAX needs.
-  tf.config.set_visible_devices([], 'GPU')
-  tf.config.set_visible_devices([], 'TPU')
-
+  check_before_building(config, workdir)
   from ibs import reporting, train
   from ibs.durability import checkpoint, preemption
 

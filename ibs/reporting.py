@@ -39,6 +39,8 @@ from typing import Any
 
 from absl import logging
 
+from ibs import tf_setup
+
 # The exit status of a command that a user's mistake ended (after its one-line error).
 EXIT_USER_ERROR = 2
 # Scalars of a log period that measure time, not training (tests leave them out).
@@ -482,16 +484,17 @@ def importing_writers() -> Iterator[None]:
   """Imports clu's metric writers in a thread for the duration of the block, and waits
   for the import at its end.
 
-  Their TensorBoard writer imports TensorFlow, the largest import of a run. setup.py
-  wraps the wait for the first phase's compile in this block: XLA compiles outside the
-  GIL, so the import takes the time of neither. The thread that waits imports nothing
-  meanwhile (two threads importing the same modules can see them half-initialised).
-  An import that fails here is raised again, in the loop's thread, by
-  `create_writer`'s import.
+  Their TensorBoard writer needs TensorFlow, the largest import of a run
+  (ibs/tf_setup.py). setup.py wraps the wait for the first phase's compile in this
+  block: XLA compiles outside the GIL, so the import takes the time of neither. The
+  thread that waits imports nothing meanwhile (two threads importing the same modules
+  can see them half-initialised). An import that fails here is raised again, in the
+  loop's thread, by `create_writer`'s import.
   """
 
   def load():
     try:
+      tf_setup.import_tensorflow()
       import clu.metric_writers  # noqa: F401
     except Exception:
       return
@@ -507,6 +510,7 @@ def importing_writers() -> Iterator[None]:
 def create_writer(workdir: str, just_logging: bool = False):
   """clu's asynchronous MultiWriter of the short log lines and (on the process that
   writes) TensorBoard's SummaryWriter, which gets every scalar."""
+  tf_setup.import_tensorflow()  # before clu's writer runs TensorFlow's first operation
   from clu import metric_writers  # imports TensorFlow and JAX: only when training
   from clu.metric_writers import logging_writer
 

@@ -33,6 +33,7 @@ from absl import logging
 
 from ibs import (
   adaptive,
+  aot,
   cadence,
   clock,
   config_checks,
@@ -304,8 +305,13 @@ def evaluate(
   batch_size: int,
 ) -> dict[str, float]:
   """Loss and accuracy over all of `source`, each example counted once, in eval mode (BN
-  running statistics, no augmentation): the loop's test metrics and the probe's."""
-  total = None
+  running statistics, no augmentation): the loop's test metrics and the probe's.
+
+  The batches' sums are added on the host (float32, as on the device) after the last
+  batch is dispatched: no program but `eval_step` runs, so an evaluation compiles
+  nothing once `eval_step` is compiled, and no batch waits for the one before.
+  """
+  sums = []
   one_at_a_time = preemption.dispatch_one_at_a_time()
   for local in pipeline.eval_batches(
     source,
@@ -317,8 +323,21 @@ def evaluate(
     batch_metrics = eval_step(state, sharding.eval_batch_to_device(local, mesh))
     if one_at_a_time:  # A lost peer must not leave a collective behind (preemption.py).
       jax.block_until_ready(batch_metrics)
-    total = batch_metrics if total is None else total.merge(batch_metrics)
+    sums.append(batch_metrics)
+  total = functools.reduce(lambda a, b: a.merge(b), map(step_lib.on_host, sums))
   return {k: float(v) for k, v in total.compute().items()}
+
+
+def eval_batch_shapes(data: Data, mesh: Any, batch_size: int) -> dict[str, Any]:
+  """The abstract global batch that `evaluate` passes its `eval_step`, to compile for."""
+  index = np.zeros(1, np.int64)
+  example = data.preprocess(data.test.get(index), index, False)
+  example = {**example, 'mask': np.ones(1, np.float32)}
+  placed = sharding.eval_batch_sharding(mesh)
+  return {
+    k: jax.ShapeDtypeStruct((batch_size, *v.shape[1:]), v.dtype, sharding=placed)
+    for k, v in example.items()
+  }
 
 
 # ----------------------------------------------------------------------- restoring
@@ -386,7 +405,8 @@ class Run:
   manager: Any  # the checkpoint manager (BRANCH: read-only, or None)
   previous_train_s: float  # training time of earlier sessions
   compile_s: float
-  eval_step: Any  # step.jit_eval_step on the mesh, compiled at its first batch
+  eval_step: Any  # step.jit_eval_step on the mesh, compiling beside training (aot.py)
+  leaf_sums: Any  # the checkpoints' checksum program, compiling beside training (TRAIN)
 
   def evaluate(self, state: step_lib.TrainState, source: Any = None) -> dict[str, float]:
     """Loss and accuracy of `state` over `source` (the test split if None), in eval
@@ -486,6 +506,15 @@ def build(
   events = cadence.Cadence.from_config(config, spec.num_train_examples).with_period(
     'decide', run_sched.decide_every_examples
   )
+  # The events' programs compile beside training too: no event compiles in the loop.
+  eval_step = aot.Precompiled(
+    step_lib.jit_eval_step(mesh),
+    compiled_for,
+    eval_batch_shapes(data, mesh, config.eval_batch_size),
+  )
+  leaf_sums = None  # only training writes checkpoints
+  if mode is Mode.TRAIN:
+    leaf_sums = checkpoint.checksum_program((state, metrics))
   return Run(
     config=config,
     spec=spec,
@@ -503,5 +532,6 @@ def build(
     manager=manager,
     previous_train_s=previous_train_s,
     compile_s=time.perf_counter() - compile_start,
-    eval_step=step_lib.jit_eval_step(mesh),
+    eval_step=eval_step,
+    leaf_sums=leaf_sums,
   )

@@ -963,6 +963,12 @@ def _compile_host_loop(
   return TrainStep(host, plan, mesh, 1, micro, data=data)
 
 
+def on_host(metrics: Metrics) -> Metrics:
+  """The same metrics as numpy values (this process's copy of each replicated sum):
+  merged and computed on the host, they run no program, so compile none."""
+  return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), metrics)
+
+
 def empty_metrics(mesh: jax.sharding.Mesh) -> Metrics:
   """Zero running metrics on the mesh, to start a log period (built there, not moved
   there: sharding.replicate says why)."""

@@ -89,7 +89,8 @@ class Reporter:
     position = self.position(step, examples)
     segment = segs.at(step - 1)  # of the last update
     if 'log' in due:
-      scalars = {f'train_{k}': float(v) for k, v in metrics.compute().items()}
+      computed = step_lib.on_host(metrics).compute()  # no program to compile
+      scalars = {f'train_{k}': float(v) for k, v in computed.items()}
       scalars.update(
         noise_scale.logged_scalars(
           state.opt_state.hyperparams, segment.phase.batch_size, self.n
@@ -118,7 +119,9 @@ class Reporter:
           skipped_updates=int(state.nonfinite_updates),
           **self.run.schedule.to_record(decisions),
         )
-        checkpoint.save(self.run.manager, state, record, metrics=metrics)
+        checkpoint.save(
+          self.run.manager, state, record, metrics=metrics, leaf_sums=self.run.leaf_sums
+        )
       self.saved_step = step
     return metrics
 

@@ -242,3 +242,42 @@ def test_a_later_phase_that_cannot_fit_stops_the_run_before_its_first_update(
     train.train_and_evaluate(config, str(tmp_path / 'run'))
   assert checked == [32, 64]
   assert dispatched and set(dispatched) == {32}, dispatched
+
+
+def test_the_loop_compiles_nothing(
+  tiny_config, tmp_path, monkeypatch, without_compilation_cache
+):
+  """Every program the loop runs (the phases' steps, the evaluation, the checkpoint
+  checksum, the log's arithmetic) is compiled beside it, in other threads, or before
+  it: after `setup.build` returns, the training thread compiles nothing. Counted with
+  jax.monitoring's backend compile event (the compilation cache is off here)."""
+  import threading
+
+  from ibs import setup, train
+
+  built = []
+  build = setup.build
+
+  def build_and_mark(*args, **kwargs):
+    run = build(*args, **kwargs)
+    built.append(run)
+    return run
+
+  monkeypatch.setattr(setup, 'build', build_and_mark)
+  in_loop = []
+
+  def listener(event, duration, **kwargs):
+    if event == '/jax/core/compile/backend_compile_duration' and built:
+      if threading.current_thread() is threading.main_thread():
+        in_loop.append(kwargs.get('fun_name', ''))
+
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    summary = train.train_and_evaluate(tiny_config, str(tmp_path))
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+
+  assert summary['finished']
+  assert in_loop == []
+  (run,) = built
+  assert run.eval_step.misses == 0 and run.leaf_sums.misses == 0

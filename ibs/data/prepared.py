@@ -110,8 +110,12 @@ def cifar10(split: str, data_dir: str | None) -> ArraySource:
   tfds_split = _tfds_split(builder, 'cifar10', split)
   if _has_array_record(builder):  # Random access; no TensorFlow needed.
     return in_memory(builder.as_data_source(split=tfds_split), 'image', np.uint8)
-  # tfrecord: one tf.data pass (imports TensorFlow).
+  # tfrecord: one tf.data pass (imports TensorFlow, off the accelerators).
   import tensorflow_datasets as tfds
+
+  from ibs import tf_setup
+
+  tf_setup.import_tensorflow()
 
   chunks = list(tfds.as_numpy(builder.as_dataset(split=tfds_split).batch(4096)))
   return ArraySource(

@@ -25,6 +25,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
+from ibs import aot
+
 # Config fields that decide the parameters' trajectory. Logging, evaluation and
 # checkpoint cadence, the stop-after switch, steps per dispatch, the micro-batch cap
 # (accumulation over ghost batches is exact), the eval batch, data_dir and the cache
@@ -203,13 +205,21 @@ def _host(x: jax.Array) -> np.ndarray:
   return np.asarray(x.addressable_data(0)) if isinstance(x, jax.Array) else np.asarray(x)
 
 
-def state_checksum(state: Any) -> tuple[str, bool]:
+def state_checksum(state: Any, leaf_sums: Any = _leaf_sums) -> tuple[str, bool]:
   """(checksum, all floats finite) of a state, computed on its devices in one dispatch.
 
   The checksum does not depend on the devices or their number: integer sums are exact.
+  `leaf_sums` is that dispatch's program: `checksum_program`'s for the loop.
   """
-  sums, finite = _leaf_sums(state)
+  sums, finite = leaf_sums(state)
   return hashlib.sha256(_host(sums).tobytes()).hexdigest()[:16], bool(_host(finite))
+
+
+def checksum_program(tree: Any) -> aot.Precompiled:
+  """`state_checksum`'s program for trees shaped and placed as `tree` (arrays or
+  abstract values), compiling beside training from now on: the first checkpoint of a
+  run then compiles nothing (ibs/aot.py)."""
+  return aot.Precompiled(_leaf_sums, tree)
 
 
 # ----------------------------------------------------------------------- saving
@@ -231,18 +241,21 @@ def save(
   state: Any,
   record: CheckpointRecord,
   metrics: Any = None,
+  leaf_sums: Any = _leaf_sums,
 ) -> CheckpointRecord:
   """Saves asynchronously, with the state's checksum; returns the record saved.
 
   `metrics`, the running train metrics, are saved beside the state and covered by the
-  checksum too.
+  checksum too. `leaf_sums`: the checksum's program (`state_checksum`).
 
   Raises CheckpointError, writing nothing, when the state is not finite; SaveError when
   the previous save failed or orbax declines this one (it saves only steps above its
   latest). A save that fails in the background surfaces at the next
   `check_save_errors`; call `manager.wait_until_finished()` before exiting.
   """
-  checksum, finite = state_checksum(state if metrics is None else (state, metrics))
+  checksum, finite = state_checksum(
+    state if metrics is None else (state, metrics), leaf_sums
+  )
   if not finite:
     raise CheckpointError(
       f'Refusing to checkpoint step {record.step}: the state holds NaN or inf. '

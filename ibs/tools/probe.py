@@ -75,7 +75,7 @@ from typing import Any
 
 from absl import app, flags
 
-from ibs import clock, reporting  # pure Python, absl and etils: errors stay fast
+from ibs import clock, reporting, tf_setup  # pure Python, absl, etils: errors stay fast
 
 RULES = ('linear', 'sqrt')
 
@@ -328,7 +328,7 @@ def probe(args: Arguments, log=print, prober=None) -> dict[str, Any]:
   from ibs.tools import branch, curves
 
   wall_start = time.perf_counter()
-  _keep_tensorflow_off_accelerators()
+  tf_setup.import_tensorflow()  # TFDS may use it: off the accelerators JAX needs
   config = branch.load_run_config(args.workdir)
   n = _num_train(config)
   check_against_run(
@@ -374,14 +374,6 @@ def probe(args: Arguments, log=print, prober=None) -> dict[str, Any]:
     'compile_s': prober.compile_s,
     'wall_clock_s': time.perf_counter() - wall_start,
   }
-
-
-def _keep_tensorflow_off_accelerators() -> None:
-  """TFDS may use TensorFlow; keep it off the accelerators JAX needs (as ibs.main)."""
-  import tensorflow as tf
-
-  tf.config.set_visible_devices([], 'GPU')
-  tf.config.set_visible_devices([], 'TPU')
 
 
 def _num_train(config) -> int:
