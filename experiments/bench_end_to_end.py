@@ -10,10 +10,11 @@ Three programs do the same work (configs/default.py: cnn1d on MNIST-1D, 32 → 1
               split on the device (ibs/data/resident.py)
 
 Every repetition runs all three in a shuffled order, so load from other processes falls
-on all alike. Per run: training s (ibs: the summary's per-phase training time, which
-leaves out evaluation and checkpoints; lean: its epoch dispatches), compilation s (ibs:
-the summary's `compile_s`, the ahead-of-time compile of every phase's step; lean: its four
-epoch functions and the evaluation) and the whole run, the subprocess's wall-clock from
+on all alike. Per run: training s, in all and per phase (ibs: the summary's per-phase
+training time, which leaves out evaluation and checkpoints; lean: its epoch
+dispatches), compilation s (ibs: the summary's `compile_s`, the ahead-of-time compile
+of every phase's step; lean: its four epoch functions and the evaluation) and the
+whole run, the subprocess's wall-clock from
 start to exit (imports, data, compilation, training, evaluation, checkpoints), and its
 CPU time (user + system: on a shared machine less sensitive to other load). The table
 gives medians and, for ibs, the median over repetitions of the paired ratio
@@ -61,7 +62,7 @@ COMMANDS = {
   ],
 }
 COMMANDS['ibs_baseline'] = COMMANDS['ibs']  # run in another checkout (`cwd`)
-FIELDS = ('train_s', 'compile_s', 'whole_s', 'cpu_s', 'test_accuracy')
+FIELDS = ('train_s', 'compile_s', 'whole_s', 'cpu_s', 'test_accuracy')  # in the table
 
 
 def run_once(
@@ -86,11 +87,16 @@ def run_once(
       summary = json.load(f)
     result = {
       'train_s': sum(row['train_s'] for row in summary['throughput']),
+      'phase_train_s': [row['train_s'] for row in summary['throughput']],
       'compile_s': summary['compile_s'],
       'test_accuracy': summary['test_accuracy'],
     }
   return {
-    **{k: result[k] for k in ('train_s', 'compile_s', 'test_accuracy')},
+    **{
+      k: result[k]
+      for k in ('train_s', 'phase_train_s', 'compile_s', 'test_accuracy')
+      if k in result  # an ibs_baseline checkout's lean loop may lack phase_train_s
+    },
     'whole_s': whole,
     'cpu_s': cpu,
   }
@@ -124,6 +130,13 @@ def table(runs: dict[str, list[dict]]) -> str:
         f'({" / ".join(fmt.format(v) for v in values)})'
       )
     lines.append(f'| {name} | {" | ".join(cells)} |')
+  lines.append('')
+  lines.append('training s per phase, median over repetitions:')
+  for name, results in runs.items():
+    per_phase = [r['phase_train_s'] for r in results if 'phase_train_s' in r]
+    if per_phase:
+      medians = [statistics.median(p) for p in zip(*per_phase, strict=True)]
+      lines.append(f'- {name}: {" / ".join(f"{t:.2f}" for t in medians)}')
   lines.append('')
   lines.append('paired ratios, median over repetitions (≥ 1: the second is faster):')
   pairs = [

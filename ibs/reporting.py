@@ -479,32 +479,70 @@ def hparams_line(hparams: Mapping[str, Any]) -> str:
   return f'hyperparameters: {shown} (all {len(hparams)} in config.json, HParams)'
 
 
-@contextlib.contextmanager
-def importing_writers() -> Iterator[None]:
-  """Imports clu's metric writers in a thread for the duration of the block, and waits
-  for the import at its end.
+class StartingWriter:
+  """The run's metric writer (`create_writer`), built in a thread; writes made before it
+  is ready wait, in order, and reach it as soon as it is.
 
-  Their TensorBoard writer needs TensorFlow, the largest import of a run
-  (ibs/tf_setup.py). setup.py wraps the wait for the first phase's compile in this
-  block: XLA compiles outside the GIL, so the import takes the time of neither. The
-  thread that waits imports nothing meanwhile (two threads importing the same modules
-  can see them half-initialised). An import that fails here is raised again, in the
-  loop's thread, by `create_writer`'s import.
+  clu's writers import TensorFlow, the largest import of a run (ibs/tf_setup.py: about
+  3 s on 2 cores). Built before training, the writer put that import on the path of
+  every run; built here, it happens beside training, whose thread mostly waits for the
+  device meanwhile (docs/BENCHMARKS.md, "No compile in the loop"). The log lines of the
+  first seconds appear when the writer is ready, none lost. A writer that fails to
+  build raises its error at the next call. Two threads must not import the same
+  modules at once (they can see them half-initialised): the loop's thread imports
+  nothing of TensorFlow's or clu's writers' while this one does.
   """
 
-  def load():
-    try:
-      tf_setup.import_tensorflow()
-      import clu.metric_writers  # noqa: F401
-    except Exception:
-      return
+  def __init__(self, create: Callable[[], Any]):
+    self._lock = threading.Lock()
+    self._waiting: list[tuple[str, tuple[Any, ...]]] = []
+    self._writer: Any = None
+    self._error: BaseException | None = None
+    self._thread = threading.Thread(
+      target=self._build, args=(create,), name='ibs_start_writer', daemon=True
+    )
+    self._thread.start()
 
-  thread = threading.Thread(target=load, name='ibs_import_writers', daemon=True)
-  thread.start()
-  try:
-    yield
-  finally:
-    thread.join()
+  def _build(self, create: Callable[[], Any]) -> None:
+    try:
+      writer = create()
+    except BaseException as e:  # raised in the loop's thread, at its next call
+      with self._lock:
+        self._error = e
+      return
+    with self._lock:
+      for name, args in self._waiting:
+        getattr(writer, name)(*args)
+      self._waiting.clear()
+      self._writer = writer
+
+  def _ready(self) -> Any:
+    """The built writer, waiting for it (or raising the error of its build)."""
+    self._thread.join()
+    if self._error is not None:
+      raise self._error
+    return self._writer
+
+  def _write(self, name: str, *args: Any) -> None:
+    with self._lock:
+      if self._error is not None:
+        raise self._error
+      if self._writer is None:
+        self._waiting.append((name, args))
+        return
+    getattr(self._writer, name)(*args)
+
+  def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
+    self._write('write_scalars', step, scalars)
+
+  def write_hparams(self, hparams: Mapping[str, Any]) -> None:
+    self._write('write_hparams', hparams)
+
+  def flush(self) -> None:
+    self._ready().flush()
+
+  def close(self) -> None:
+    self._ready().close()
 
 
 def create_writer(workdir: str, just_logging: bool = False):

@@ -40,7 +40,6 @@ from ibs import (
   measured,
   models,
   optim,
-  reporting,
   schedules,
   segments,
   sharding,
@@ -194,11 +193,9 @@ def compile_steps(
   batch_sizes: list[int],
   options: step_lib.StepOptions | None = None,
   host_loop: bool | None = None,
-  while_waiting: Any = None,
 ) -> dict[int, step_lib.TrainStep]:
   """The train step of every batch size in `batch_sizes` (in the order of use), each
   compiled ahead of its phase, its memory logged and checked against the device's.
-  `while_waiting`: a context entered while the first step compiles.
 
   Returns once the first batch size's step is compiled and checked: training starts
   while the later phases' steps compile beside it (`step.compile_train_steps`). Their
@@ -223,7 +220,6 @@ def compile_steps(
     options=options or step_options(config),
     host_loop=host_loop,
     wait_for=1,
-    while_waiting=while_waiting,
     resident=data.resident,
   )
   for i, (b, plan) in enumerate(plans.items()):
@@ -489,9 +485,7 @@ def build(
     compile_start = time.perf_counter()
     compiled_for = state
     batch_sizes = run_sched.batch_sizes(decisions, int(state.step))
-    steps = compile_steps(
-      config, mesh, state, data, batch_sizes, while_waiting=reporting.importing_writers()
-    )
+    steps = compile_steps(config, mesh, state, data, batch_sizes)
   elif mode is Mode.BENCH:
     manager, compiled_for = None, state
     batch_sizes = batch_sizes or run_sched.batch_sizes(decisions, 0)

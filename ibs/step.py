@@ -49,7 +49,6 @@ once, in `_loop_structure`; the programs compile side by side, one per core.
 """
 
 import concurrent.futures
-import contextlib
 import dataclasses
 import functools
 import os
@@ -828,7 +827,6 @@ def compile_train_steps(
   options: StepOptions = StepOptions(),
   host_loop: bool | None = None,
   wait_for: int | None = None,
-  while_waiting: contextlib.AbstractContextManager | None = None,
   resident: Any = None,
 ) -> dict[tuple[int, int], TrainStep]:
   """One ahead-of-time compiled TrainStep per distinct (A, devices·b) (decision 4).
@@ -845,8 +843,8 @@ def compile_train_steps(
   returns once those of the first `wait_for` plans are compiled (all when None); the
   others go on compiling beside training, and each step waits for its own program at
   its first call (`TrainStep.result`). XLA compiles outside the GIL, so on the host
-  whose device trains they cost a core, not the training's time. `while_waiting` is
-  entered for the wait (setup.py imports TensorFlow in it).
+  whose device trains they cost a core, not the training's time. Each program starts
+  compiling as soon as it is lowered, while the next is traced.
   """
   rep = sharding.replicated(mesh)
   data = resident.arrays if resident is not None else {}
@@ -859,9 +857,26 @@ def compile_train_steps(
     steps_per_dispatch, host_loop, options, state_shapes, plans, example
   )
   batch_spec = P(None, None, sharding.DATA_AXIS)
-  compiled, lowered = {}, {}
+  # XLA compiles one program on one core, outside the GIL. Each program's compile starts
+  # as soon as it is lowered, so the next one's tracing and lowering (Python, on this
+  # thread) overlap it: first those waited for, on every core, then the others on all
+  # cores but one, which the training has. The pools' threads end when their queue is
+  # empty; the interpreter waits for them at exit.
+  cores = os.cpu_count() or 1
+  now = concurrent.futures.ThreadPoolExecutor(cores, thread_name_prefix='ibs_compile')
+  later = concurrent.futures.ThreadPoolExecutor(
+    max(1, cores - 1), thread_name_prefix='ibs_compile_later'
+  )
+  first: list[concurrent.futures.Future] = []
+
+  def after_first(program):
+    concurrent.futures.wait(first)
+    return program.compile()
+
+  background = Background()
+  compiled, waited = {}, []
   for plan in plans:
-    if plan.shape in compiled or plan.shape in lowered:
+    if plan.shape in compiled:
       continue
     batch = batch_shapes(plan, sent, k)
     if host_loop and plan.accumulation > 1:
@@ -880,44 +895,22 @@ def compile_train_steps(
     )
     in_specs = (P(), batch_spec, P(), P(), P())
     per_device = _per_device(updates, mesh, in_specs, (P(), P()))
-    lowered[plan.shape] = (
-      plan,
-      jax.jit(per_device, donate_argnums=(0, 2)).lower(
-        state_shapes, batch, metric_shapes, count_shape, data_shapes
-      ),
+    program = jax.jit(per_device, donate_argnums=(0, 2)).lower(
+      state_shapes, batch, metric_shapes, count_shape, data_shapes
     )
-  # XLA compiles one program on one core: the programs compile side by side, first
-  # those waited for on every core, then the others on all cores but one, which the
-  # training has. The pools' threads end when their queue is empty; the interpreter
-  # waits for them at exit.
-  cores = os.cpu_count() or 1
-  shapes = list(lowered)
-  waited = shapes if wait_for is None else shapes[:wait_for]
-  now = concurrent.futures.ThreadPoolExecutor(cores, thread_name_prefix='ibs_compile')
-  later = concurrent.futures.ThreadPoolExecutor(
-    max(1, cores - 1), thread_name_prefix='ibs_compile_later'
-  )
-  first: list[concurrent.futures.Future] = []
-
-  def after_first(program):
-    concurrent.futures.wait(first)
-    return program.compile()
-
-  background = Background()
-  for shape, (plan, program) in lowered.items():
-    if shape in waited:
+    if wait_for is None or len(waited) < wait_for:
       pending = now.submit(program.compile)
       first.append(pending)
+      waited.append(plan.shape)
     else:
       pending = later.submit(after_first, program)
-    compiled[shape] = TrainStep(
+    compiled[plan.shape] = TrainStep(
       None, plan, mesh, k, None, pending=pending, background=background, data=data
     )
   now.shutdown(wait=False)
   later.shutdown(wait=False)
-  with while_waiting or contextlib.nullcontext():
-    for shape in waited:
-      compiled[shape].result()
+  for shape in waited:
+    compiled[shape].result()
   return {plan.shape: compiled[plan.shape] for plan in plans}
 
 

@@ -6,8 +6,8 @@ imported:
 
 - Its import is the largest of a run (about 3 s on a 2-core machine, measured by
   `python -m experiments.trace_startup --tensorflow`). Training imports it in a thread
-  while the first phase's program compiles (`reporting.importing_writers`), which
-  XLA does outside the GIL, so the import costs the run no time of its own.
+  that builds the metric writer beside the training (`reporting.StartingWriter`), so
+  the import is not on the run's path.
 - TensorFlow claims every GPU's memory the first time it runs an operation, unless its
   GPUs (and TPUs) are hidden before that. `import_tensorflow` hides them at once after
   the import, so every path into TensorFlow in ibs goes through it.

@@ -44,7 +44,9 @@ class Reporter:
     self.saved_step: int | None = None  # the step of the last checkpoint saved
     self.preempted = False
     primary = jax.process_index() == 0
-    self.writer = reporting.create_writer(workdir, just_logging=not primary)
+    self.writer = reporting.StartingWriter(  # built beside training (TensorFlow)
+      lambda: reporting.create_writer(workdir, just_logging=not primary)
+    )
     start_step = int(run.state.step)
     if primary:  # The workdir says what produced it.
       reporting.write_config_json(run.config, workdir)
