@@ -240,3 +240,59 @@ def test_the_writer_logs_short_lines_and_keeps_every_scalar(tmp_path, caplog):
   scalars = curves.read_scalars(str(tmp_path))
   assert set(scalars) == set(PERIOD)
   assert scalars['gns/b_simple'][1][0] == pytest.approx(802.4)
+
+
+class _ListWriter:
+  """A writer that keeps its calls."""
+
+  def __init__(self):
+    self.calls = []
+
+  def write_scalars(self, step, scalars):
+    self.calls.append(('scalars', step, dict(scalars)))
+
+  def write_hparams(self, hparams):
+    self.calls.append(('hparams', dict(hparams)))
+
+  def flush(self):
+    self.calls.append(('flush',))
+
+  def close(self):
+    self.calls.append(('close',))
+
+
+def test_a_starting_writer_delivers_the_writes_made_before_it_was_built_in_order():
+  import threading
+
+  release, built = threading.Event(), _ListWriter()
+
+  def create():
+    release.wait(timeout=30)
+    return built
+
+  writer = reporting.StartingWriter(create)
+  writer.write_hparams({'lr': 0.1})
+  writer.write_scalars(1, {'loss': 2.0})
+  assert built.calls == []  # not built yet: the writes wait
+  release.set()
+  writer.write_scalars(2, {'loss': 1.0})
+  writer.flush()
+  writer.close()
+  assert built.calls == [
+    ('hparams', {'lr': 0.1}),
+    ('scalars', 1, {'loss': 2.0}),
+    ('scalars', 2, {'loss': 1.0}),
+    ('flush',),
+    ('close',),
+  ]
+
+
+def test_a_starting_writer_that_fails_to_build_raises_at_the_next_call():
+  def create():
+    raise PermissionError('workdir is read-only')
+
+  writer = reporting.StartingWriter(create)
+  with pytest.raises(PermissionError, match='read-only'):
+    writer.flush()
+  with pytest.raises(PermissionError, match='read-only'):
+    writer.write_scalars(1, {'loss': 1.0})
