@@ -267,9 +267,12 @@ def test_the_loop_compiles_nothing(
   in_loop = []
 
   def listener(event, duration, **kwargs):
-    if event == '/jax/core/compile/backend_compile_duration' and built:
-      if threading.current_thread() is threading.main_thread():
-        in_loop.append(kwargs.get('fun_name', ''))
+    if (
+      event == '/jax/core/compile/backend_compile_duration'
+      and built
+      and threading.current_thread() is threading.main_thread()
+    ):
+      in_loop.append(kwargs.get('fun_name', ''))
 
   jax.monitoring.register_event_duration_secs_listener(listener)
   try:
