@@ -92,11 +92,7 @@ def run_once(
       'test_accuracy': summary['test_accuracy'],
     }
   return {
-    **{
-      k: result[k]
-      for k in ('train_s', 'phase_train_s', 'compile_s', 'test_accuracy')
-      if k in result  # an ibs_baseline checkout's lean loop may lack phase_train_s
-    },
+    **{k: result[k] for k in ('train_s', 'phase_train_s', 'compile_s', 'test_accuracy')},
     'whole_s': whole,
     'cpu_s': cpu,
   }
@@ -133,10 +129,9 @@ def table(runs: dict[str, list[dict]]) -> str:
   lines.append('')
   lines.append('training s per phase, median over repetitions:')
   for name, results in runs.items():
-    per_phase = [r['phase_train_s'] for r in results if 'phase_train_s' in r]
-    if per_phase:
-      medians = [statistics.median(p) for p in zip(*per_phase, strict=True)]
-      lines.append(f'- {name}: {" / ".join(f"{t:.2f}" for t in medians)}')
+    per_phase = zip(*(r['phase_train_s'] for r in results), strict=True)
+    medians = [statistics.median(p) for p in per_phase]
+    lines.append(f'- {name}: {" / ".join(f"{t:.2f}" for t in medians)}')
   lines.append('')
   lines.append('paired ratios, median over repetitions (≥ 1: the second is faster):')
   pairs = [

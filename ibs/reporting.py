@@ -483,8 +483,8 @@ class StartingWriter:
   """The run's metric writer (`create_writer`), built in a thread; writes made before it
   is ready wait, in order, and reach it as soon as it is.
 
-  clu's writers import TensorFlow, the largest import of a run (ibs/tf_setup.py: about
-  3 s on 2 cores). Built before training, the writer put that import on the path of
+  clu's writers import TensorFlow, the largest import of a run (ibs/tf_setup.py: 2.3 to
+  3.0 s on 2 cores). Built before training, the writer put that import on the path of
   every run; built here, it happens beside training, whose thread mostly waits for the
   device meanwhile (docs/BENCHMARKS.md, "No compile in the loop"). The log lines of the
   first seconds appear when the writer is ready, none lost. A writer that fails to

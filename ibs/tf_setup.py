@@ -4,8 +4,9 @@ ibs needs TensorFlow in two places only: clu's TensorBoard writer (`tf.summary`)
 TFDS's reading of a dataset prepared as tfrecord (`tf.data`). Two facts shape how it is
 imported:
 
-- Its import is the largest of a run (about 3 s on a 2-core machine, measured by
-  `python -m experiments.trace_startup --tensorflow`). Training imports it in a thread
+- Its import is the largest of a run (2.3 s alone on a 2-core machine, `python -m
+  experiments.trace_startup --tensorflow`; 3.0 s in a process that has loaded JAX and
+  the data, docs/BENCHMARKS.md "No compile in the loop"). Training imports it in a thread
   that builds the metric writer beside the training (`reporting.StartingWriter`), so
   the import is not on the run's path.
 - TensorFlow claims every GPU's memory the first time it runs an operation, unless its
