@@ -116,6 +116,22 @@ def without_compilation_cache():
     compilation_cache.reset_cache()
 
 
+@contextlib.contextmanager
+def on_each_compile(record):
+  """Calls `record(fun_name)` for every XLA compilation in the block, in the compiling
+  thread (jax.monitoring's backend compile event; a compilation-cache hit is none)."""
+
+  def listener(event, duration, **kwargs):
+    if event == '/jax/core/compile/backend_compile_duration':
+      record(kwargs.get('fun_name', ''))
+
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    yield
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+
+
 def _session_root(tmp_path_factory):
   """A directory of this test session shared by pytest-xdist's workers (their parent's
   temporary directory), or this process's own without xdist."""

@@ -453,7 +453,7 @@ def test_one_compilation_per_distinct_phase_shape(
   depth, the compilation time does.
   """
   from ibs import train
-  from tests.conftest import fake_explicit_config
+  from tests.conftest import fake_explicit_config, on_each_compile
 
   phases = (
     (0.0, 32, 0.1, 0.9),
@@ -477,17 +477,10 @@ def test_one_compilation_per_distinct_phase_shape(
   monkeypatch.setattr(step_lib, 'compile_train_steps', compile_and_mark)
   events = []
 
-  def listener(event, duration, **kwargs):
-    if event == '/jax/core/compile/backend_compile_duration':
-      events.append((kwargs.get('fun_name', ''), bool(compiles_done)))
-
   # Training starts only after compile_train_steps returns: anything compiled before
   # then is marked False.
-  jax.monitoring.register_event_duration_secs_listener(listener)
-  try:
+  with on_each_compile(lambda name: events.append((name, bool(compiles_done)))):
     summary = train.train_and_evaluate(config, str(tmp_path))
-  finally:
-    jax.monitoring.unregister_event_duration_listener(listener)
 
   assert summary['finished']
   assert compiles_done == [[(1, 32), (1, 64), (2, 64)]]

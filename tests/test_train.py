@@ -254,6 +254,7 @@ def test_the_loop_compiles_nothing(
   import threading
 
   from ibs import setup, train
+  from tests.conftest import on_each_compile
 
   built = []
   build = setup.build
@@ -266,19 +267,12 @@ def test_the_loop_compiles_nothing(
   monkeypatch.setattr(setup, 'build', build_and_mark)
   in_loop = []
 
-  def listener(event, duration, **kwargs):
-    if (
-      event == '/jax/core/compile/backend_compile_duration'
-      and built
-      and threading.current_thread() is threading.main_thread()
-    ):
-      in_loop.append(kwargs.get('fun_name', ''))
+  def record(fun_name):
+    if built and threading.current_thread() is threading.main_thread():
+      in_loop.append(fun_name)
 
-  jax.monitoring.register_event_duration_secs_listener(listener)
-  try:
+  with on_each_compile(record):
     summary = train.train_and_evaluate(tiny_config, str(tmp_path))
-  finally:
-    jax.monitoring.unregister_event_duration_listener(listener)
 
   assert summary['finished']
   assert in_loop == []
