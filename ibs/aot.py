@@ -19,6 +19,7 @@ import concurrent.futures
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 
 class Precompiled:
@@ -31,7 +32,7 @@ class Precompiled:
     self.misses = 0
     # Shapes, dtypes and shardings now, in the caller's thread: arrays passed here may
     # be donated to a train step before the thread lowers.
-    abstract_args = jax.tree.map(_abstract, abstract_args)
+    abstract_args = abstract(abstract_args)
     pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix='ibs_compile_aot')
     self._program = pool.submit(lambda: jitted.lower(*abstract_args).compile())
     pool.shutdown(wait=False)  # the thread ends with its one task
@@ -50,5 +51,13 @@ class Precompiled:
       return self._jitted(*args)
 
 
-def _abstract(x: Any) -> jax.ShapeDtypeStruct:
-  return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, 'sharding', None))
+def abstract(tree: Any, target: Any = None) -> Any:
+  """Shapes and dtypes of `tree` (arrays, abstract values or scalars) on `target`, to
+  lower for. `target` None keeps each array's own sharding."""
+
+  def spec(x):
+    x = x if hasattr(x, 'shape') else jnp.asarray(x)
+    placed = target if target is not None else getattr(x, 'sharding', None)
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=placed)
+
+  return jax.tree.map(spec, tree)

@@ -115,6 +115,12 @@ def replicate(tree: Any, mesh) -> Any:
   return jax.tree.map(put, tree)
 
 
+def host_value(x: Any) -> np.ndarray:
+  """A replicated (possibly multi-process) array's value, from this process's copy; a
+  host value as it is."""
+  return np.asarray(x.addressable_data(0)) if isinstance(x, jax.Array) else np.asarray(x)
+
+
 # Cached: asked for on every dispatch (meshes are hashable).
 @functools.cache
 def train_batch_sharding(mesh) -> NamedSharding:

@@ -66,8 +66,8 @@ from flax import struct
 from flax.training import train_state
 from jax.sharding import PartitionSpec as P
 
+from ibs import aot, sharding
 from ibs import gns as gns_lib
-from ibs import sharding
 from ibs.durability import divergence
 from ibs.models import ghost_batch_norm
 
@@ -860,10 +860,10 @@ def compile_train_steps(
   """
   rep = sharding.replicated(mesh)
   data = resident.arrays if resident is not None else {}
-  data_shapes = _abstract(data, None)
+  data_shapes = aot.abstract(data, None)
   sent = resident.example_keys() if resident is not None else example  # per dispatch
-  state_shapes = _abstract(state, rep)
-  metric_shapes = _abstract(Metrics.empty(), rep)
+  state_shapes = aot.abstract(state, rep)
+  metric_shapes = aot.abstract(Metrics.empty(), rep)
   count_shape = jax.ShapeDtypeStruct((), jnp.int32, sharding=rep)
   k, host_loop, options = _loop_structure(
     steps_per_dispatch, host_loop, options, state_shapes, plans, example
@@ -949,7 +949,7 @@ def _compile_host_loop(
   )
   micro = (
     jax.jit(micro, donate_argnums=(1,))
-    .lower(state_shapes, _abstract(acc, None), batch, index_shape, data_shapes)
+    .lower(state_shapes, aot.abstract(acc, None), batch, index_shape, data_shapes)
     .compile()
   )
   finish = _per_device(
@@ -960,7 +960,7 @@ def _compile_host_loop(
   )
   finish = (
     jax.jit(finish, donate_argnums=(0, 2))
-    .lower(state_shapes, _abstract(acc, None), metric_shapes)
+    .lower(state_shapes, aot.abstract(acc, None), metric_shapes)
     .compile()
   )
   host = _HostLoop(micro, finish, plan, mesh, acc)
@@ -971,7 +971,7 @@ def _compile_host_loop(
 def on_host(metrics: Metrics) -> Metrics:
   """The same metrics as numpy values (this process's copy of each replicated sum):
   merged and computed on the host, they run no program, so compile none."""
-  return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), metrics)
+  return jax.tree.map(sharding.host_value, metrics)
 
 
 def empty_metrics(mesh: jax.sharding.Mesh) -> Metrics:
@@ -1005,17 +1005,3 @@ def jit_eval_step(mesh: jax.sharding.Mesh) -> Callable[..., Metrics]:
     in_shardings=(sharding.replicated(mesh), sharding.eval_batch_sharding(mesh)),
     out_shardings=sharding.replicated(mesh),
   )
-
-
-def _abstract(tree: Any, target: Any) -> Any:
-  """Shapes and dtypes of `tree` (arrays, abstract values or scalars) on `target`.
-
-  `target` None keeps each array's own sharding.
-  """
-
-  def spec(x):
-    x = x if hasattr(x, 'shape') else jnp.asarray(x)
-    placed = target if target is not None else getattr(x, 'sharding', None)
-    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=placed)
-
-  return jax.tree.map(spec, tree)

@@ -21,11 +21,10 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
-from ibs import aot
+from ibs import aot, sharding
 
 # Config fields that decide the parameters' trajectory. Logging, evaluation and
 # checkpoint cadence, the stop-after switch, steps per dispatch, the micro-batch cap
@@ -200,11 +199,6 @@ def _leaf_sums(tree: Any) -> tuple[jax.Array, jax.Array]:
   return jnp.stack(sums) if sums else jnp.zeros(0, jnp.uint32), finite
 
 
-def _host(x: jax.Array) -> np.ndarray:
-  """A replicated (possibly multi-process) array's value, from this process's copy."""
-  return np.asarray(x.addressable_data(0)) if isinstance(x, jax.Array) else np.asarray(x)
-
-
 def state_checksum(state: Any, leaf_sums: Any = _leaf_sums) -> tuple[str, bool]:
   """(checksum, all floats finite) of a state, computed on its devices in one dispatch.
 
@@ -212,7 +206,9 @@ def state_checksum(state: Any, leaf_sums: Any = _leaf_sums) -> tuple[str, bool]:
   `leaf_sums` is that dispatch's program: `checksum_program`'s for the loop.
   """
   sums, finite = leaf_sums(state)
-  return hashlib.sha256(_host(sums).tobytes()).hexdigest()[:16], bool(_host(finite))
+  return hashlib.sha256(sharding.host_value(sums).tobytes()).hexdigest()[:16], bool(
+    sharding.host_value(finite)
+  )
 
 
 def checksum_program(tree: Any) -> aot.Precompiled:

@@ -17,9 +17,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-import jax
-import numpy as np
-
+from ibs import sharding
 from ibs.durability import checkpoint
 
 # config.nonfinite: what the step does at a non-finite update (ibs/step.py).
@@ -32,9 +30,7 @@ class Diverged(RuntimeError):
 
 def nonfinite_total(train_metrics: Any) -> int:
   """Non-finite updates counted in the running metrics since their last reset."""
-  total = train_metrics.nonfinite.total
-  value = total.addressable_data(0) if isinstance(total, jax.Array) else total
-  return int(np.asarray(value))
+  return int(sharding.host_value(train_metrics.nonfinite.total))
 
 
 def message(
