@@ -15,14 +15,14 @@ gradients itself; then
 
 and the two squared norms feed McCandlish et al.'s estimators and their moving averages
 (ibs/gns.py). One device with one micro-batch has only one batch size, so there a
-measuring update cuts its batch into equal groups of whole ghost batches (halves, for
-an even count), which ghost BN does not couple: their forward and backward passes run
-as one `jax.vmap`ped pass (`grouped_gradients`). A batch of a single ghost batch has no
-such split: its halves, which share BN statistics (a slight bias of tr(Σ)), are
-back-propagated apart, a second backward pass. Either costs more than a plain update,
-so such steps measure on every `config.gns.split_every`-th update only (and a few times
-per horizon at least, `measure_every`): one `lax.cond` on the step picks the
-gradient's computation, in the same program as the plain update.
+measuring update splits its batch into halves (at a ghost-batch boundary, which ghost
+BN does not couple) and back-propagates the forward pass once more with cotangents
++1/n₁ and −1/n₂: the halves' difference D = G₁ − G₂, from which w₁|G₁|² + w₂|G₂|² =
+|G|² + w₁w₂|D|² (`halves_sq_norm`). The update itself stays the plain one. That extra
+backward pass is a third of an update or more, so such steps measure on every
+`config.gns.split_every`-th update only (and a few times per horizon at least,
+`measure_every`): one `lax.cond` on the step holds it, in the same program as the
+plain update.
 `config.gns.enabled=False` turns the measurement off everywhere.
 
 With ghost batch norm the loss of a batch is the mean of its ghost-batch losses, so the
@@ -161,6 +161,21 @@ def _per_example_losses(state: TrainState, batch_stats: Any, micro: dict, loss_f
   return losses
 
 
+def _forward(state: TrainState, batch_stats: Any, micro: dict, loss_fn) -> tuple:
+  """One forward pass: (per-example losses, their VJP in the parameters, BN statistics,
+  hits). Every gradient of the micro-batch is a backward pass of this VJP."""
+  losses, vjp, (batch_stats, logits) = jax.vjp(
+    _per_example_losses(state, batch_stats, micro, loss_fn), state.params, has_aux=True
+  )
+  return losses, vjp, batch_stats, jnp.argmax(logits, -1) == micro['label']
+
+
+def _mean_gradient(vjp, losses: jax.Array) -> Any:
+  """G = ∇ (1/n) Σ_i ℓ_i: the backward pass of cotangent 1/n for every example."""
+  (grads,) = vjp(jnp.full_like(losses, 1.0 / losses.shape[0]))
+  return grads
+
+
 def micro_batch_gradients(
   state: TrainState,
   batch_stats: Any,
@@ -168,16 +183,8 @@ def micro_batch_gradients(
   loss_fn: Callable[..., Any] = cross_entropy_loss,
 ) -> tuple[Any, ...]:
   """Gradient of one micro-batch's mean loss, its BN statistics, losses and hits."""
-  losses_fn = _per_example_losses(state, batch_stats, micro, loss_fn)
-
-  def mean_loss(params):
-    losses, aux = losses_fn(params)
-    return jnp.mean(losses), (losses, aux)
-
-  (_, (losses, (batch_stats, logits))), grads = jax.value_and_grad(
-    mean_loss, has_aux=True
-  )(state.params)
-  return grads, batch_stats, losses, jnp.argmax(logits, -1) == micro['label']
+  losses, vjp, batch_stats, hits = _forward(state, batch_stats, micro, loss_fn)
+  return _mean_gradient(vjp, losses), batch_stats, losses, hits
 
 
 def split_point(batch_size: int, ghost_batch_size: int) -> int:
@@ -192,82 +199,28 @@ def split_point(batch_size: int, ghost_batch_size: int) -> int:
   return batch_size // 2
 
 
-def split_batch_gradients(
-  state: TrainState,
-  batch_stats: Any,
-  micro: dict,
-  split: int,
-  loss_fn: Callable[..., Any],
-) -> tuple[Any, ...]:
-  """The gradients of the batch's two halves, from one forward and two backward passes.
+def halves_sq_norm(vjp, losses: jax.Array, grads: Any, split: int) -> jax.Array:
+  """The halves' n-weighted mean squared norm, from one more backward pass.
 
-  Returns (the whole batch's gradient, the halves' n-weighted mean squared norm, the
-  effective small batch n/2, BN statistics, losses, hits). With halves of n₁ and n₂
-  examples, E[(n₁|G₁|² + n₂|G₂|²)/n] = |G|² + tr(Σ)/(n/2): the pair is one estimate at
-  batch n/2, whatever the split.
+  With halves of n₁ = `split` and n₂ examples (w_i = n_i/n), G = w₁G₁ + w₂G₂, and the
+  backward pass of cotangent +1/n₁ on the first half and −1/n₂ on the second is
+  D = G₁ − G₂. Then G₁ = G + w₂D, G₂ = G − w₁D and
+
+      w₁|G₁|² + w₂|G₂|² = |G|² + w₁w₂|D|²,
+
+  whose expectation is |G_true|² + tr(Σ)/(n/2): one estimate of |G_b|² at b = n/2 for
+  ibs/gns.py's estimators, whatever the split. Where the halves are whole
+  ghost batches, ghost BN couples none of their examples and D is exactly G₁ − G₂; a
+  batch of one ghost batch splits at its middle, and the halves share BN statistics (a
+  slight bias of tr(Σ)). The update's own gradient G is the plain one either way: a
+  run trains the same with the measurement on or off.
   """
-  losses, vjp, (batch_stats, logits) = jax.vjp(
-    _per_example_losses(state, batch_stats, micro, loss_fn), state.params, has_aux=True
-  )
   n = losses.shape[0]
   first = jnp.arange(n) < split
-  cotangents = jnp.stack(
-    [jnp.where(first, 1.0 / split, 0.0), jnp.where(first, 0.0, 1.0 / (n - split))]
-  ).astype(losses.dtype)
-  # Both halves in one batched backward pass: one backward to compile, not two.
-  (halves,) = jax.vmap(vjp)(cotangents)
-  first_half = jax.tree.map(lambda x: x[0], halves)
-  second_half = jax.tree.map(lambda x: x[1], halves)
+  signed = jnp.where(first, 1.0 / split, -1.0 / (n - split)).astype(losses.dtype)
+  (difference,) = vjp(signed)
   w1, w2 = split / n, (n - split) / n
-  grads = jax.tree.map(lambda a, b: w1 * a + w2 * b, first_half, second_half)
-  small_sq = w1 * _sq_norm(first_half) + w2 * _sq_norm(second_half)
-  hits = jnp.argmax(logits, -1) == micro['label']
-  return grads, small_sq, n / 2, batch_stats, losses, hits
-
-
-def measuring_groups(batch_size: int, ghost_batch_size: int) -> int:
-  """Into how many equal groups of whole ghost batches a one-micro-batch step splits.
-
-  The smallest divisor k ≥ 2 of the number of ghost batches (2 for an even count), or 1
-  for a batch of one ghost batch, which has no exact split (`split_point`).
-  """
-  ghosts = batch_size // ghost_batch_size
-  return next((k for k in range(2, ghosts + 1) if ghosts % k == 0), 1)
-
-
-GROUPS_AXIS = 'ghost_groups'
-
-
-def grouped_gradients(
-  state: TrainState, batch_stats: Any, micro: dict, groups: int, loss_fn
-):
-  """The gradients of k equal groups of whole ghost batches, in one vmapped pass.
-
-  Ghost BN couples no examples across ghost batches, so the k groups' forward and
-  backward passes, batched by `jax.vmap`, are the arithmetic of one full-batch pass;
-  the mean of the k group gradients is the batch's gradient and their mean squared norm
-  an estimate of |G_b|² at b = n/k, for free: no second backward pass, no conditional.
-  The groups' running BN statistics are folded in order inside the layers
-  (ibs/models/ghost_batch_norm.py, `groups_axis`).
-
-  Returns (gradient, mean squared norm, b, BN statistics, losses, hits).
-  """
-  grouped = jax.tree.map(lambda x: x.reshape(groups, -1, *x.shape[1:]), micro)
-  device_axis, _ = ghost_batch_norm.statistics_axes()
-
-  def one(group):
-    with ghost_batch_norm.running_statistics_across(device_axis, groups_axis=GROUPS_AXIS):
-      return micro_batch_gradients(state, batch_stats, group, loss_fn)
-
-  grads, stats, losses, hits = jax.vmap(one, axis_name=GROUPS_AXIS)(grouped)
-  small_sq = sum(
-    jnp.sum(jnp.square(x.astype(jnp.float32)).reshape(groups, -1), axis=1)
-    for x in jax.tree.leaves(grads)
-  )
-  grads = jax.tree.map(lambda g: jnp.sum(g, axis=0) / groups, grads)
-  stats = jax.tree.map(lambda x: x[0], stats)  # the same in every group
-  n = losses.size
-  return grads, jnp.mean(small_sq), n / groups, stats, losses.reshape(n), hits.reshape(n)
+  return _sq_norm(grads) + w1 * w2 * _sq_norm(difference)
 
 
 def _flat_floats(tree: Any) -> jax.Array:
@@ -347,7 +300,7 @@ def _finish(
 ) -> tuple[TrainState, Metrics]:
   """The one reduction over devices, the noise scale, the guard and the update.
 
-  `split` is (|G_b|², b) from `split_batch_gradients` when the batch was split.
+  `split` is (|G_b|², b) from `halves_sq_norm` when the batch was split.
   """
   local_grads = jax.tree.map(lambda g: g / plan.accumulation, acc.grad_sum)
   measure = bool(options.gns_horizon_examples)
@@ -465,47 +418,41 @@ def _one_micro_batch(state, micro, running, plan, options, ghost_batch_size, eve
   """One update of one device with one micro-batch, the noise scale measured in it on
   the steps that are multiples of `every`.
 
-  A measuring update back-propagates equal groups of whole ghost batches in one
-  vmapped pass (`grouped_gradients`) where the batch holds two or more; a batch of one
-  ghost batch has no exact split, and its halves are back-propagated apart
-  (`split_batch_gradients`, a second backward pass). The other updates are plain ones
-  and the moving averages decay over the examples in between (ibs/gns.py). With
-  `every` > 1 one `lax.cond` on the step picks the gradient's computation, measured or
-  plain; the rest of the update is shared, so the program holds one update and one
-  extra gradient, not a second executable. `options.gns_split_every == 0` (a
-  convolutional model on XLA:CPU, `_loop_structure`) measures neither way.
+  Every update's gradient is the plain one, the backward pass of cotangent 1/n. A
+  measuring update back-propagates its forward pass once more (`halves_sq_norm`, the
+  batch's two halves). With `every` > 1 one `lax.cond` on the step picks between the
+  two, and each branch runs its own forward pass: a forward outside whose residuals fed
+  the measuring branch made every update slower on XLA:CPU, measuring or not (on / off
+  0.94, 0.94 and 0.80 at B = 32, 160 and 800, against 1.00, 1.02 and 0.88 this way;
+  docs/BENCHMARKS.md, "The noise scale from the halves' difference").
+  `options.gns_split_every == 0` (a convolutional model on XLA:CPU, `_loop_structure`)
+  measures never.
   """
   start = device_share(state.batch_stats)
-  groups = measuring_groups(plan.micro_batch_size, ghost_batch_size)
-  loss_fn = options.per_example_loss
+  split = split_point(plan.micro_batch_size, ghost_batch_size)
 
   def measured():
-    if groups > 1:
-      grads, small_sq, _, stats, losses, correct = grouped_gradients(
-        state, start, micro, groups, loss_fn
-      )
-    else:
-      split = split_point(plan.micro_batch_size, ghost_batch_size)
-      grads, small_sq, _, stats, losses, correct = split_batch_gradients(
-        state, start, micro, split, loss_fn
-      )
-    return grads, small_sq, stats, losses, correct
+    losses, vjp, stats, correct = _forward(state, start, micro, options.per_example_loss)
+    grads = _mean_gradient(vjp, losses)
+    return grads, halves_sq_norm(vjp, losses, grads, split), stats, losses, correct
 
-  def plain():  # NaN: an update that did not measure.
-    grads, stats, losses, correct = micro_batch_gradients(state, start, micro, loss_fn)
-    return grads, jnp.full((), jnp.nan, jnp.float32), stats, losses, correct
+  def unmeasured():  # NaN: an update that did not measure.
+    losses, vjp, stats, correct = _forward(state, start, micro, options.per_example_loss)
+    nan = jnp.full((), jnp.nan, jnp.float32)
+    return _mean_gradient(vjp, losses), nan, stats, losses, correct
 
   if not options.gns_split_every:
-    grads, small_sq, stats, losses, correct = plain()
+    grads, small_sq, stats, losses, correct = unmeasured()
   elif every == 1:
     grads, small_sq, stats, losses, correct = measured()
   else:
     grads, small_sq, stats, losses, correct = jax.lax.cond(
-      state.step % every == 0, measured, plain
+      state.step % every == 0, measured, unmeasured
     )
-  small_b = plan.micro_batch_size / (groups if groups > 1 else 2)
   acc = _Accumulated(grads, small_sq, _local_metrics(losses, correct), stats)
-  return _finish(state, acc, running, plan, options, split=(small_sq, small_b))
+  return _finish(
+    state, acc, running, plan, options, split=(small_sq, plan.micro_batch_size / 2)
+  )
 
 
 # At least this many measurements per horizon of the moving averages, whatever
@@ -518,9 +465,8 @@ def measure_every(plan: sharding.MicroBatchPlan, options: StepOptions) -> int:
   or n > 1 (the updates whose step is a multiple of n, `_one_micro_batch`).
 
   Devices or micro-batches give the two batch sizes of the estimate for free: every
-  update. One device with one micro-batch must split its batch (`_one_micro_batch`),
-  which costs more than a plain update (on XLA:CPU the default model's B = 160 as five
-  vmapped groups of 32: docs/BENCHMARKS.md, "End to end"). It measures on every
+  update. One device with one micro-batch must back-propagate its batch once more
+  (`halves_sq_norm`), which costs more than a plain update. It measures on every
   `gns_split_every`-th update, and at least `MEASUREMENTS_PER_HORIZON` times per horizon
   of H examples.
   """

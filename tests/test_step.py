@@ -238,14 +238,14 @@ def test_several_steps_per_dispatch_equal_single_steps(max_micro_batch_size):
 def test_one_micro_batch_measures_the_noise_scale_from_its_two_halves():
   """One device, one micro-batch of 8 ghost batches: a measuring update (step 0 is
   one) measures |G_b|² at b = 16 from the halves (4 ghost batches each),
-  back-propagated in one vmapped pass.
+  from one more backward pass of the same forward pass.
 
   Reference: each half's gradient is the mean of its ghost batches' gradients, applied
   one by one (`_one_ghost_batch`); the estimate folded in is ibs/gns.py's formula.
   """
   from ibs import gns as gns_lib
 
-  assert step_lib.measuring_groups(BATCH, GHOST) == 2
+  assert step_lib.split_point(BATCH, GHOST) == BATCH // 2
   mesh = sharding.make_mesh(jax.devices()[:1])
   plan = sharding.plan_micro_batches(BATCH, 1, GHOST, BATCH)
   state = jax.device_put(_state(*_initial_variables()), sharding.replicated(mesh))

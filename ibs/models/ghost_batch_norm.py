@@ -29,11 +29,9 @@ returns device d's term μ^(Dk)·a + μ^((D−1−d)k)·c_d of its accumulator a
 starts a at r on device 0 and at 0 elsewhere, carries it over micro-batches, and sums it
 over devices in the update's one all-reduce: 2F floats per layer whatever B). On one
 device that is the sequential update itself, operation for operation; across devices it
-is the same sum in another order (float32 rounding: ibs/step.py). A vmapped axis of
-equal groups of ghost batches within a device (the step's free noise-scale measurement)
-is folded the same way, with a `psum` over the vmapped axis, which costs nothing. The
-axes are a property of how the step runs the model, not of the model, hence a context
-rather than a layer attribute threaded through every model.
+is the same sum in another order (float32 rounding: ibs/step.py). The axis is a
+property of how the step runs the model, not of the model, hence a context rather than
+a layer attribute threaded through every model.
 """
 
 import contextlib
@@ -45,32 +43,23 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-_STATISTICS_AXES: contextvars.ContextVar[tuple[str | None, str | None]] = (
-  contextvars.ContextVar('ghost_batch_norm_statistics_axes', default=(None, None))
+_STATISTICS_AXIS: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+  'ghost_batch_norm_statistics_axis', default=None
 )
 
 
 @contextlib.contextmanager
-def running_statistics_across(
-  axis_name: str | None, *, groups_axis: str | None = None
-) -> Iterator[None]:
+def running_statistics_across(axis_name: str | None) -> Iterator[None]:
   """Trace training-mode ghost BN as one device's share of the running averages.
 
   `axis_name`: the devices' axis; the layer then returns this device's closed-form term
-  (see the module docstring) for the caller to sum over `axis_name`. `groups_axis`: a
-  vmapped axis of equal, consecutive groups of ghost batches within the device, summed
-  at once.
+  (see the module docstring) for the caller to sum over `axis_name`.
   """
-  token = _STATISTICS_AXES.set((axis_name, groups_axis))
+  token = _STATISTICS_AXIS.set(axis_name)
   try:
     yield
   finally:
-    _STATISTICS_AXES.reset(token)
-
-
-def statistics_axes() -> tuple[str | None, str | None]:
-  """The (devices, groups) axes set by `running_statistics_across`, or (None, None)."""
-  return _STATISTICS_AXES.get()
+    _STATISTICS_AXIS.reset(token)
 
 
 def ghost_statistics(x: jax.Array, ghost_batch_size: int) -> tuple[jax.Array, jax.Array]:
@@ -115,14 +104,9 @@ def moving_average_share(
 
   Outside `running_statistics_across` it is `sequential_moving_average`.
   """
-  axis_name, groups_axis = _STATISTICS_AXES.get()
+  axis_name = _STATISTICS_AXIS.get()
   k = observations.shape[0]
   c = contribution(observations, momentum)
-  if groups_axis is not None:  # Group g of G: μ^((G−1−g)k)·c_g, summed over groups.
-    groups = jax.lax.axis_size(groups_axis)
-    later = groups - 1 - jax.lax.axis_index(groups_axis)
-    c = jax.lax.psum(jnp.float32(momentum) ** (later * k) * c, groups_axis)
-    k *= groups
   if axis_name is None:
     return momentum**k * average + c
   devices = jax.lax.axis_size(axis_name)
