@@ -483,14 +483,14 @@ class StartingWriter:
   """The run's metric writer (`create_writer`), built in a thread; writes made before it
   is ready wait, in order, and reach it as soon as it is.
 
-  clu's writers import TensorFlow, the largest import of a run (ibs/tf_setup.py: 2.3 to
-  3.0 s on 2 cores). Built before training, the writer put that import on the path of
-  every run; built here, it happens beside training, whose thread mostly waits for the
-  device meanwhile (docs/BENCHMARKS.md, "No compile in the loop"). The log lines of the
-  first seconds appear when the writer is ready, none lost. A writer that fails to
-  build raises its error at the next call. Two threads must not import the same
-  modules at once (they can see them half-initialised): the loop's thread imports
-  nothing of TensorFlow's or clu's writers' while this one does.
+  Built before training, a writer that imports TensorFlow (clu's, for a remote
+  workdir: `create_writer`; 2.3 to 3.0 s on 2 cores, ibs/tf_setup.py) put that import
+  on the path of every run; built here, it happens beside training (docs/BENCHMARKS.md,
+  "No compile in the loop"). The log lines written meanwhile appear when the writer is
+  ready, none lost. A writer that fails to build raises its error at the next call. Two
+  threads must not import the same modules at once (they can see them
+  half-initialised): the loop's thread imports nothing of the writers' while this one
+  does.
   """
 
   def __init__(self, create: Callable[[], Any]):
@@ -545,31 +545,107 @@ class StartingWriter:
     self._ready().close()
 
 
-def create_writer(workdir: str, just_logging: bool = False):
-  """clu's asynchronous MultiWriter of the short log lines and (on the process that
-  writes) TensorBoard's SummaryWriter, which gets every scalar."""
+class MetricLines:
+  """The short log lines (`metric_lines`, `hparams_line`) through absl logging."""
+
+  def __init__(self):
+    self.counter = Unresolved()
+
+  def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
+    for line in metric_lines(step, scalars, self.counter):
+      logging.info('%s', line)
+
+  def write_hparams(self, hparams: Mapping[str, Any]) -> None:
+    logging.info('%s', hparams_line(hparams))
+
+  def flush(self) -> None:
+    """Nothing buffered: absl writes each line."""
+
+  def close(self) -> None:
+    """Nothing to release."""
+
+
+class TensorBoardX:
+  """Every scalar and the hparams, in TensorBoard event files written by tensorboardX.
+
+  tensorboardX writes the event files without TensorFlow, whose import is the largest
+  of a run (2.3 s alone on 2 cores, `python -m experiments.trace_startup
+  --tensorflow`; docs/BENCHMARKS.md, "TensorBoard without TensorFlow"). Its own thread
+  writes the events (a queue, flushed every 120 s, at `flush` and at `close`).
+  Scalars are `simple_value`s, which TensorBoard and ibs/tools/curves.py read as
+  clu's tensor summaries; the hparams are the HParams plugin's summaries in the run's
+  own event file, as clu writes them.
+  """
+
+  def __init__(self, workdir: str):
+    import tensorboardX
+
+    self._writer = tensorboardX.SummaryWriter(workdir)
+
+  def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
+    for tag, value in scalars.items():
+      self._writer.add_scalar(tag, float(value), step)
+
+  def write_hparams(self, hparams: Mapping[str, Any]) -> None:
+    from tensorboardX import summary
+
+    experiment, session_start, _ = summary.hparams(dict(hparams), {})
+    for part in (experiment, session_start):  # as clu: no end, the run goes on
+      self._writer.file_writer.add_summary(part)
+
+  def flush(self) -> None:
+    self._writer.flush()
+
+  def close(self) -> None:
+    self._writer.close()
+
+
+class Writers:
+  """Several writers written, flushed and closed together, in order."""
+
+  def __init__(self, writers: list[Any]):
+    self.writers = writers
+
+  def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
+    for writer in self.writers:
+      writer.write_scalars(step, scalars)
+
+  def write_hparams(self, hparams: Mapping[str, Any]) -> None:
+    for writer in self.writers:
+      writer.write_hparams(hparams)
+
+  def flush(self) -> None:
+    for writer in self.writers:
+      writer.flush()
+
+  def close(self) -> None:
+    for writer in self.writers:
+      writer.close()
+
+
+def is_remote(path: str) -> bool:
+  """A path on another file system (gs://, s3://), not a local directory."""
+  return '://' in os.fspath(path)
+
+
+def create_writer(workdir: str, just_logging: bool = False) -> Writers:
+  """The log lines and (on the process that writes) every scalar in TensorBoard.
+
+  A local workdir gets tensorboardX's event files, with no TensorFlow in the process
+  (`TensorBoardX`). A remote one (gs://, s3://) gets clu's asynchronous SummaryWriter:
+  TensorFlow's file system writes there with appends, where tensorboardX would upload
+  the whole file again at every flush.
+  """
+  writers: list[Any] = [MetricLines()]
+  if just_logging:
+    return Writers(writers)
+  if not is_remote(workdir):
+    return Writers([*writers, TensorBoardX(os.fspath(workdir))])
   tf_setup.import_tensorflow()  # before clu's writer runs TensorFlow's first operation
-  from clu import metric_writers  # imports TensorFlow and JAX: only when training
-  from clu.metric_writers import logging_writer
+  from clu import metric_writers  # imports TensorFlow
 
-  class MetricLinesWriter(logging_writer.LoggingWriter):
-    """clu's LoggingWriter with `metric_lines` and `hparams_line` as its format."""
-
-    def __init__(self):
-      super().__init__()
-      self.counter = Unresolved()
-
-    def write_scalars(self, step, scalars):
-      for line in metric_lines(step, scalars, self.counter):
-        logging.info('%s', line)
-
-    def write_hparams(self, hparams):
-      logging.info('%s', hparams_line(hparams))
-
-  writers = [MetricLinesWriter()]
-  if not just_logging:
-    writers.append(metric_writers.SummaryWriter(os.fspath(workdir)))
-  return metric_writers.AsyncMultiWriter(writers)
+  summary = metric_writers.AsyncWriter(metric_writers.SummaryWriter(os.fspath(workdir)))
+  return Writers([*writers, summary])
 
 
 # Logging.
@@ -582,7 +658,8 @@ _UNACTIONABLE_WARNINGS = (
 
 
 class _QuietFilter(std_logging.Filter):
-  """Keeps ibs's own INFO lines and the metric lines; others' only from WARNING up."""
+  """Keeps ibs's own INFO lines (the metric lines among them); others' only from
+  WARNING up."""
 
   def __init__(self, own_dirs: tuple[str, ...]):
     super().__init__()
@@ -593,10 +670,7 @@ class _QuietFilter(std_logging.Filter):
     if record.levelno >= std_logging.WARNING:
       message = record.getMessage()
       return not any(s in message for s in _UNACTIONABLE_WARNINGS)
-    if path.startswith(self.own_dirs):
-      return True
-    # clu's LoggingWriter: the scalars of every log period and evaluation.
-    return path.endswith(os.path.join('metric_writers', 'logging_writer.py'))
+    return path.startswith(self.own_dirs)
 
 
 def quiet_logging(verbosity: int = 0) -> None:

@@ -118,3 +118,27 @@ def test_a_refused_checkpoint_names_the_changed_fields(tmp_path, data_dir):
   assert second.returncode == 2
   assert 'Traceback' not in second.stderr
   assert 'Changed: schedule.learning_rate: 0.1 → 0.05.' in second.stderr
+
+
+def test_a_local_run_writes_its_tensorboard_events_without_tensorflow(tmp_path):
+  """TensorFlow's import is the largest of a run; a local workdir needs none of it
+  (ibs/reporting.py, `create_writer`), nor does generated data."""
+  from ibs.tools import curves
+
+  workdir = tmp_path / 'run'
+  result, _ = ibs_main(
+    '--config=configs/default.py',
+    f'--workdir={workdir}',
+    '--config.dataset=fake',
+    '--config.schedule.num_epochs=2',
+    '--config.schedule.milestones=(1.0,)',
+    '--config.eval_every_epochs=1',
+    cwd=REPO,
+    python_options=('-X', 'importtime'),
+  )
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert not {m for m in _imported(result.stderr) if m.split('.')[0] == 'tensorflow'}
+  scalars = curves.read_scalars(str(workdir))
+  steps, batch = scalars['batch_size']
+  assert list(batch) == [32, 160] and steps[-1] == 32 + 7  # 1024/32, then ⌈1024/160⌉
+  assert 'test_accuracy' in scalars or 'eval/accuracy' in scalars, sorted(scalars)

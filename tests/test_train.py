@@ -77,7 +77,9 @@ def _logged_tags(workdir):
   for path in sorted(glob.glob(os.path.join(workdir, 'events.out.tfevents.*'))):
     for event in tf.compat.v1.train.summary_iterator(path):
       for value in event.summary.value:
-        if value.HasField('tensor') and not value.tensor.string_val:
+        if value.HasField('simple_value'):  # tensorboardX's scalars (a local workdir)
+          tags.setdefault(value.tag, []).append(value.simple_value)
+        elif value.HasField('tensor') and not value.tensor.string_val:
           array = tf.make_ndarray(value.tensor)
           if array.ndim == 0:  # a scalar (hparams summaries are not)
             tags.setdefault(value.tag, []).append(float(array))
