@@ -6,9 +6,9 @@ every program, and prints one line per stage of JAX's compile pipeline, from its
 events (`jax.monitoring` time spans): start and end in seconds from the build's start,
 the thread, the stage (trace: Python tracing to a jaxpr; lower: jaxpr to an MLIR module,
 both holding the GIL; compile: XLA's backend compile) and the program. The last line
-gives when the build returned, which is when training could start. The TensorFlow
-import that clu's TensorBoard writer needs is timed apart, in a fresh process
-(`--tensorflow`).
+gives when the build returned, which is when training could start. The imports of the
+two TensorBoard writers (clu's, which imports TensorFlow, for a remote workdir, and
+tensorboardX for a local one) are timed apart, each in a fresh process (`--tensorflow`).
 
   python -m experiments.trace_startup
   python -m experiments.trace_startup --gns=off
@@ -64,12 +64,12 @@ def timeline(gns: bool, batch_sizes: list[int] | None = None):
   return spans, returned, run
 
 
-def tensorflow_import_s() -> float:
-  """Seconds to import clu's metric writers (TensorFlow with them) in a fresh process
-  that has imported JAX and flax, as `ibs.main` has by then."""
+def import_s(module: str) -> float:
+  """Seconds to import `module` in a fresh process that has imported JAX and flax, as
+  `ibs.main` has by then."""
   code = (
     'import time, jax, flax; t = time.perf_counter(); '
-    'import clu.metric_writers; print(time.perf_counter() - t)'
+    f'import {module}; print(time.perf_counter() - t)'
   )
   out = subprocess.run(
     [sys.executable, '-c', code], capture_output=True, text=True, check=True
@@ -84,7 +84,9 @@ def main(argv=None) -> None:
   args = parser.parse_args(argv)
   print(f'jax {jax.__version__}, {os.cpu_count()} CPUs')
   if args.tensorflow:
-    print(f'import clu.metric_writers (TensorFlow): {tensorflow_import_s():.2f} s')
+    # clu's writers (a remote workdir) import TensorFlow; tensorboardX (a local one) not.
+    for module in ('clu.metric_writers', 'tensorboardX'):
+      print(f'import {module}: {import_s(module):.2f} s')
     return
   spans, returned, _ = timeline(args.gns == 'on')
   print(f'{"start":>6} {"end":>6}  {"thread":<20} {"stage":<8} program')

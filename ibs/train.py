@@ -44,7 +44,7 @@ class Reporter:
     self.saved_step: int | None = None  # the step of the last checkpoint saved
     self.preempted = False
     primary = jax.process_index() == 0
-    self.writer = reporting.StartingWriter(  # built beside training (TensorFlow)
+    self.writer = reporting.StartingWriter(  # built beside training
       lambda: reporting.create_writer(workdir, just_logging=not primary)
     )
     start_step = int(run.state.step)
