@@ -293,3 +293,24 @@ def test_a_starting_writer_that_fails_to_build_raises_at_the_next_call():
     writer.flush()
   with pytest.raises(PermissionError, match='read-only'):
     writer.write_scalars(1, {'loss': 1.0})
+
+
+def test_a_remote_workdir_is_written_through_tensorflows_file_systems():
+  """gs:// and the like go to clu's SummaryWriter (TensorFlow's file systems append);
+  TensorFlow's in-memory file system stands in for a bucket."""
+  import tensorflow as tf
+
+  workdir = 'ram://ibs_remote_workdir'
+  assert reporting.is_remote(workdir) and not reporting.is_remote('/tmp/run')
+  writer = reporting.create_writer(workdir)
+  writer.write_hparams({'lr': 0.1})
+  writer.write_scalars(3, {'loss': 1.5})
+  writer.close()
+  logged = [
+    (event.step, value.tag, float(tf.make_ndarray(value.tensor)))
+    for path in tf.io.gfile.glob(workdir + '/events.out.tfevents.*')
+    for event in tf.compat.v1.train.summary_iterator(path)
+    for value in event.summary.value
+    if value.tag == 'loss'
+  ]
+  assert logged == [(3, 'loss', 1.5)]
