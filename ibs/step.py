@@ -799,10 +799,12 @@ def compile_train_steps(
 
   The programs compile side by side, one per core, in the order of `plans`. This
   returns once those of the first `wait_for` plans are compiled (all when None); the
-  others go on compiling beside training, and each step waits for its own program at
-  its first call (`TrainStep.result`). XLA compiles outside the GIL, so on the host
-  whose device trains they cost a core, not the training's time. Each program starts
-  compiling as soon as it is lowered, while the next is traced.
+  others are traced, lowered and compiled in a thread beside the first compiles and
+  then beside training, and each step waits for its own program at its first call
+  (`TrainStep.result`); an error of theirs is raised by the run's next dispatch
+  (`Background`). XLA compiles outside the GIL, so on the host whose device trains they
+  cost a core, not the training's time. Each waited-for program starts compiling as
+  soon as it is lowered, while the next is traced.
   """
   rep = sharding.replicated(mesh)
   data = resident.arrays if resident is not None else {}
@@ -815,10 +817,11 @@ def compile_train_steps(
     steps_per_dispatch, host_loop, options, state_shapes, plans, example
   )
   batch_spec = P(None, None, sharding.DATA_AXIS)
-  # XLA compiles one program on one core, outside the GIL. Each program's compile starts
-  # as soon as it is lowered, so the next one's tracing and lowering (Python, on this
-  # thread) overlap it: first those waited for, on every core, then the others on all
-  # cores but one, which the training has. The pools' threads end when their queue is
+  # XLA compiles one program on one core, outside the GIL. Each waited-for program's
+  # compile starts as soon as it is lowered, so the next one's tracing and lowering
+  # (Python) overlap it: first those waited for, on every core, then the others on all
+  # cores but one, which the training has, each traced and lowered in that pool too, so
+  # that the build does not wait for them. The pools' threads end when their queue is
   # empty; the interpreter waits for them at exit.
   cores = os.cpu_count() or 1
   now = concurrent.futures.ThreadPoolExecutor(cores, thread_name_prefix='ibs_compile')
@@ -827,7 +830,8 @@ def compile_train_steps(
   )
   first: list[concurrent.futures.Future] = []
 
-  def after_first(program):
+  def after_first(lower):
+    program = lower()  # traced and lowered while the first programs compile
     concurrent.futures.wait(first)
     return program.compile()
 
@@ -853,15 +857,20 @@ def compile_train_steps(
     )
     in_specs = (P(), batch_spec, P(), P(), P())
     per_device = _per_device(updates, mesh, in_specs, (P(), P()))
-    program = jax.jit(per_device, donate_argnums=(0, 2)).lower(
-      state_shapes, batch, metric_shapes, count_shape, data_shapes
+    lower = functools.partial(
+      jax.jit(per_device, donate_argnums=(0, 2)).lower,
+      state_shapes,
+      batch,
+      metric_shapes,
+      count_shape,
+      data_shapes,
     )
     if wait_for is None or len(waited) < wait_for:
-      pending = now.submit(program.compile)
+      pending = now.submit(lower().compile)
       first.append(pending)
       waited.append(plan.shape)
     else:
-      pending = later.submit(after_first, program)
+      pending = later.submit(after_first, lower)
     compiled[plan.shape] = TrainStep(
       None, plan, mesh, k, None, pending=pending, background=background, data=data
     )
