@@ -19,7 +19,8 @@ measuring update splits its batch into halves (at a ghost-batch boundary, which 
 BN does not couple) and back-propagates the forward pass once more with cotangents
 +1/n₁ and −1/n₂: the halves' difference D = G₁ − G₂, from which w₁|G₁|² + w₂|G₂|² =
 |G|² + w₁w₂|D|² (`halves_sq_norm`). The update itself stays the plain one. That extra
-backward pass is a third of an update or more, so such steps measure on every
+backward pass costs most of an update (0.8 of one at B = 800 on XLA:CPU,
+docs/BENCHMARKS.md), so such steps measure on every
 `config.gns.split_every`-th update only (and a few times per horizon at least,
 `measure_every`): one `lax.cond` on the step holds it, in the same program as the
 plain update.
@@ -437,9 +438,10 @@ def _one_micro_batch(state, micro, running, plan, options, ghost_batch_size, eve
     return grads, halves_sq_norm(vjp, losses, grads, split), stats, losses, correct
 
   def unmeasured():  # NaN: an update that did not measure.
-    losses, vjp, stats, correct = _forward(state, start, micro, options.per_example_loss)
-    nan = jnp.full((), jnp.nan, jnp.float32)
-    return _mean_gradient(vjp, losses), nan, stats, losses, correct
+    grads, stats, losses, correct = micro_batch_gradients(
+      state, start, micro, options.per_example_loss
+    )
+    return grads, jnp.full((), jnp.nan, jnp.float32), stats, losses, correct
 
   if not options.gns_split_every:
     grads, small_sq, stats, losses, correct = unmeasured()
@@ -742,9 +744,9 @@ def _loop_structure(
   on XLA:CPU a convolutional model is ~20× slower inside either (its convolutions lose
   their fast layouts outside the entry computation). There, K falls back to 1,
   accumulation to the host loop, and the one-micro-batch split measurement is left out
-  (the noise scale is then measured only where devices or micro-batches give it): it
-  ran in a conditional when this was decided, and its vmapped form has not been timed
-  on XLA:CPU convolutions. `host_loop` forces the choice (tests).
+  (the noise scale is then measured only where devices or micro-batches give it): its
+  extra backward pass runs in a conditional, outside the entry computation, where
+  those convolutions are slow. `host_loop` forces the choice (tests).
   """
   slow = bool(plans) and _slow_in_a_loop(state, plans[0], example)
   host_loop = slow if host_loop is None else host_loop
