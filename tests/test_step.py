@@ -311,6 +311,39 @@ def test_one_ghost_batch_measures_every_nth_update_whatever_the_dispatches():
   assert float(finals[0].gns.weight) > 0.0
 
 
+@pytest.mark.parametrize('batch', [BATCH, GHOST], ids=['8_ghost_batches', 'one'])
+def test_measuring_the_noise_scale_does_not_change_the_training(batch):
+  """One device, one micro-batch, measuring on every 3rd update: the parameters and BN
+  statistics after 7 updates are those of the same step compiled without the
+  measurement, bit for bit (the measuring update's gradient is the plain one). The
+  running metrics' sums may differ in the last bit: the losses of an update are summed
+  inside the conditional with the measurement, outside without."""
+  mesh = sharding.make_mesh(jax.devices()[:1])
+  plan = sharding.plan_micro_batches(batch, 1, GHOST, batch)
+  example = {k: v[:1] for k, v in _data(1)[0].items()}
+  data = [{k: v[:batch] for k, v in d.items()} for d in _data(7)]
+  finals = []
+  for horizon in (1000.0, 0.0):
+    options = step_lib.StepOptions(gns_horizon_examples=horizon, gns_split_every=3)
+    state = jax.device_put(_state(*_initial_variables()), sharding.replicated(mesh))
+    (step,) = step_lib.compile_train_steps(
+      mesh, state, [plan], example, ghost_batch_size=GHOST, options=options
+    ).values()
+    running = step_lib.empty_metrics(mesh)
+    for d in data:
+      state, running = step(state, [d], running)
+    finals.append((state, running))
+  (measured, measured_metrics), (plain, plain_metrics) = finals
+  assert float(measured.gns.weight) > 0.0  # it did measure
+  jax.tree.map(np.testing.assert_array_equal, measured.params, plain.params)
+  jax.tree.map(np.testing.assert_array_equal, measured.batch_stats, plain.batch_stats)
+  jax.tree.map(
+    functools.partial(np.testing.assert_allclose, rtol=1e-6),
+    measured_metrics,
+    plain_metrics,
+  )
+
+
 def test_train_batches_to_device_refuses_more_batches_than_the_dispatch_holds():
   mesh = sharding.make_mesh(jax.devices()[:1])
   plan = sharding.plan_micro_batches(BATCH, 1, GHOST, BATCH)
