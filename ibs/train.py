@@ -18,7 +18,7 @@ from typing import Any
 import jax
 from absl import logging
 
-from ibs import cadence, gns, noise_scale, reporting, segments, setup
+from ibs import cadence, gns, noise_scale, reporting, segments, setup, writers
 from ibs import step as step_lib
 from ibs.durability import checkpoint, divergence, lock, preemption
 
@@ -44,8 +44,8 @@ class Reporter:
     self.saved_step: int | None = None  # the step of the last checkpoint saved
     self.preempted = False
     primary = jax.process_index() == 0
-    self.writer = reporting.StartingWriter(  # built beside training
-      lambda: reporting.create_writer(workdir, just_logging=not primary)
+    self.writer = writers.StartingWriter(  # built beside training
+      lambda: writers.create_writer(workdir, just_logging=not primary)
     )
     start_step = int(run.state.step)
     if primary:  # The workdir says what produced it.

@@ -122,7 +122,7 @@ def test_a_refused_checkpoint_names_the_changed_fields(tmp_path, data_dir):
 
 def test_a_local_run_writes_its_tensorboard_events_without_tensorflow(tmp_path):
   """TensorFlow's import is the largest of a run; a local workdir needs none of it
-  (ibs/reporting.py, `create_writer`), nor does generated data."""
+  (ibs/writers.py), nor does generated data."""
   from ibs.tools import curves
 
   workdir = tmp_path / 'run'

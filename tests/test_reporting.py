@@ -8,7 +8,7 @@ import pathlib
 import pytest
 
 from configs import default
-from ibs import reporting
+from ibs import reporting, writers
 from ibs.durability import checkpoint
 
 
@@ -225,7 +225,7 @@ def test_the_hyperparameter_line_is_short(tiny_config):
 def test_the_writer_logs_short_lines_and_keeps_every_scalar(tmp_path, caplog):
   from ibs.tools import curves
 
-  writer = reporting.create_writer(str(tmp_path))
+  writer = writers.create_writer(str(tmp_path))
   with caplog.at_level(std_logging.INFO):
     writer.write_scalars(18_750, PERIOD)
     writer.flush()
@@ -267,7 +267,7 @@ def test_a_starting_writer_delivers_the_writes_made_before_it_was_built_in_order
     release.wait(timeout=30)
     return built
 
-  writer = reporting.StartingWriter(create)
+  writer = writers.StartingWriter(create)
   writer.write_hparams({'lr': 0.1})
   writer.write_scalars(1, {'loss': 2.0})
   assert built.calls == []  # not built yet: the writes wait
@@ -288,7 +288,7 @@ def test_a_starting_writer_that_fails_to_build_raises_at_the_next_call():
   def create():
     raise PermissionError('workdir is read-only')
 
-  writer = reporting.StartingWriter(create)
+  writer = writers.StartingWriter(create)
   with pytest.raises(PermissionError, match='read-only'):
     writer.flush()
   with pytest.raises(PermissionError, match='read-only'):
@@ -301,8 +301,8 @@ def test_a_remote_workdir_is_written_through_tensorflows_file_systems():
   import tensorflow as tf
 
   workdir = 'ram://ibs_remote_workdir'
-  assert reporting.is_remote(workdir) and not reporting.is_remote('/tmp/run')
-  writer = reporting.create_writer(workdir)
+  assert writers.is_remote(workdir) and not writers.is_remote('/tmp/run')
+  writer = writers.create_writer(workdir)
   writer.write_hparams({'lr': 0.1})
   writer.write_scalars(3, {'loss': 1.5})
   writer.close()

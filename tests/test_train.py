@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from ibs import reporting, train
+from ibs import reporting, train, writers
 
 
 def latest_state(workdir, step=None):
@@ -86,7 +86,7 @@ def _logged_tags(workdir):
   return tags
 
 
-_CREATE_WRITER = reporting.create_writer
+_CREATE_WRITER = writers.create_writer
 
 
 def _train_recording_logs(config, workdir, monkeypatch):
@@ -117,7 +117,7 @@ def _train_recording_logs(config, workdir, monkeypatch):
     writer.write_scalars = record
     return writer
 
-  monkeypatch.setattr(reporting, 'create_writer', recording_writer)
+  monkeypatch.setattr(writers, 'create_writer', recording_writer)
   summary = train.train_and_evaluate(config, workdir)
   assert logged, 'no log or evaluation was recorded'
   return summary, logged
