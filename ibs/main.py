@@ -93,9 +93,9 @@ def check_before_building(config, workdir: str) -> None:
 
   Before the data is read, the model initialised and the steps compiled (and before
   TensorFlow, where the run needs it at all: ibs/tf_setup.py): a mistake found here
-  needs none of them. The workdir comes last, so a config or a
-  dataset that fails leaves no directory behind. train_and_evaluate checks the config
-  again: it is also called from notebooks and tests.
+  needs none of them. The workdir comes last, so a config or a dataset that fails
+  leaves no directory behind. train_and_evaluate checks the config again: it is also
+  called from notebooks and tests.
   """
   import jax
 

@@ -143,7 +143,9 @@ class TensorBoardX:
 
 
 class Writers:
-  """Several writers written, flushed and closed together, in order."""
+  """Several writers written, flushed and closed together, in order: clu's MultiWriter,
+  which a local run cannot import without TensorFlow (`clu.metric_writers` imports it
+  for every class of the package)."""
 
   def __init__(self, writers: list[Any]):
     self.writers = writers

@@ -205,10 +205,8 @@ def state_checksum(state: Any, leaf_sums: Any = _leaf_sums) -> tuple[str, bool]:
   The checksum does not depend on the devices or their number: integer sums are exact.
   `leaf_sums` is that dispatch's program: `checksum_program`'s for the loop.
   """
-  sums, finite = leaf_sums(state)
-  return hashlib.sha256(sharding.host_value(sums).tobytes()).hexdigest()[:16], bool(
-    sharding.host_value(finite)
-  )
+  sums, finite = (sharding.host_value(x) for x in leaf_sums(state))
+  return hashlib.sha256(sums.tobytes()).hexdigest()[:16], bool(finite)
 
 
 def checksum_program(tree: Any) -> aot.Precompiled:
