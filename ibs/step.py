@@ -804,9 +804,11 @@ def compile_train_steps(
   others are traced, lowered and compiled in a thread beside the first compiles and
   then beside training, and each step waits for its own program at its first call
   (`TrainStep.result`); an error of theirs is raised by the run's next dispatch
-  (`Background`). XLA compiles outside the GIL, so on the host whose device trains they
-  cost a core, not the training's time. Each waited-for program starts compiling as
-  soon as it is lowered, while the next is traced.
+  (`Background`). XLA compiles outside the GIL, in threads of its own: where the
+  host's cores are few (XLA:CPU on a laptop) that is CPU the training would have used,
+  and it still ends the whole run sooner than compiling every phase first
+  (docs/BENCHMARKS.md, "Phase 0 and the compile beside it"). Each waited-for program
+  starts compiling as soon as it is lowered, while the next is traced.
   """
   rep = sharding.replicated(mesh)
   data = resident.arrays if resident is not None else {}
