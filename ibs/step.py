@@ -46,7 +46,8 @@ Compilation (docs/DESIGN.md decision 4): `compile_train_steps` compiles one exec
 per distinct batch shape ahead of time; ε and m are values in the optimizer state, so
 phases that share a shape share the executable, and it never recompiles. The choice of
 K (updates per dispatch), of the XLA:CPU host loop and of the split measurement is made
-once, in `_loop_structure`; the programs compile side by side, one per core.
+once, in `_loop_structure`; the first phase's program compiles before training, the
+others beside it.
 """
 
 import concurrent.futures
@@ -799,7 +800,7 @@ def compile_train_steps(
   (ibs/data/resident.py) the steps are called with its keys instead of batches, and its
   arrays are arguments of every program.
 
-  The programs compile side by side, one per core, in the order of `plans`. This
+  The programs compile in the order of `plans`, side by side where there are cores. This
   returns once those of the first `wait_for` plans are compiled (all when None); the
   others are traced, lowered and compiled in a thread beside the first compiles and
   then beside training, and each step waits for its own program at its first call
