@@ -541,9 +541,14 @@ _CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _HINT = '(run with --verbosity=1 for the traceback)'
 
 
+def is_remote(path: str) -> bool:
+  """A path on another file system (gs://, s3://), not a local directory."""
+  return '://' in os.fspath(path)
+
+
 def expand_path(path: str) -> str:
   """`~` and `$VARS` expanded; gs:// and other URLs are left as they are."""
-  return path if '://' in path else os.path.expandvars(os.path.expanduser(path))
+  return path if is_remote(path) else os.path.expandvars(os.path.expanduser(path))
 
 
 def expand_path_arguments(argv: list[str], names=PATH_FLAGS) -> list[str]:

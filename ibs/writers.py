@@ -17,7 +17,7 @@ from typing import Any
 from absl import logging
 
 from ibs import tf_setup
-from ibs.reporting import Unresolved, hparams_line, metric_lines
+from ibs.reporting import Unresolved, hparams_line, is_remote, metric_lines
 
 
 class StartingWriter:
@@ -165,11 +165,6 @@ class Writers:
   def close(self) -> None:
     for writer in self.writers:
       writer.close()
-
-
-def is_remote(path: str) -> bool:
-  """A path on another file system (gs://, s3://), not a local directory."""
-  return '://' in os.fspath(path)
 
 
 def create_writer(workdir: str, just_logging: bool = False) -> Writers:

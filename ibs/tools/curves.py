@@ -12,6 +12,8 @@ import os
 
 import numpy as np
 
+from ibs import reporting
+
 # (tag, x axis) per panel; x axes are tags logged at the same steps as every metric.
 LEARNING_CURVES = (
   ('train_loss', 'epoch'),
@@ -81,7 +83,7 @@ def read_scalars(workdir: str) -> Scalars:
   )
   by_tag: dict[str, dict[int, float]] = {}
   for path in files:
-    if '://' in os.fspath(path):  # TensorBoard's stub reads local files only
+    if reporting.is_remote(path):  # TensorBoard's stub reads local files only
       import tensorflow as tf
 
       records = (r.numpy() for r in tf.data.TFRecordDataset(os.fspath(path)))
